@@ -1,0 +1,130 @@
+"""Answer an aggregate from the coarsest rollup that can answer it exactly.
+
+A rollup answers a request exactly when every grouped or filtered column is one of
+its dimensions, the requested granularity is a whole number of its buckets, and the
+time range starts and ends on its bucket boundaries. Among those, the one with the
+coarsest buckets and then the fewest dimensions has the fewest rows to scan.
+Otherwise the request falls back to the merged base view. Either way the answer has
+the same shape and the route says where it came from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from sqlglot import exp
+
+from storage.embedded.sqlgen import bucket_expr, col
+from tally.errors import RoutingError
+from tally.specs import DatasourceSpec, Rollup
+from tally.timeutil import GRANULARITIES, Granularity, coarser_or_equal, is_aligned
+
+BASE = "base"
+
+
+@dataclass(frozen=True)
+class AggregateRequest:
+    start: datetime  # inclusive, aware
+    end: datetime  # exclusive, aware
+    granularity: Granularity
+    group_by: tuple[str, ...] = ()
+    filters: Mapping[str, Sequence[str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Route:
+    source: str  # rollup name or "base"
+    query: exp.Select
+    group_by: tuple[str, ...]
+    metrics: tuple[str, ...]
+
+    def sql(self, dialect: str) -> str:
+        return self.query.sql(dialect=dialect)
+
+
+def validate(spec: DatasourceSpec, req: AggregateRequest) -> None:
+    if req.start.tzinfo is None or req.end.tzinfo is None:
+        raise RoutingError("from and to must carry a time zone offset")
+    if req.end <= req.start:
+        raise RoutingError("'to' must be after 'from'")
+    for name in (*req.group_by, *req.filters):
+        if name not in spec.columns or spec.columns[name].type != "string":
+            raise RoutingError(f"{name!r} is not a dimension of {spec.name}")
+    if len(set(req.group_by)) != len(req.group_by):
+        raise RoutingError("group_by repeats a column")
+
+
+def can_answer(spec: DatasourceSpec, rollup: Rollup, req: AggregateRequest) -> bool:
+    dims = set(rollup.dimensions)
+    return (
+        set(req.group_by) <= dims
+        and set(req.filters) <= dims
+        and coarser_or_equal(req.granularity, rollup.granularity)
+        and is_aligned(req.start, rollup.granularity, spec.tz)
+        and is_aligned(req.end, rollup.granularity, spec.tz)
+    )
+
+
+def choose(spec: DatasourceSpec, req: AggregateRequest) -> Rollup | None:
+    candidates = [r for r in spec.rollups if can_answer(spec, r, req)]
+    if not candidates:
+        return None
+    return min(
+        candidates,
+        key=lambda r: (-GRANULARITIES.index(r.granularity), len(r.dimensions), r.name),
+    )
+
+
+def route(spec: DatasourceSpec, req: AggregateRequest, *, force_base: bool = False) -> Route:
+    validate(spec, req)
+    rollup = None if force_base else choose(spec, req)
+    metrics = spec.parsed_metrics
+    groups = [col(g) for g in req.group_by]
+    if rollup is None:
+        source, table, time_col = BASE, exp.to_table(spec.name, quoted=True), spec.datasource.time
+        sums = [m.aggregate_sql() for m in metrics]
+    else:
+        source = rollup.name
+        table = exp.Table(this=exp.to_identifier(rollup.name, quoted=True), db="raw")
+        time_col = "bucket"
+        sums = [exp.Sum(this=col(m.name)) for m in metrics]
+    bucket: exp.Expression = col(time_col)
+    if rollup is None or rollup.granularity != req.granularity:
+        bucket = bucket_expr(bucket, req.granularity, spec.datasource.timezone)
+    projections = (
+        [exp.alias_(bucket, "bucket")]
+        + groups
+        + [
+            exp.alias_(
+                exp.cast(exp.Coalesce(this=s, expressions=[exp.Literal.number(0)]), "BIGINT"),
+                m.name,
+            )
+            for s, m in zip(sums, metrics, strict=True)
+        ]
+    )
+    conditions: list[exp.Expression] = [
+        exp.GTE(this=col(time_col), expression=_ts(req.start)),
+        exp.LT(this=col(time_col), expression=_ts(req.end)),
+    ]
+    for name, values in sorted(req.filters.items()):
+        conditions.append(col(name).isin(*(exp.Literal.string(v) for v in values)))
+    positions = [exp.Literal.number(i + 1) for i in range(1 + len(groups))]
+    query = (
+        exp.select(*projections)
+        .from_(table)
+        .where(exp.and_(*conditions))
+        .group_by(*positions)
+        .order_by(*positions)
+    )
+    if rollup is not None:
+        count = next(m for m in metrics if m.kind == "count")
+        query = query.having(
+            exp.NEQ(this=exp.Sum(this=col(count.name)), expression=exp.Literal.number(0))
+        )
+    return Route(source, query, req.group_by, tuple(m.name for m in metrics))
+
+
+def _ts(value: datetime) -> exp.Expression:
+    return exp.cast(exp.Literal.string(value.isoformat()), "TIMESTAMPTZ")

@@ -1,0 +1,1 @@
+"""The embedded backend: Parquet segments on local disk, a SQLite catalog, DuckDB queries."""

@@ -1,0 +1,313 @@
+"""The transactional catalog: live segments, consumer offsets, partition statistics.
+
+SQLite in WAL mode: one writer at a time (``BEGIN IMMEDIATE``), any number of
+readers in other processes, each seeing an atomic snapshot. ``synchronous=FULL`` so
+a committed transaction — and the offsets it stores — survives power loss, which is
+what lets offsets be committed in the same transaction as the segments they cover.
+
+``seq`` numbers commits in order; a compacted segment takes the greatest seq of
+what it replaced, so "live segments with seq > N" is always a superset of what
+was committed after N — which is how a writer's key index catches up.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+
+from storage.protocol import SegmentInfo
+from tally.errors import StoreBusy, StoreError, StoreUnavailable
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('schema_version', 1), ('generation', 0), ('seq', 0);
+CREATE TABLE IF NOT EXISTS segments (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    datasource TEXT NOT NULL,
+    partition TEXT NOT NULL,
+    path TEXT NOT NULL UNIQUE,
+    rows INTEGER NOT NULL,
+    bytes INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    replaced_at REAL
+);
+CREATE INDEX IF NOT EXISTS segments_live ON segments (datasource, partition)
+    WHERE replaced_at IS NULL;
+CREATE INDEX IF NOT EXISTS segments_replaced ON segments (replaced_at)
+    WHERE replaced_at IS NOT NULL;
+CREATE TABLE IF NOT EXISTS offsets (
+    datasource TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,
+    next_offset INTEGER NOT NULL, updated_at REAL NOT NULL,
+    PRIMARY KEY (datasource, topic, partition)
+);
+CREATE TABLE IF NOT EXISTS partition_stats (
+    datasource TEXT NOT NULL, partition TEXT NOT NULL,
+    late_rows INTEGER NOT NULL DEFAULT 0,
+    last_write_at REAL, last_compacted_at REAL, newest_event_at REAL,
+    PRIMARY KEY (datasource, partition)
+);
+"""
+
+
+@dataclass(frozen=True)
+class NewSegment:
+    datasource: str
+    partition: str
+    path: str
+    rows: int
+    bytes: int
+
+
+def _translate(exc: sqlite3.Error, what: str) -> StoreError:
+    text = str(exc)
+    if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+        return StoreBusy(f"catalog is busy ({what}): {text}")
+    if isinstance(exc, sqlite3.OperationalError):
+        return StoreUnavailable(f"catalog unavailable ({what}): {text}")
+    return StoreError(f"catalog error ({what}): {text}")
+
+
+class Catalog:
+    """One connection to the catalog. Not shared between threads."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 60.0, readonly: bool = False):
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._con = sqlite3.connect(
+                path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+            self._con.execute("PRAGMA journal_mode=WAL")
+            self._con.execute("PRAGMA synchronous=FULL")
+            self._con.execute("PRAGMA cache_size=-262144")  # 256 MiB for the key index
+            self._con.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+            if not readonly:
+                with self.write():
+                    for statement in _SCHEMA.split(";"):
+                        if statement.strip():
+                            self._con.execute(statement)
+            else:
+                self._con.execute("PRAGMA query_only=ON")
+        except sqlite3.Error as exc:
+            raise _translate(exc, f"opening {path}") from exc
+        self._in_txn = False
+
+    def close(self) -> None:
+        self._con.close()
+
+    # --- transactions -------------------------------------------------------------
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` … ``COMMIT``: serialises writers across processes."""
+        try:
+            self._con.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _translate(exc, "begin write") from exc
+        self._in_txn = True
+        try:
+            yield self._con
+        except BaseException:
+            self._con.execute("ROLLBACK")
+            raise
+        else:
+            try:
+                self._con.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._con.execute("ROLLBACK")
+                raise _translate(exc, "commit") from exc
+        finally:
+            self._in_txn = False
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: every query inside sees one snapshot."""
+        try:
+            self._con.execute("BEGIN")
+            yield self._con
+        except sqlite3.Error as exc:
+            raise _translate(exc, "read") from exc
+        finally:
+            self._con.execute("COMMIT")
+
+    # --- reads (call inside read() or write()) ---------------------------------------
+
+    def generation(self) -> int:
+        row = self._con.execute("SELECT v FROM meta WHERE k='generation'").fetchone()
+        return int(row[0])
+
+    def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]:
+        sql = (
+            "SELECT id, datasource, partition, path, rows, bytes, seq, created_at "
+            "FROM segments WHERE replaced_at IS NULL"
+        )
+        args: tuple[str, ...] = ()
+        if datasource is not None:
+            sql += " AND datasource = ?"
+            args = (datasource,)
+        return [SegmentInfo(*r) for r in self._con.execute(sql + " ORDER BY seq", args)]
+
+    def partition_segments(self, datasource: str, partition: str) -> list[SegmentInfo]:
+        return [
+            SegmentInfo(*r)
+            for r in self._con.execute(
+                "SELECT id, datasource, partition, path, rows, bytes, seq, created_at "
+                "FROM segments WHERE replaced_at IS NULL AND datasource=? AND partition=? "
+                "ORDER BY seq",
+                (datasource, partition),
+            )
+        ]
+
+    def offsets(self, datasource: str) -> dict[tuple[str, int], int]:
+        rows = self._con.execute(
+            "SELECT topic, partition, next_offset FROM offsets WHERE datasource=?", (datasource,)
+        )
+        return {(t, p): o for t, p, o in rows}
+
+    def stats_rows(self, datasources: Sequence[str] | None) -> list[tuple[object, ...]]:
+        sql = """
+            SELECT s.datasource, s.partition, COUNT(s.id), COALESCE(SUM(s.rows), 0),
+                   COALESCE(SUM(s.bytes), 0), COALESCE(p.late_rows, 0),
+                   p.last_write_at, p.last_compacted_at
+            FROM segments s LEFT JOIN partition_stats p
+              ON p.datasource = s.datasource AND p.partition = s.partition
+            WHERE s.replaced_at IS NULL {cond}
+            GROUP BY s.datasource, s.partition ORDER BY s.datasource, s.partition
+        """
+        if datasources is None:
+            return list(self._con.execute(sql.format(cond="")))
+        cond = "AND s.datasource IN (SELECT value FROM json_each(?))"
+        return list(self._con.execute(sql.format(cond=cond), (orjson.dumps(list(datasources)),)))
+
+    def newest_event_at(self, datasource: str) -> float | None:
+        row = self._con.execute(
+            "SELECT MAX(newest_event_at) FROM partition_stats WHERE datasource=?", (datasource,)
+        ).fetchone()
+        return None if row is None or row[0] is None else float(row[0])
+
+    # --- writes (call inside write()) --------------------------------------------------
+
+    def current_seq(self) -> int:
+        return int(self._con.execute("SELECT v FROM meta WHERE k='seq'").fetchone()[0])
+
+    def segments_after(self, datasource: str, seq: int) -> list[SegmentInfo]:
+        """Live segments whose seq is greater than ``seq`` (what a key index lacks)."""
+        return [
+            SegmentInfo(*r)
+            for r in self._con.execute(
+                "SELECT id, datasource, partition, path, rows, bytes, seq, created_at "
+                "FROM segments WHERE replaced_at IS NULL AND datasource=? AND seq > ? ORDER BY seq",
+                (datasource, seq),
+            )
+        ]
+
+    def next_seq(self) -> int:
+        self._con.execute("UPDATE meta SET v = v + 1 WHERE k='seq'")
+        return int(self._con.execute("SELECT v FROM meta WHERE k='seq'").fetchone()[0])
+
+    def bump_generation(self) -> None:
+        self._con.execute("UPDATE meta SET v = v + 1 WHERE k='generation'")
+
+    def add_segments(self, segments: Iterable[NewSegment], *, seq: int | None = None) -> list[int]:
+        seq = self.next_seq() if seq is None else seq
+        now = time.time()
+        ids = []
+        for seg in segments:
+            cur = self._con.execute(
+                "INSERT INTO segments (datasource, partition, path, rows, bytes, seq, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (seg.datasource, seg.partition, seg.path, seg.rows, seg.bytes, seq, now),
+            )
+            ids.append(int(cur.lastrowid or 0))
+        return ids
+
+    def check_and_set_offsets(
+        self, datasource: str, ranges: dict[tuple[str, int], tuple[int, int]]
+    ) -> list[str]:
+        """Return the mismatches (empty when the batch's start offsets are the stored ones)."""
+        stored = self.offsets(datasource)
+        problems = []
+        for (topic, part), (start, _end) in sorted(ranges.items()):
+            have = stored.get((topic, part))
+            if have is not None and have != start:
+                problems.append(f"{topic}[{part}] starts at {start} but the catalog is at {have}")
+        if problems:
+            return problems
+        now = time.time()
+        self._con.executemany(
+            "INSERT INTO offsets VALUES (?, ?, ?, ?, ?) ON CONFLICT (datasource, topic, partition)"
+            " DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+            [(datasource, t, p, end, now) for (t, p), (_s, end) in ranges.items()],
+        )
+        return []
+
+    def record_writes(
+        self, datasource: str, per_partition: dict[str, tuple[int, float | None]]
+    ) -> None:
+        """Per partition: late rows added, newest event time (epoch s) written."""
+        now = time.time()
+        self._con.executemany(
+            "INSERT INTO partition_stats (datasource, partition, late_rows, last_write_at,"
+            " newest_event_at) VALUES (?, ?, ?, ?, ?)"
+            " ON CONFLICT (datasource, partition) DO UPDATE"
+            " SET late_rows = late_rows + excluded.late_rows,"
+            " last_write_at = excluded.last_write_at,"
+            " newest_event_at = MAX(COALESCE(newest_event_at, 0),"
+            " COALESCE(excluded.newest_event_at, 0))",
+            [(datasource, p, late, now, newest) for p, (late, newest) in per_partition.items()],
+        )
+
+    def replace_segments(
+        self,
+        datasource: str,
+        partition: str,
+        old_ids: Sequence[int],
+        new: NewSegment | None,
+        seq: int,
+    ) -> int | None:
+        """Atomically retire ``old_ids`` and add ``new``; raise if any was already retired."""
+        now = time.time()
+        placeholders = ",".join("?" * len(old_ids))
+        cur = self._con.execute(
+            f"UPDATE segments SET replaced_at = ? WHERE id IN ({placeholders})"  # noqa: S608
+            " AND replaced_at IS NULL AND datasource = ? AND partition = ?",
+            (now, *old_ids, datasource, partition),
+        )
+        if cur.rowcount != len(old_ids):
+            raise _Conflict
+        new_id = self.add_segments([new], seq=seq)[0] if new is not None else None
+        self._con.execute(
+            "INSERT INTO partition_stats (datasource, partition, late_rows, last_compacted_at)"
+            " VALUES (?, ?, 0, ?) ON CONFLICT (datasource, partition) DO UPDATE"
+            " SET late_rows = 0, last_compacted_at = excluded.last_compacted_at",
+            (datasource, partition, now),
+        )
+        self.bump_generation()
+        return new_id
+
+    def expired_segments(self, older_than: float) -> list[tuple[int, str]]:
+        return list(
+            self._con.execute(
+                "SELECT id, path FROM segments WHERE replaced_at IS NOT NULL AND replaced_at < ?",
+                (older_than,),
+            )
+        )
+
+    def forget_segments(self, ids: Sequence[int]) -> None:
+        self._con.executemany("DELETE FROM segments WHERE id = ?", [(i,) for i in ids])
+
+    def all_paths(self) -> set[str]:
+        return {r[0] for r in self._con.execute("SELECT path FROM segments")}
+
+
+class _Conflict(Exception):
+    """Internal: a compaction's input segments were retired by someone else."""

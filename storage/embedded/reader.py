@@ -1,0 +1,238 @@
+"""The embedded store's query side: DuckDB views over an atomic catalog snapshot.
+
+Each query first checks the catalog generation (one indexed SQLite read). When it
+moved, the views are rebuilt from a consistent snapshot of the live segment set in
+a single DuckDB transaction, so a query sees every view from one generation — never
+half a commit. Replaced files outlive their replacement by the GC grace period, so
+a query already bound to old files finishes normally.
+
+Views: ``<datasource>`` (merged: latest version per key, tombstones hidden),
+``<rollup>`` (deltas summed per bucket and dimensions), and ``raw.<name>`` for every
+datasource and rollup (segment rows as stored, with a ``filename`` column).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from sqlglot import exp
+
+from storage.embedded.catalog import Catalog
+from storage.embedded.segments import DELETED
+from storage.embedded.sqlgen import (
+    DIALECT,
+    base_columns,
+    col,
+    merged_base,
+    merged_rollup,
+    subquery,
+    rollup_columns,
+)
+from storage.embedded.store import CAPABILITIES
+from storage.protocol import QueryResult, SegmentInfo
+from tally.errors import QueryError, StoreUnavailable
+from tally.settings import Settings
+from tally.specs import SpecRegistry
+
+
+@dataclass
+class Snapshot:
+    generation: int = -1
+    files: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # ds → part → paths
+
+    @classmethod
+    def of(cls, generation: int, segments: Sequence[SegmentInfo]) -> Snapshot:
+        snap = cls(generation)
+        for seg in segments:
+            snap.files.setdefault(seg.datasource, {}).setdefault(seg.partition, []).append(seg.path)
+        return snap
+
+    def paths(self, datasource: str) -> list[str]:
+        return [p for parts in self.files.get(datasource, {}).values() for p in parts]
+
+
+class EmbeddedReader:
+    """Thread-safe reader; one per process is enough."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, settings: Settings, registry: SpecRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._lock = threading.Lock()
+        self._catalog: Catalog | None = None
+        self._con = duckdb.connect(
+            config={
+                "threads": settings.store.duckdb_threads,
+                "memory_limit": settings.store.duckdb_memory_limit,
+                "enable_external_access": True,
+            }
+        )
+        self._con.execute("SET parquet_metadata_cache = true")
+        self._con.execute("SET TimeZone = 'UTC'")
+        self._con.execute("CREATE SCHEMA IF NOT EXISTS raw")
+        self.snapshot = Snapshot()
+        self._install(Snapshot(generation=-1))
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+            if self._catalog is not None:
+                self._catalog.close()
+
+    # --- snapshot ---------------------------------------------------------------------
+
+    def _catalog_or_none(self) -> Catalog | None:
+        if self._catalog is None and self.settings.catalog_path.exists():
+            self._catalog = Catalog(
+                self.settings.catalog_path,
+                busy_timeout_s=self.settings.store.busy_timeout_s,
+                readonly=True,
+            )
+        return self._catalog
+
+    def refresh(self) -> Snapshot:
+        """Make the views match the catalog's current generation (cheap when unchanged)."""
+        with self._lock:
+            catalog = self._catalog_or_none()
+            if catalog is None:
+                return self.snapshot
+            try:
+                with catalog.read():
+                    generation = catalog.generation()
+                    if generation == self.snapshot.generation:
+                        return self.snapshot
+                    snap = Snapshot.of(generation, catalog.live_segments())
+            except Exception as exc:  # sqlite errors are translated inside Catalog
+                raise StoreUnavailable(f"cannot read catalog: {exc}") from exc
+            self._install(snap)
+            self.snapshot = snap
+            return snap
+
+    def _install(self, snap: Snapshot) -> None:
+        statements: list[str] = []
+        for spec in self.registry:
+            parts = snap.files.get(spec.name, {})
+            clean = [p[0] for p in parts.values() if len(p) == 1]
+            dirty = [f for p in parts.values() if len(p) > 1 for f in p]
+            statements.append(_view(spec.name, merged_base(spec, clean, dirty)))
+            statements.append(
+                _view(
+                    spec.name,
+                    _raw([*base_columns(spec), (DELETED, "bool")], snap.paths(spec.name)),
+                    "raw",
+                )
+            )
+            for rollup in spec.rollups:
+                paths = snap.paths(rollup.name)
+                statements.append(_view(rollup.name, merged_rollup(spec, rollup, paths)))
+                statements.append(
+                    _view(rollup.name, _raw(rollup_columns(spec, rollup), paths), "raw")
+                )
+        con = self._con
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for statement in statements:
+                con.execute(statement)
+            con.execute("COMMIT")
+        except Exception:
+            con.execute("ROLLBACK")
+            raise
+
+    # --- queries --------------------------------------------------------------------
+
+    def cursor(self) -> duckdb.DuckDBPyConnection:
+        self.refresh()
+        with self._lock:
+            return self._con.cursor()
+
+    def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        cur = self.cursor()
+        try:
+            return cur.sql(sql, params=list(params) if params else None).to_arrow_table()
+        except duckdb.Error as exc:
+            raise QueryError(_one_line(exc)) from exc
+        finally:
+            cur.close()
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
+        cur = self.cursor()
+        try:
+            result = cur.execute(sql, params or [])
+            columns = [d[0] for d in result.description or []]
+            return QueryResult(columns, [list(r) for r in result.fetchall()])
+        except duckdb.Error as exc:
+            raise QueryError(_one_line(exc)) from exc
+        finally:
+            cur.close()
+
+    def freshness(self, datasource: str) -> datetime | None:
+        """Newest committed event time of a datasource (its freshness watermark)."""
+        catalog = self._catalog_or_none()
+        if catalog is None:
+            return None
+        with self._lock, catalog.read():
+            newest = catalog.newest_event_at(datasource)
+        return None if newest is None else datetime.fromtimestamp(newest, UTC)
+
+    def lookup(
+        self,
+        datasource: str,
+        keys: Sequence[str],
+        *,
+        tenant: str | None = None,
+        partitions: Sequence[str] | None = None,
+    ) -> pa.Table:
+        """Merged rows for ``keys``. ``partitions`` (e.g. from the search index, which
+        stores each document's partition time) limits the files read; ``tenant`` adds
+        the tenant predicate, which also prunes row groups (segments sort by tenant)."""
+        spec = self.registry.get(datasource)
+        snap = self.refresh()
+        files = snap.files.get(datasource, {})
+        chosen = files if partitions is None else {p: files[p] for p in partitions if p in files}
+        clean = [paths[0] for paths in chosen.values() if len(paths) == 1]
+        dirty = [f for paths in chosen.values() if len(paths) > 1 for f in paths]
+        relation = merged_base(spec, clean, dirty)
+        conditions: list[exp.Expression] = [
+            col(spec.datasource.key).isin(*(exp.Literal.string(k) for k in keys))
+            if keys
+            else exp.false()
+        ]
+        if tenant is not None:
+            conditions.append(
+                exp.EQ(this=col(spec.datasource.tenant), expression=exp.Literal.string(tenant))
+            )
+        query = exp.select(exp.Star()).from_(subquery(relation, "m")).where(*conditions)
+        return self.arrow(query.sql(dialect=DIALECT))
+
+
+def _q(name: str) -> str:
+    return exp.to_identifier(name, quoted=True).sql(dialect=DIALECT)
+
+
+def _view(name: str, body: exp.Expression, schema: str = "main") -> str:
+    target = exp.Table(this=exp.to_identifier(name, quoted=True), db=exp.to_identifier(schema))
+    return f"CREATE OR REPLACE VIEW {target.sql(dialect=DIALECT)} AS {body.sql(dialect=DIALECT)}"
+
+
+def _raw(columns: Sequence[tuple[str, str]], paths: Sequence[str]) -> exp.Expression:
+    from storage.embedded.sqlgen import empty_relation, read_parquet
+
+    if not paths:
+        rel = empty_relation(columns)
+        return rel.select(exp.alias_(exp.cast(exp.Null(), "VARCHAR"), "filename"))
+    call = read_parquet(paths)
+    assert isinstance(call, exp.Anonymous)
+    call.append("expressions", exp.EQ(this=exp.column("filename"), expression=exp.true()))
+    return exp.select(exp.Star()).from_(exp.Table(this=call))
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

@@ -1,0 +1,432 @@
+"""The embedded store's writer side: exactly-once commits, compaction, garbage collection.
+
+Commit protocol (crash-safe at every point):
+
+1. ``BEGIN IMMEDIATE`` on the catalog — one writer at a time across processes.
+2. Fence: the batch's start offsets must equal the stored ones, else reject.
+3. Version guard: the writer's key index (see :mod:`storage.embedded.keyindex`),
+   first caught up with segments other writers committed, drops rows not newer
+   than the stored (version, event_id).
+4. Write one Parquet segment per touched partition (base rows, tombstones for keys
+   that moved partition or tenant) and per touched rollup partition (signed deltas:
+   retract the stored state, add the new one); fsync.
+5. Insert the segments, offsets and partition stats, bump the generation,
+   ``COMMIT``. Only now is anything visible; only now is the key index updated.
+
+A crash before step 5 leaves unreferenced files (orphans, removed by
+:meth:`EmbeddedStore.collect_garbage` once older than ``orphan_grace_s``) and no
+catalog change; a crash after it leaves a complete commit.
+
+Equal versions: the row with the greater ``event_id`` (string order) wins, so the
+outcome never depends on arrival order.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from rollups.rebuild import RebuildReport, repair_query
+from storage.embedded.calendar import partitions_of
+from storage.embedded.catalog import Catalog, NewSegment, _Conflict
+from storage.embedded.commit import plan_commit
+from storage.embedded.keyindex import KeyIndex
+from storage.embedded.segments import (
+    DELETED,
+    PendingSegment,
+    SegmentWriter,
+    base_schema,
+    base_sort_keys,
+    rollup_schema,
+    rollup_sort_keys,
+    to_table,
+)
+from storage.embedded.sqlgen import compaction_query
+from storage.protocol import (
+    Capabilities,
+    CommitResult,
+    CompactionResult,
+    OffsetRange,
+    PartitionStats,
+    SegmentInfo,
+    TopicPartition,
+)
+from tally.errors import CompactionConflict, InvalidArgument, InvalidRow, OffsetMismatch, StoreError
+from tally.settings import Settings
+from tally.specs import DatasourceSpec, SpecRegistry
+from tally.timeutil import Granularity, bucket_range, parse_duration
+
+CAPABILITIES = Capabilities(
+    name="embedded",
+    sql_dialect="duckdb",
+    merge_on_read=True,
+    transactional_offsets=True,
+    manual_compaction=True,
+)
+
+
+def _ts(epoch: float | None) -> datetime | None:
+    return None if epoch is None else datetime.fromtimestamp(epoch, UTC)
+
+
+def _partition_bounds(
+    partition: str, granularity: Granularity, spec: DatasourceSpec
+) -> tuple[datetime, datetime]:
+    try:
+        return bucket_range(partition, granularity, spec.tz)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+def _jsonable(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {k: v.isoformat() if isinstance(v, datetime) else v for k, v in r.items()} for r in rows
+    ]
+
+
+class EmbeddedStore:
+    """Writer side of the embedded store. One instance per process (not thread-safe)."""
+
+    capabilities = CAPABILITIES
+
+    def __init__(self, settings: Settings, registry: SpecRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.catalog = Catalog(settings.catalog_path, busy_timeout_s=settings.store.busy_timeout_s)
+        self.segments = SegmentWriter(settings.segments_dir)
+        self._indexes: dict[str, KeyIndex] = {}
+        self._duck: duckdb.DuckDBPyConnection | None = None
+
+    def close(self) -> None:
+        self.catalog.close()
+        if self._duck is not None:
+            self._duck.close()
+
+    @property
+    def duck(self) -> duckdb.DuckDBPyConnection:
+        if self._duck is None:
+            self._duck = duckdb.connect(
+                config={
+                    "threads": self.settings.store.duckdb_threads,
+                    "memory_limit": self.settings.store.duckdb_memory_limit,
+                }
+            )
+            self._duck.execute("SET TimeZone = 'UTC'")
+        return self._duck
+
+    # --- key index ---------------------------------------------------------------------
+
+    def key_index(self, spec: DatasourceSpec) -> KeyIndex:
+        """The caught-up key index; call inside a catalog write transaction."""
+        index = self._indexes.get(spec.name)
+        if index is None:
+            index = self._indexes[spec.name] = KeyIndex(spec)
+            seq = self.catalog.current_seq()
+            index.load(self.duck, [s.path for s in self.catalog.live_segments(spec.name)], seq)
+            return index
+        newer = self.catalog.segments_after(spec.name, index.seq)
+        if newer:
+            index.apply_segments(self.duck, [s.path for s in newer])
+            index.seq = max(s.seq for s in newer)
+        return index
+
+    # --- offsets -------------------------------------------------------------------
+
+    def stored_offsets(self, datasource: str) -> dict[TopicPartition, int]:
+        with self.catalog.read():
+            return self.catalog.offsets(datasource)
+
+    # --- commit ----------------------------------------------------------------------
+
+    def commit(
+        self,
+        datasource: str,
+        rows: pa.Table | Sequence[Mapping[str, Any]],
+        offsets: Mapping[TopicPartition, OffsetRange] | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> CommitResult:
+        spec = self.registry.get(datasource)
+        batch = rows if isinstance(rows, pa.Table) else to_table(rows, base_schema(spec))
+        batch = _require_identity(spec, batch)
+        now_s = (now or datetime.now(UTC)).timestamp()
+        late_before_us = int(
+            (now_s - parse_duration(spec.datasource.active_window).total_seconds()) * 1e6
+        )
+        ranges = {tp: (r.start, r.end) for tp, r in (offsets or {}).items()}
+
+        written: list[Path] = []
+        try:
+            with self.catalog.write():
+                problems = self.catalog.check_and_set_offsets(datasource, ranges)
+                if problems:
+                    raise OffsetMismatch(
+                        f"commit to {datasource!r} rejected, another writer moved on: "
+                        + "; ".join(problems)
+                    )
+                index = self.key_index(spec)
+                plan = plan_commit(spec, batch, index, late_before_us)
+                new_segments = self._write(plan.segments, written)
+                seq = index.seq
+                if new_segments:
+                    seq = self.catalog.next_seq()
+                    self.catalog.add_segments(new_segments, seq=seq)
+                    self.catalog.bump_generation()
+                self.catalog.record_writes(datasource, plan.partition_stats)
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        index.put_many(plan.index_updates)
+        index.seq = seq
+        return CommitResult(
+            datasource=datasource,
+            rows_in=batch.num_rows,
+            rows_written=len(plan.index_updates),
+            stale_rows=plan.stale,
+            tombstones=plan.tombstones,
+            segments=len(new_segments),
+            rollup_rows=plan.rollup_rows,
+            late_rows=sum(late for late, _ in plan.partition_stats.values()),
+            partitions=plan.partitions,
+        )
+
+    def _write(self, pending: list[PendingSegment], written: list[Path]) -> list[NewSegment]:
+        files = self.segments.write_many(pending, written)
+        return [
+            NewSegment(p.datasource, p.partition, str(path), p.table.num_rows, size)
+            for p, (path, size) in zip(pending, files, strict=True)
+        ]
+
+    # --- compaction --------------------------------------------------------------------
+
+    def _owner(self, datasource: str) -> tuple[DatasourceSpec, str | None]:
+        """(base spec, rollup name or None) for a base or rollup datasource name."""
+        for spec in self.registry:
+            if spec.name == datasource:
+                return spec, None
+            for rollup in spec.rollups:
+                if rollup.name == datasource:
+                    return spec, rollup.name
+        self.registry.get(datasource)  # raises UnknownDatasource with the known names
+        raise AssertionError("unreachable")
+
+    def compact(
+        self, datasource: str, partition: str, segment_ids: Sequence[int] | None = None
+    ) -> CompactionResult | None:
+        """Replace segments of one partition with one deduplicated segment, atomically.
+
+        ``segment_ids`` defaults to every live segment of the partition. Segments
+        committed while this runs are not touched and stay live. Returns None when
+        there is nothing to do (fewer than two segments and no tombstones to drop).
+        """
+        spec, rollup_name = self._owner(datasource)
+        with self.catalog.read():
+            live = self.catalog.partition_segments(datasource, partition)
+        chosen = live if segment_ids is None else [s for s in live if s.id in set(segment_ids)]
+        if segment_ids is not None and len(chosen) != len(set(segment_ids)):
+            missing = sorted(set(segment_ids) - {s.id for s in chosen})
+            raise StoreError(f"segments {missing} are not live in {datasource}/{partition}")
+        if not chosen or (len(chosen) == 1 and segment_ids is None and rollup_name is not None):
+            return None
+        # Tombstones can be dropped only if no older segment outside the set could
+        # still hold the row they hide: the set must be a prefix in commit order.
+        max_seq = max(s.seq for s in chosen)
+        chosen_ids = {s.id for s in chosen}
+        is_prefix = all(s.id in chosen_ids for s in live if s.seq <= max_seq)
+        rollup = spec.rollup(rollup_name) if rollup_name else None
+        query = compaction_query(spec, rollup, [s.path for s in chosen], drop_tombstones=is_prefix)
+        table = self.duck.sql(query).to_arrow_table()
+        if rollup is None:
+            schema, sort = base_schema(spec), base_sort_keys(spec)
+        else:
+            schema, sort = rollup_schema(spec, rollup), rollup_sort_keys(spec, rollup)
+        table = table.select(schema.names).cast(schema)
+        new_path: Path | None = None
+        new: NewSegment | None = None
+        if table.num_rows:
+            new_path, size = self.segments.write(table, datasource, partition, sort)
+            new = NewSegment(datasource, partition, str(new_path), table.num_rows, size)
+        try:
+            with self.catalog.write():
+                new_id = self.catalog.replace_segments(
+                    datasource, partition, [s.id for s in chosen], new, max_seq
+                )
+        except _Conflict:
+            if new_path is not None:
+                new_path.unlink(missing_ok=True)
+            raise CompactionConflict(
+                f"{datasource}/{partition}: segments were replaced meanwhile; nothing changed"
+            ) from None
+        except BaseException:
+            if new_path is not None:
+                new_path.unlink(missing_ok=True)
+            raise
+        return CompactionResult(
+            datasource=datasource,
+            partition=partition,
+            replaced_segments=len(chosen),
+            rows_in=sum(s.rows for s in chosen),
+            rows_out=table.num_rows,
+            bytes_in=sum(s.bytes for s in chosen),
+            bytes_out=new.bytes if new else 0,
+            segment_id=new_id,
+        )
+
+    def collect_garbage(self, *, orphan_grace_s: float | None = None) -> int:
+        """Delete replaced segments past the grace period and crash-orphaned files."""
+        now = time.time()
+        removed = 0
+        with self.catalog.read():
+            expired = self.catalog.expired_segments(now - self.settings.store.gc_grace_s)
+        for _, name in expired:
+            Path(name).unlink(missing_ok=True)
+            removed += 1
+        if expired:
+            with self.catalog.write():
+                self.catalog.forget_segments([i for i, _ in expired])
+        grace = self.settings.store.orphan_grace_s if orphan_grace_s is None else orphan_grace_s
+        root = self.segments.root
+        if root.exists():
+            with self.catalog.read():
+                known = self.catalog.all_paths()
+            for path in root.rglob("*.parquet"):
+                if str(path) in known:
+                    continue
+                try:
+                    if path.stat().st_mtime < now - grace:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+        return removed
+
+    # --- rollup repair ------------------------------------------------------------------
+
+    def rebuild_rollups(
+        self, datasource: str, partition: str | None = None, rollup_name: str | None = None
+    ) -> list[RebuildReport]:
+        """Recompute rollups from the merged base; write ``expected − stored`` deltas.
+
+        Holds the catalog write lock throughout, so the comparison sees one state and
+        no commit can interleave; ingestion waits (and retries) meanwhile.
+        """
+        spec = self.registry.get(datasource)
+        rollups = [spec.rollup(rollup_name)] if rollup_name else list(spec.rollups)
+        start = end = None
+        if partition is not None:
+            start, end = _partition_bounds(partition, spec.datasource.granularity, spec)
+        reports: list[RebuildReport] = []
+        written: list[Path] = []
+        try:
+            with self.catalog.write():
+                parts: dict[str, list[str]] = {}
+                for seg in self.catalog.live_segments(spec.name):
+                    parts.setdefault(seg.partition, []).append(seg.path)
+                clean = [p[0] for p in parts.values() if len(p) == 1]
+                dirty = [f for p in parts.values() if len(p) > 1 for f in p]
+                new_segments: list[NewSegment] = []
+                for rollup in rollups:
+                    paths = [s.path for s in self.catalog.live_segments(rollup.name)]
+                    query = repair_query(spec, rollup, clean, dirty, paths, start, end)
+                    table = self.duck.sql(query).to_arrow_table()
+                    report = RebuildReport(rollup.name, partition, table.num_rows)
+                    report.differences = _jsonable(table.slice(0, 20).to_pylist())
+                    reports.append(report)
+                    if not table.num_rows:
+                        continue
+                    schema = rollup_schema(spec, rollup)
+                    table = table.select(schema.names).cast(schema)
+                    keys = partitions_of(
+                        table.column("bucket"), rollup.partition, spec.datasource.timezone
+                    )
+                    sort = rollup_sort_keys(spec, rollup)
+                    pending = [
+                        PendingSegment(rollup.name, part, table.filter(pc.equal(keys, part)), sort)
+                        for part in sorted(set(keys.to_pylist()))
+                    ]
+                    new_segments.extend(self._write(pending, written))
+                if new_segments:
+                    self.catalog.add_segments(new_segments)
+                    self.catalog.bump_generation()
+        except BaseException:
+            for path in written:
+                path.unlink(missing_ok=True)
+            raise
+        return reports
+
+    # --- statistics -----------------------------------------------------------------
+
+    def datasource_names(self, datasource: str | None = None) -> list[str]:
+        specs = list(self.registry) if datasource is None else [self._owner(datasource)[0]]
+        names: list[str] = []
+        for spec in specs:
+            names.append(spec.name)
+            names.extend(r.name for r in spec.rollups)
+        if datasource is not None and datasource != specs[0].name:
+            return [datasource]
+        return names
+
+    def partition_stats(self, datasource: str | None = None) -> list[PartitionStats]:
+        names = None if datasource is None else self.datasource_names(datasource)
+        with self.catalog.read():
+            rows = self.catalog.stats_rows(names)
+        return [
+            PartitionStats(
+                datasource=str(ds),
+                partition=str(part),
+                segments=int(segs),  # type: ignore[call-overload]
+                rows=int(nrows),  # type: ignore[call-overload]
+                bytes=int(nbytes),  # type: ignore[call-overload]
+                late_rows=int(late),  # type: ignore[call-overload]
+                last_write_at=_ts(lw),  # type: ignore[arg-type]
+                last_compacted_at=_ts(lc),  # type: ignore[arg-type]
+            )
+            for ds, part, segs, nrows, nbytes, late, lw, lc in rows
+        ]
+
+    def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]:
+        with self.catalog.read():
+            return self.catalog.live_segments(datasource)
+
+    def partition_range(self, datasource: str, partition: str) -> tuple[datetime, datetime]:
+        spec, rollup_name = self._owner(datasource)
+        granularity = (
+            spec.rollup(rollup_name).partition if rollup_name else spec.datasource.granularity
+        )
+        return _partition_bounds(partition, granularity, spec)
+
+
+def _require_identity(spec: DatasourceSpec, batch: pa.Table) -> pa.Table:
+    """The batch in the base schema; identity columns must be present and non-null."""
+    ds = spec.datasource
+    schema = base_schema(spec)
+    missing = [
+        c
+        for c in (ds.key, ds.version, ds.event_id, ds.time, ds.tenant)
+        if c not in batch.column_names
+    ]
+    if missing:
+        raise InvalidRow(f"batch lacks required column(s) {', '.join(missing)}")
+    for c in (ds.key, ds.version, ds.event_id, ds.time, ds.tenant):
+        if batch.column(c).null_count:
+            raise InvalidRow(f"column {c!r} has null values")
+    time_type = batch.schema.field(ds.time).type
+    if not pa.types.is_timestamp(time_type) or time_type.tz is None:
+        raise InvalidRow(f"column {ds.time!r} must be a timezone-aware timestamp")
+    names = [n for n in schema.names if n != DELETED]
+    try:
+        present = batch.select([n for n in names if n in batch.column_names])
+        for n in names:
+            if n not in present.column_names:
+                present = present.append_column(n, pa.nulls(present.num_rows, schema.field(n).type))
+        return present.select(names).cast(pa.schema([schema.field(n) for n in names]))
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InvalidRow(f"batch does not match the {spec.name} schema: {exc}") from exc

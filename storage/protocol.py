@@ -1,0 +1,154 @@
+"""The contract every OLAP backend implements (embedded, StarRocks, Druid)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pyarrow as pa
+
+if TYPE_CHECKING:
+    from rollups.rebuild import RebuildReport
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What an engine does natively; callers branch on these, never on engine names."""
+
+    name: str
+    sql_dialect: str  # sqlglot dialect queries are transpiled to
+    merge_on_read: bool  # latest-version-per-key happens at query time
+    transactional_offsets: bool  # offsets commit atomically with data
+    manual_compaction: bool  # compaction is driven by Tally, not the engine
+
+
+@dataclass(frozen=True)
+class OffsetRange:
+    """Consumer positions a batch covers: ``start`` = position before, ``end`` = after.
+
+    Both follow Kafka's convention of "next offset to read", so the ``end`` of one
+    batch is the ``start`` of the next.
+    """
+
+    start: int
+    end: int
+
+    def __post_init__(self) -> None:
+        if self.start < 0 or self.end < self.start:
+            raise ValueError(f"invalid offset range {self.start}..{self.end}")
+
+
+TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    datasource: str
+    rows_in: int
+    rows_written: int
+    stale_rows: int
+    tombstones: int
+    segments: int
+    rollup_rows: int
+    late_rows: int
+    partitions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CompactionResult:
+    datasource: str
+    partition: str
+    replaced_segments: int
+    rows_in: int
+    rows_out: int
+    bytes_in: int
+    bytes_out: int
+    segment_id: int | None
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    columns: list[str]
+    rows: list[list[Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    id: int
+    datasource: str
+    partition: str
+    path: str
+    rows: int
+    bytes: int
+    seq: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class PartitionStats:
+    datasource: str
+    partition: str
+    segments: int
+    rows: int
+    bytes: int
+    late_rows: int
+    last_write_at: datetime | None
+    last_compacted_at: datetime | None
+
+
+class OlapStore(Protocol):
+    """Writer side. Safe to use from several processes at once."""
+
+    capabilities: Capabilities
+
+    def commit(
+        self,
+        datasource: str,
+        rows: Sequence[Mapping[str, Any]],
+        offsets: Mapping[TopicPartition, OffsetRange] | None = None,
+        *,
+        now: datetime | None = None,
+    ) -> CommitResult: ...
+
+    def stored_offsets(self, datasource: str) -> dict[TopicPartition, int]: ...
+
+    def compact(
+        self, datasource: str, partition: str, segment_ids: Sequence[int] | None = None
+    ) -> CompactionResult | None: ...
+
+    def collect_garbage(self, *, orphan_grace_s: float | None = None) -> int: ...
+
+    def partition_stats(self, datasource: str | None = None) -> list[PartitionStats]: ...
+
+    def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]: ...
+
+    def rebuild_rollups(
+        self, datasource: str, partition: str | None = None, rollup_name: str | None = None
+    ) -> list[RebuildReport]: ...
+
+    def close(self) -> None: ...
+
+
+class OlapReader(Protocol):
+    """Query side; never opens the store for writing."""
+
+    capabilities: Capabilities
+
+    def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult: ...
+
+    def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table: ...
+
+    def lookup(
+        self,
+        datasource: str,
+        keys: Sequence[str],
+        *,
+        tenant: str | None = None,
+        partitions: Sequence[str] | None = None,
+    ) -> pa.Table: ...
+
+    def freshness(self, datasource: str) -> datetime | None: ...
+
+    def close(self) -> None: ...

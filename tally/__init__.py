@@ -1,0 +1,1 @@
+"""Tally: the command line, settings, errors and datasource specs every process shares."""

@@ -1,0 +1,127 @@
+"""The ``tally`` console command.
+
+Every subcommand has ``--help``; commands that report take ``--format json`` and
+then print exactly one JSON document. Failures exit non-zero with one line on
+stderr: ``error: <reason>`` — never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.exceptions import Abort, Exit, TyperException
+
+from tally.errors import TallyError
+from tally.output import Format, emit_json, emit_table
+from tally.settings import Settings, load_settings
+from tally.specs import SpecRegistry, builtin_spec_paths
+
+app = typer.Typer(
+    name="tally",
+    help="Tally: exactly-once analytics ingestion and queries for payment events.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@dataclass
+class Context:
+    """Per-invocation state: settings are loaded once, heavy objects lazily."""
+
+    settings: Settings
+    _registry: SpecRegistry | None = field(default=None, repr=False)
+
+    @property
+    def registry(self) -> SpecRegistry:
+        if self._registry is None:
+            paths = list(self.settings.specs) or builtin_spec_paths()
+            self._registry = SpecRegistry.load(paths)
+        return self._registry
+
+
+FormatOption = Annotated[
+    Format, typer.Option("--format", help="table for people, json for scripts")
+]
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", help="settings file (default ./tally.toml)")
+    ] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="overrides TALLY_DATA_DIR")
+    ] = None,
+) -> None:
+    ctx.obj = Context(load_settings(config, data_dir=data_dir))
+
+
+def state(ctx: typer.Context) -> Context:
+    obj = ctx.find_root().obj
+    assert isinstance(obj, Context)
+    return obj
+
+
+@app.command("sql")
+def sql_command(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="operator SQL over the merged views")],
+    fmt: FormatOption = Format.table,
+) -> None:
+    """Run operator SQL. Views: each datasource (merged: latest version per key), each
+    rollup (deltas summed), and raw.<name> for the segment rows as stored."""
+    from storage import open_reader
+
+    c = state(ctx)
+    reader = open_reader(c.settings, c.registry)
+    try:
+        result = reader.query(query)
+    finally:
+        reader.close()
+    if fmt is Format.json:
+        emit_json({"columns": result.columns, "rows": result.rows})
+    else:
+        emit_table(result.columns, result.rows)
+
+
+def _register_subcommands() -> None:
+    from rollups.cli import rollups_app
+
+    app.add_typer(rollups_app, name="rollups")
+
+
+_register_subcommands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: translate every expected failure into one line and an exit code."""
+    try:
+        app(args=argv, standalone_mode=False)
+    except Exit as exc:
+        sys.exit(exc.exit_code)
+    except Abort:
+        sys.stderr.write("error: aborted\n")
+        sys.exit(130)
+    except TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.stdout.write(exc.format_message() + "\n")
+            sys.exit(0)
+        sys.stderr.write(f"error: {exc.format_message()}\n")
+        sys.exit(exc.exit_code or 2)
+    except TallyError as exc:
+        sys.stderr.write(f"error: {exc.message}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+def run(argv: list[str]) -> Any:
+    """Programmatic entry for tests: ``run(["sql", "SELECT 1"])``."""
+    return main(argv)

@@ -1,0 +1,96 @@
+"""One root exception for the whole platform.
+
+Every error a driver raises is translated at the boundary where it happens
+(``raise ... from exc``) into one of these, and each carries ``transient`` so that
+ingestion knows whether to retry with backoff (transient) or to dead-letter / stop
+(terminal). ``code`` is the stable machine-readable name used in CLI JSON and HTTP
+error bodies.
+"""
+
+from __future__ import annotations
+
+
+class TallyError(Exception):
+    """Root of every error Tally raises on purpose."""
+
+    code = "tally_error"
+    transient = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class ConfigError(TallyError):
+    """Settings or a datasource spec are invalid; names the file, key and problem."""
+
+    code = "config_error"
+
+
+class SpecError(ConfigError):
+    code = "spec_error"
+
+
+class UnknownDatasource(TallyError):
+    code = "unknown_datasource"
+
+
+class StoreError(TallyError):
+    """The OLAP store refused or failed an operation."""
+
+    code = "store_error"
+
+
+class StoreBusy(StoreError):
+    """Another process holds the catalog write lock longer than we waited; retry."""
+
+    code = "store_busy"
+    transient = True
+
+
+class StoreUnavailable(StoreError):
+    """Disk or engine failure that may clear by itself (e.g. I/O error, full disk)."""
+
+    code = "store_unavailable"
+    transient = True
+
+
+class OffsetMismatch(StoreError):
+    """A commit's start offsets differ from the catalog's: the writer is a zombie.
+
+    Terminal for that writer: it must re-read its position from the catalog,
+    never retry the same batch blindly.
+    """
+
+    code = "offset_mismatch"
+
+
+class CompactionConflict(StoreError):
+    """Segments chosen for compaction were replaced meanwhile; nothing was changed."""
+
+    code = "compaction_conflict"
+    transient = True
+
+
+class InvalidArgument(TallyError):
+    """A caller passed a value that cannot be used (bad partition key, bad range...)."""
+
+    code = "invalid_argument"
+
+
+class InvalidRow(TallyError):
+    """A row does not satisfy its datasource spec (dead-letter material)."""
+
+    code = "invalid_row"
+
+
+class QueryError(TallyError):
+    """A query was rejected or failed in the engine (bad SQL, unknown column...)."""
+
+    code = "query_error"
+
+
+class RoutingError(TallyError):
+    """An aggregate request cannot be answered (unknown dimension, bad range...)."""
+
+    code = "bad_aggregate_request"
