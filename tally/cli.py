@@ -103,7 +103,7 @@ _register_subcommands()
 def main(argv: list[str] | None = None) -> None:
     """Entry point: translate every expected failure into one line and an exit code."""
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv, prog_name="tally", standalone_mode=False)
     except Exit as exc:
         sys.exit(exc.exit_code)
     except Abort:

@@ -31,8 +31,8 @@ from storage.embedded.sqlgen import (
     col,
     merged_base,
     merged_rollup,
-    subquery,
     rollup_columns,
+    subquery,
 )
 from storage.embedded.store import CAPABILITIES
 from storage.protocol import QueryResult, SegmentInfo

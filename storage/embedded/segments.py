@@ -13,6 +13,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,14 @@ def rollup_sort_keys(spec: DatasourceSpec, rollup: Rollup) -> list[tuple[str, st
 
 
 def to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Rows → Arrow in ``schema``. Naive datetimes are refused: Arrow would silently
+    read them as UTC, and a wrong zone moves a payment into another day."""
+    time_columns = [f.name for f in schema if pa.types.is_timestamp(f.type)]
+    for row in rows:
+        for name in time_columns:
+            value = row.get(name)
+            if isinstance(value, datetime) and value.utcoffset() is None:
+                raise InvalidRow(f"column {name!r} must be timezone-aware, got {value.isoformat()}")
     try:
         table = pa.Table.from_pylist(list(rows), schema=schema)
     except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:

@@ -58,7 +58,7 @@ from storage.protocol import (
     SegmentInfo,
     TopicPartition,
 )
-from tally.errors import CompactionConflict, InvalidArgument, InvalidRow, OffsetMismatch, StoreError
+from tally.errors import CompactionConflict, InvalidArgument, InvalidRow, OffsetMismatch
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
 from tally.timeutil import Granularity, bucket_range, parse_duration
@@ -225,7 +225,7 @@ class EmbeddedStore:
 
         ``segment_ids`` defaults to every live segment of the partition. Segments
         committed while this runs are not touched and stay live. Returns None when
-        there is nothing to do (fewer than two segments and no tombstones to drop).
+        there is nothing to do (no live segment, or a rollup partition already in one).
         """
         spec, rollup_name = self._owner(datasource)
         with self.catalog.read():
@@ -233,7 +233,9 @@ class EmbeddedStore:
         chosen = live if segment_ids is None else [s for s in live if s.id in set(segment_ids)]
         if segment_ids is not None and len(chosen) != len(set(segment_ids)):
             missing = sorted(set(segment_ids) - {s.id for s in chosen})
-            raise StoreError(f"segments {missing} are not live in {datasource}/{partition}")
+            raise CompactionConflict(
+                f"{datasource}/{partition}: segments {missing} are not live (replaced meanwhile?)"
+            )
         if not chosen or (len(chosen) == 1 and segment_ids is None and rollup_name is not None):
             return None
         # Tombstones can be dropped only if no older segment outside the set could

@@ -1,0 +1,1 @@
+"""Kafka ingestion: decoding, validation, dead letters and the OLAP and search sinks."""
