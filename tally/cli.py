@@ -92,9 +92,11 @@ def sql_command(
 
 
 def _register_subcommands() -> None:
+    from ingest.cli import register
     from rollups.cli import rollups_app
 
     app.add_typer(rollups_app, name="rollups")
+    register(app)
 
 
 _register_subcommands()

@@ -94,3 +94,37 @@ class RoutingError(TallyError):
     """An aggregate request cannot be answered (unknown dimension, bad range...)."""
 
     code = "bad_aggregate_request"
+
+
+class InvalidEvent(TallyError):
+    """A message that cannot become a row: undecodable, schema-invalid or unknown.
+
+    Terminal for that message: it goes to the dead-letter topic with this reason."""
+
+    code = "invalid_event"
+
+
+class BrokerUnavailable(TallyError):
+    """Kafka cannot be reached or refused a request that may succeed later."""
+
+    code = "broker_unavailable"
+    transient = True
+
+
+class BrokerError(TallyError):
+    """Kafka refused a request for a reason retrying will not fix."""
+
+    code = "broker_error"
+
+
+class SearchUnavailable(TallyError):
+    """The search backend is down or overloaded; retry."""
+
+    code = "search_unavailable"
+    transient = True
+
+
+class SearchError(TallyError):
+    """The search backend rejected a request (bad query, bad mapping...)."""
+
+    code = "search_error"

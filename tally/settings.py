@@ -30,6 +30,29 @@ class StoreSettings(BaseModel):
     duckdb_memory_limit: str = "4GB"
 
 
+class IngestSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    partitions: int = Field(6, ge=1, description="partitions of topics `tally topics create` makes")
+    batch_max_rows: int = Field(20_000, ge=1)
+    batch_max_wait_s: float = Field(0.25, gt=0, description="micro-batch linger; ≤1 s freshness")
+    retry_initial_s: float = Field(0.2, gt=0)
+    retry_max_s: float = Field(5.0, gt=0)
+    session_timeout_ms: int = Field(6000, ge=1000)
+    heartbeat_interval_ms: int = Field(500, ge=100)
+    metrics_port: int | None = Field(None, description="serve Prometheus metrics on this port")
+
+
+class SearchSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    backend: Literal["tantivy", "elasticsearch"] = "tantivy"
+    elasticsearch_url: str = "http://127.0.0.1:9200"
+    elasticsearch_user: str | None = None
+    elasticsearch_password: SecretStr | None = None
+    elasticsearch_index_prefix: str = "tally-"
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TALLY_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -37,11 +60,23 @@ class Settings(BaseSettings):
 
     data_dir: Path = Path(".tally")
     kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_user: str | None = None
     kafka_password: SecretStr | None = None
     specs: tuple[Path, ...] = Field(
         default=(), description="datasource spec files; empty means the shipped payments spec"
     )
+    topic_namespace: str = Field(
+        "", description="prefix for every topic and consumer group, e.g. 'staging.'"
+    )
     store: StoreSettings = StoreSettings()
+    ingest: IngestSettings = IngestSettings()
+    search: SearchSettings = SearchSettings()
+
+    def topic(self, name: str) -> str:
+        return f"{self.topic_namespace}{name}"
+
+    def group(self, sink: str, datasource: str) -> str:
+        return f"{self.topic_namespace}tally.{sink}.{datasource}"
 
     @classmethod
     def settings_customise_sources(

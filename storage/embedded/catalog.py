@@ -49,6 +49,15 @@ CREATE TABLE IF NOT EXISTS offsets (
     next_offset INTEGER NOT NULL, updated_at REAL NOT NULL,
     PRIMARY KEY (datasource, topic, partition)
 );
+CREATE TABLE IF NOT EXISTS dead_letters (
+    id TEXT PRIMARY KEY,
+    datasource TEXT NOT NULL, sink TEXT NOT NULL,
+    topic TEXT NOT NULL, partition INTEGER NOT NULL, "offset" INTEGER NOT NULL,
+    key BLOB, value BLOB, reason TEXT NOT NULL, failed_at REAL NOT NULL,
+    published_at REAL, dlq_partition INTEGER, dlq_offset INTEGER
+);
+CREATE INDEX IF NOT EXISTS dead_letters_pending ON dead_letters (datasource)
+    WHERE published_at IS NULL;
 CREATE TABLE IF NOT EXISTS partition_stats (
     datasource TEXT NOT NULL, partition TEXT NOT NULL,
     late_rows INTEGER NOT NULL DEFAULT 0,
@@ -56,6 +65,22 @@ CREATE TABLE IF NOT EXISTS partition_stats (
     PRIMARY KEY (datasource, partition)
 );
 """
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    """A message a sink could not use, recorded with the batch that skipped it."""
+
+    id: str  # "<datasource>:<topic>:<partition>:<offset>", unique per source message
+    datasource: str
+    sink: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+    failed_at: float
 
 
 @dataclass(frozen=True)
@@ -293,6 +318,34 @@ class Catalog:
         )
         self.bump_generation()
         return new_id
+
+    def add_dead_letters(self, letters: Iterable[DeadLetterRecord]) -> None:
+        self._con.executemany(
+            "INSERT OR IGNORE INTO dead_letters (id, datasource, sink, topic, partition,"
+            ' "offset", key, value, reason, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
+            [
+                (d.id, d.datasource, d.sink, d.topic, d.partition, d.offset, d.key, d.value,
+                 d.reason, d.failed_at)
+                for d in letters
+            ],
+        )
+
+    def pending_dead_letters(self, datasource: str) -> list[DeadLetterRecord]:
+        rows = self._con.execute(
+            'SELECT id, datasource, sink, topic, partition, "offset", key, value, reason,'
+            " failed_at FROM dead_letters WHERE published_at IS NULL AND datasource = ?"
+            ' ORDER BY topic, partition, "offset"',
+            (datasource,),
+        )
+        return [DeadLetterRecord(*r) for r in rows]
+
+    def mark_published(self, published: Iterable[tuple[str, int, int]]) -> None:
+        now = time.time()
+        self._con.executemany(
+            "UPDATE dead_letters SET published_at = ?, dlq_partition = ?, dlq_offset = ?"
+            " WHERE id = ?",
+            [(now, part, off, ident) for ident, part, off in published],
+        )
 
     def expired_segments(self, older_than: float) -> list[tuple[int, str]]:
         return list(

@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 
 from rollups.rebuild import RebuildReport, repair_query
 from storage.embedded.calendar import partitions_of
-from storage.embedded.catalog import Catalog, NewSegment, _Conflict
+from storage.embedded.catalog import Catalog, DeadLetterRecord, NewSegment, _Conflict
 from storage.embedded.commit import plan_commit
 from storage.embedded.keyindex import KeyIndex
 from storage.embedded.segments import (
@@ -152,7 +152,12 @@ class EmbeddedStore:
         offsets: Mapping[TopicPartition, OffsetRange] | None = None,
         *,
         now: datetime | None = None,
+        dead_letters: Sequence[DeadLetterRecord] = (),
     ) -> CommitResult:
+        """Commit a batch. ``dead_letters`` are the batch's unusable messages: they are
+        recorded in the same transaction (an outbox a publisher empties into the
+        dead-letter topic), so moving the offsets past them and keeping them are one
+        atomic step."""
         spec = self.registry.get(datasource)
         batch = rows if isinstance(rows, pa.Table) else to_table(rows, base_schema(spec))
         batch = _require_identity(spec, batch)
@@ -180,6 +185,8 @@ class EmbeddedStore:
                     self.catalog.add_segments(new_segments, seq=seq)
                     self.catalog.bump_generation()
                 self.catalog.record_writes(datasource, plan.partition_stats)
+                if dead_letters:
+                    self.catalog.add_dead_letters(dead_letters)
         except BaseException:
             for path in written:
                 path.unlink(missing_ok=True)
@@ -309,6 +316,17 @@ class EmbeddedStore:
                 except FileNotFoundError:
                     continue
         return removed
+
+    # --- dead-letter outbox ----------------------------------------------------------------
+
+    def pending_dead_letters(self, datasource: str) -> list[DeadLetterRecord]:
+        with self.catalog.read():
+            return self.catalog.pending_dead_letters(datasource)
+
+    def mark_dead_letters_published(self, published: Sequence[tuple[str, int, int]]) -> None:
+        """(id, dead-letter topic partition, offset) of letters the broker acknowledged."""
+        with self.catalog.write():
+            self.catalog.mark_published(published)
 
     # --- rollup repair ------------------------------------------------------------------
 

@@ -1,0 +1,244 @@
+"""Dead letters: bad input never stops a partition, and nothing is lost or doubled.
+
+The OLAP sink records each unusable message in the catalog in the same transaction
+that moves its offsets past it (an outbox), then publishes it to the datasource's
+dead-letter topic with the reason, sink and source topic/partition/offset in
+headers. Kafka has no exactly-once produce without transactions (and the dev broker
+does not filter aborted ones), so publishing is made idempotent instead: every
+letter carries a deterministic id, and after a crash the publisher first scans the
+dead-letter topic past the last acknowledged position for pending ids that did land.
+
+Dead letters are owned by the OLAP sink, the system of record: a message that fails
+validation is dead-lettered once, not once per sink; the search sink counts and
+skips it.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+
+from ingest.decode import Rejected
+from ingest.kafka import base_config, flush, producer, translate
+from storage.embedded.catalog import DeadLetterRecord
+from tally.errors import BrokerUnavailable
+from tally.settings import Settings
+from tally.specs import DatasourceSpec
+
+H = "tally."
+_FIELDS = ("id", "reason", "sink", "datasource", "topic", "partition", "offset", "failed_at")
+
+
+def record(rejected: Rejected, datasource: str, sink: str) -> DeadLetterRecord:
+    m = rejected.message
+    return DeadLetterRecord(
+        id=f"{datasource}:{m.topic}:{m.partition}:{m.offset}",
+        datasource=datasource,
+        sink=sink,
+        topic=m.topic,
+        partition=m.partition,
+        offset=m.offset,
+        key=m.key,
+        value=m.value,
+        reason=rejected.reason,
+        failed_at=time.time(),
+    )
+
+
+Headers = list[tuple[str, str | bytes | None]]
+
+
+def headers(letter: DeadLetterRecord) -> Headers:
+    return [(H + f, str(getattr(letter, f)).encode()) for f in _FIELDS]
+
+
+def parse_headers(raw: Headers | dict[str, str | bytes | None] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    items = list(raw.items()) if isinstance(raw, dict) else (raw or [])
+    for name, value in items:
+        if name.startswith(H) and name[len(H) :] in _FIELDS:
+            text = value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+            field = name[len(H) :]
+            out[field] = int(text) if field in ("partition", "offset") and text else text
+    if "failed_at" in out:
+        out["failed_at"] = float(out["failed_at"])
+    return out
+
+
+@dataclass(frozen=True)
+class Seen:
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    meta: dict[str, Any]
+
+
+def read_topic(
+    settings: Settings, topic: str, start: dict[int, int] | None = None, idle_s: float = 1.5
+) -> Iterator[Seen]:
+    """Read a topic from ``start`` (default: the beginning) until it stays quiet for
+    ``idle_s``. End offsets are not trusted (the dev broker misreports them)."""
+    consumer = Consumer(
+        base_config(settings)
+        | {
+            "group.id": f"{settings.topic_namespace}tally.reader",
+            "enable.auto.commit": False,
+        }
+    )
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return
+        parts = [
+            TopicPartition(topic, p, (start or {}).get(p, OFFSET_BEGINNING))
+            for p in meta.partitions
+        ]
+        consumer.assign(parts)
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < idle_s:
+            batch = consumer.consume(1000, 0.2)
+            for m in batch:
+                if m.error():
+                    continue
+                quiet_since = time.monotonic()
+                yield Seen(
+                    m.partition() or 0,
+                    m.offset() or 0,
+                    m.key(),
+                    m.value(),
+                    parse_headers(m.headers()),
+                )
+    except KafkaException as exc:
+        raise translate(exc, f"reading {topic}") from exc
+    finally:
+        consumer.close()
+
+
+class Publisher:
+    """Empties the catalog's dead-letter outbox into the dead-letter topic."""
+
+    def __init__(self, settings: Settings, spec: DatasourceSpec, store: Any) -> None:
+        self.settings = settings
+        self.spec = spec
+        self.store = store
+        self.topic = settings.topic(spec.dead_letter_topic)
+        self._producer = producer(settings)
+        self._recovered = False
+
+    def recover(self) -> int:
+        """Mark pending letters a crashed predecessor already published."""
+        pending = {d.id for d in self.store.pending_dead_letters(self.spec.name)}
+        if not pending:
+            return 0
+        found = []
+        for seen in read_topic(self.settings, self.topic, idle_s=1.0):
+            if seen.meta.get("id") in pending:
+                found.append((seen.meta["id"], seen.partition, seen.offset))
+        if found:
+            self.store.mark_dead_letters_published(found)
+        return len(found)
+
+    def publish(self) -> int:
+        if not self._recovered:
+            self.recover()
+            self._recovered = True
+        pending = self.store.pending_dead_letters(self.spec.name)
+        if not pending:
+            return 0
+        acked: list[tuple[str, int, int]] = []
+
+        def delivered(ident: str, err: Any, msg: Any) -> None:
+            if err is None:
+                acked.append((ident, msg.partition(), msg.offset()))
+
+        for letter in pending:
+            self._producer.produce(
+                self.topic,
+                key=letter.key,
+                value=letter.value,
+                headers=headers(letter),
+                on_delivery=functools.partial(delivered, letter.id),
+            )
+        try:
+            flush(self._producer, f"publishing dead letters to {self.topic}")
+        finally:
+            if acked:
+                self.store.mark_dead_letters_published(acked)
+        if len(acked) != len(pending):
+            raise BrokerUnavailable(f"{len(pending) - len(acked)} dead letter(s) not acknowledged")
+        return len(acked)
+
+
+def list_dead_letters(
+    settings: Settings, spec: DatasourceSpec, limit: int | None = None
+) -> list[dict[str, Any]]:
+    out = []
+    for seen in read_topic(settings, settings.topic(spec.dead_letter_topic)):
+        item = dict(seen.meta)
+        item["dlq_partition"], item["dlq_offset"] = seen.partition, seen.offset
+        item["key"] = seen.key.decode("utf-8", "replace") if seen.key else None
+        item["value"] = seen.value.decode("utf-8", "replace") if seen.value else None
+        out.append(item)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def replay(settings: Settings, spec: DatasourceSpec) -> int:
+    """Republish dead letters not yet replayed to their source topic (once each: the
+    replay position is a consumer group's committed offset on the dead-letter topic)."""
+    topic = settings.topic(spec.dead_letter_topic)
+    group = settings.group("dlq-replay", spec.name)
+    consumer = Consumer(
+        base_config(settings)
+        | {
+            "group.id": group,
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+        }
+    )
+    prod = producer(settings)
+    sent = 0
+    try:
+        meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
+        if meta is None or meta.error is not None:
+            return 0
+        parts = [TopicPartition(topic, p) for p in meta.partitions]
+        committed = consumer.committed(parts, timeout=10)
+        consumer.assign(
+            [
+                TopicPartition(
+                    topic, tp.partition, tp.offset if tp.offset >= 0 else OFFSET_BEGINNING
+                )
+                for tp in committed
+            ]
+        )
+        positions: dict[int, int] = {}
+        quiet_since = time.monotonic()
+        while time.monotonic() - quiet_since < 1.5:
+            for m in consumer.consume(1000, 0.2):
+                if m.error():
+                    continue
+                quiet_since = time.monotonic()
+                meta_h = parse_headers(m.headers())
+                source = meta_h.get("topic") or settings.topic(spec.datasource.topic)
+                prod.produce(source, key=m.key(), value=m.value())
+                positions[m.partition() or 0] = (m.offset() or 0) + 1
+                sent += 1
+        flush(prod, "replaying dead letters")
+        if positions:
+            consumer.commit(
+                offsets=[TopicPartition(topic, p, o) for p, o in positions.items()],
+                asynchronous=False,
+            )
+    except KafkaException as exc:
+        raise translate(exc, "replaying dead letters") from exc
+    finally:
+        consumer.close()
+    return sent

@@ -1,0 +1,136 @@
+"""Kafka clients for Tally, built from settings, with errors translated at the boundary.
+
+librdkafka reports most trouble asynchronously (error callbacks, per-message
+errors); everything that reaches Tally's code is turned into ``BrokerUnavailable``
+(transient: retry with backoff, lose nothing) or ``BrokerError`` (terminal).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+
+from tally.errors import BrokerError, BrokerUnavailable, TallyError
+from tally.settings import Settings
+from tally.specs import DatasourceSpec
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = {
+    KafkaError._TRANSPORT,
+    KafkaError._ALL_BROKERS_DOWN,
+    KafkaError._TIMED_OUT,
+    KafkaError._MSG_TIMED_OUT,
+    KafkaError._RESOLVE,
+    KafkaError._QUEUE_FULL,
+    KafkaError.REQUEST_TIMED_OUT,
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.NETWORK_EXCEPTION,
+    KafkaError.UNKNOWN_TOPIC_OR_PART,
+    KafkaError.REBALANCE_IN_PROGRESS,
+}
+
+
+def translate(error: KafkaError | KafkaException | BaseException, what: str) -> TallyError:
+    err = error.args[0] if isinstance(error, KafkaException) and error.args else error
+    if isinstance(err, KafkaError):
+        cls = BrokerUnavailable if (err.code() in _TRANSIENT or err.retriable()) else BrokerError
+        return cls(f"{what}: {err.str()}")
+    return BrokerUnavailable(f"{what}: {error}")
+
+
+def _quiet(err: KafkaError) -> None:
+    """librdkafka's error callback: connection trouble is retried by the client itself."""
+    log.debug("kafka: %s", err.str())
+
+
+def base_config(settings: Settings) -> dict[str, Any]:
+    conf: dict[str, Any] = {
+        "bootstrap.servers": settings.kafka_bootstrap,
+        "error_cb": _quiet,
+        "log_level": 3,
+    }
+    if settings.kafka_password is not None:
+        conf |= {
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanisms": "PLAIN",
+            "sasl.username": settings.kafka_user or "tally",
+            "sasl.password": settings.kafka_password.get_secret_value(),
+        }
+    return conf
+
+
+def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
+    return base_config(settings) | {
+        "group.id": group,
+        "enable.auto.commit": False,
+        "enable.auto.offset.store": False,
+        "auto.offset.reset": "earliest",
+        "partition.assignment.strategy": "cooperative-sticky",
+        "session.timeout.ms": settings.ingest.session_timeout_ms,
+        "heartbeat.interval.ms": settings.ingest.heartbeat_interval_ms,
+        "fetch.wait.max.ms": 100,
+        "queued.max.messages.kbytes": 65536,
+    }
+
+
+def producer(settings: Settings, **extra: Any) -> Producer:
+    conf = base_config(settings) | {
+        "linger.ms": 5,
+        "compression.type": "lz4",
+        "message.timeout.ms": 300_000,
+        "enable.idempotence": False,  # tansu's idempotent-producer support is partial
+    }
+    return Producer(conf | extra)
+
+
+def flush(prod: Producer, what: str, timeout_s: float = 30.0) -> None:
+    """Wait until everything produced is acknowledged, or raise BrokerUnavailable."""
+    deadline = time.monotonic() + timeout_s
+    while (left := prod.flush(min(1.0, max(0.0, deadline - time.monotonic())))) > 0:
+        if time.monotonic() >= deadline:
+            raise BrokerUnavailable(f"{what}: {left} message(s) not acknowledged in {timeout_s:g}s")
+
+
+def ensure_topics(
+    settings: Settings, specs: Iterable[DatasourceSpec], partitions: int | None = None
+) -> list[dict[str, Any]]:
+    """Create each datasource's topic and dead-letter topic; existing ones are kept."""
+    admin = AdminClient(base_config(settings))
+    wanted = partitions or settings.ingest.partitions
+    names = []
+    for spec in specs:
+        names += [settings.topic(spec.datasource.topic), settings.topic(spec.dead_letter_topic)]
+    try:
+        existing = admin.list_topics(timeout=10).topics
+    except KafkaException as exc:
+        raise translate(exc, "listing topics") from exc
+    report = []
+    todo = [
+        NewTopic(n, num_partitions=wanted, replication_factor=1) for n in names if n not in existing
+    ]
+    futures = admin.create_topics(todo, operation_timeout=10) if todo else {}
+    for name in names:
+        if name in futures:
+            try:
+                futures[name].result()
+                report.append({"topic": name, "partitions": wanted, "created": True})
+                continue
+            except KafkaException as exc:
+                err = exc.args[0]
+                if not (
+                    isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS
+                ):
+                    raise translate(exc, f"creating topic {name}") from exc
+        count = len(existing[name].partitions) if name in existing else wanted
+        report.append({"topic": name, "partitions": count, "created": False})
+    return report

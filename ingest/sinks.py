@@ -1,0 +1,152 @@
+"""The two sinks a consumer loop feeds: OLAP (exactly-once by catalog offsets) and
+search (idempotent upserts, Kafka offsets committed after the index)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Protocol
+
+import pyarrow as pa
+
+from ingest.deadletter import Publisher, record
+from ingest.decode import Decoded
+from search import Doc, SearchIndex
+from storage import OffsetRange
+from storage.embedded.store import EmbeddedStore
+from tally.settings import Settings
+from tally.specs import DatasourceSpec
+
+log = logging.getLogger(__name__)
+TP = tuple[str, int]
+
+
+class Sink(Protocol):
+    name: str
+    uses_kafka_offsets: bool  # resume from Kafka's committed offsets (else the sink's own)
+
+    def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+        """Where to resume each newly assigned partition (None: Kafka's committed/earliest)."""
+        ...
+
+    def released(self, partitions: list[TP]) -> None: ...
+
+    def write(self, decoded: Decoded, ranges: Mapping[TP, OffsetRange]) -> tuple[int, int]:
+        """Make the batch durable; return (rows written, stale rows)."""
+        ...
+
+    def after_write(self) -> None:
+        """Follow-up that may fail without undoing the write (e.g. publishing dead letters)."""
+        ...
+
+    def newest_committed(self) -> datetime | None: ...
+
+    def close(self) -> None: ...
+
+
+class OlapSink:
+    name = "olap"
+    uses_kafka_offsets = False
+
+    def __init__(self, settings: Settings, spec: DatasourceSpec, store: EmbeddedStore) -> None:
+        self.spec = spec
+        self.store = store
+        self.publisher = Publisher(settings, spec, store)
+        self._newest: datetime | None = None
+
+    def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+        stored = self.store.stored_offsets(self.spec.name)
+        return {tp: stored.get(tp) for tp in partitions}
+
+    def released(self, partitions: list[TP]) -> None:
+        return None
+
+    def write(self, decoded: Decoded, ranges: Mapping[TP, OffsetRange]) -> tuple[int, int]:
+        letters = [record(r, self.spec.name, self.name) for r in decoded.rejected]
+        result = self.store.commit(self.spec.name, decoded.table, ranges, dead_letters=letters)
+        newest = _newest(decoded.table, self.spec.datasource.time)
+        if newest is not None and (self._newest is None or newest > self._newest):
+            self._newest = newest
+        return result.rows_written, result.stale_rows
+
+    def after_write(self) -> None:
+        self.publisher.publish()
+
+    def newest_committed(self) -> datetime | None:
+        return self._newest
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class SearchSink:
+    name = "search"
+    uses_kafka_offsets = True
+
+    def __init__(self, spec: DatasourceSpec, index: SearchIndex) -> None:
+        self.spec = spec
+        self.index = index
+        self._newest: datetime | None = None
+
+    def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+        return dict.fromkeys(partitions)
+
+    def released(self, partitions: list[TP]) -> None:
+        for _topic, partition in partitions:
+            self.index.release(partition)
+
+    def write(self, decoded: Decoded, ranges: Mapping[TP, OffsetRange]) -> tuple[int, int]:
+        ds = self.spec.datasource
+        table = decoded.table
+        if not table.num_rows:
+            return 0, 0
+        cols = {
+            name: table.column(name).to_pylist()
+            for name in {ds.key, ds.tenant, ds.time, ds.version, ds.event_id, *ds.searchable}
+        }
+        shard_of = _shard_column(decoded)
+        per_shard: dict[int, list[Doc]] = {}
+        for i in range(table.num_rows):
+            doc = Doc(
+                key=cols[ds.key][i],
+                tenant=cols[ds.tenant][i],
+                time=cols[ds.time][i],
+                version=cols[ds.version][i],
+                event_id=cols[ds.event_id][i],
+                text={f: cols[f][i] for f in ds.searchable},
+            )
+            per_shard.setdefault(shard_of[i], []).append(doc)
+        written = stale = 0
+        for shard, docs in per_shard.items():
+            result = self.index.upsert(shard, docs)
+            newest = max(d.time for d in docs)
+            self.index.commit(shard, newest)
+            written += result.written
+            stale += result.stale
+            if self._newest is None or newest > self._newest:
+                self._newest = newest
+        return written, stale
+
+    def after_write(self) -> None:
+        return None
+
+    def newest_committed(self) -> datetime | None:
+        return self._newest
+
+    def close(self) -> None:
+        self.index.close()
+
+
+def _newest(table: pa.Table, column: str) -> datetime | None:
+    if not table.num_rows:
+        return None
+    import pyarrow.compute as pc
+
+    value = pc.max(table.column(column)).as_py()
+    return value.astimezone(UTC) if isinstance(value, datetime) else None
+
+
+def _shard_column(decoded: Decoded) -> list[int]:
+    """Source Kafka partition of each decoded row (rows keep message order)."""
+    return decoded.partitions

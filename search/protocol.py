@@ -1,0 +1,71 @@
+"""The contract every search backend implements."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class SearchCapabilities:
+    name: str
+    external_versions: bool  # the engine enforces "older never overwrites newer" itself
+    shards_by_source_partition: bool  # one index shard per Kafka partition
+
+
+@dataclass(frozen=True)
+class Doc:
+    key: str
+    tenant: str
+    time: datetime  # partition time, aware
+    version: int
+    event_id: str
+    text: Mapping[str, str | None]  # searchable field → value
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    written: int
+    stale: int  # older or equal versions skipped by the version guard
+
+
+@dataclass(frozen=True)
+class Hit:
+    key: str
+    time: datetime
+    score: float
+
+
+class SearchIndex(Protocol):
+    capabilities: SearchCapabilities
+
+    def upsert(self, shard: int, docs: Sequence[Doc]) -> UpsertResult:
+        """Write docs, never letting an older (version, event_id) replace a newer one."""
+        ...
+
+    def commit(self, shard: int, newest: datetime | None) -> None:
+        """Make upserts durable and searchable; record the freshness watermark."""
+        ...
+
+    def release(self, shard: int) -> None:
+        """Give up writing a shard (its Kafka partition moved to another process)."""
+        ...
+
+    def search(
+        self,
+        tenant: str,
+        text: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[Hit]: ...
+
+    def versions(self, keys: Sequence[str]) -> dict[str, int]:
+        """Stored version per key (for verification and tests)."""
+        ...
+
+    def freshness(self) -> datetime | None: ...
+
+    def close(self) -> None: ...

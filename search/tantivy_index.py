@@ -1,0 +1,280 @@
+"""Embedded search: tantivy, one index shard per source Kafka partition.
+
+All versions of an entity share its Kafka key, hence its partition, hence its shard:
+the version guard is local to a shard, and two ingest processes that split the
+partitions never contend for tantivy's single-writer lock. Searches fan out over
+every shard and merge by score, like an Elasticsearch index with routing.
+
+Searchable fields use a lowercase 2–3-gram analyzer, so any substring of two or
+more characters — Korean included, which has no spaces inside words — finds its
+documents. The OLAP store re-checks every candidate exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import tantivy
+
+from search.protocol import Doc, Hit, SearchCapabilities, UpsertResult
+from tally.errors import SearchError, SearchUnavailable
+from tally.settings import Settings
+from tally.specs import DatasourceSpec
+
+ANALYZER = "tally_ngram"
+CAPABILITIES = SearchCapabilities(
+    "tantivy", external_versions=False, shards_by_source_partition=True
+)
+_WRITER_HEAP = 64 * 1024 * 1024
+
+
+def _schema(spec: DatasourceSpec) -> tantivy.Schema:
+    sb = tantivy.SchemaBuilder()
+    sb.add_text_field("key", stored=True, tokenizer_name="raw")
+    sb.add_text_field("tenant", stored=False, tokenizer_name="raw")
+    sb.add_text_field("event_id", stored=True, tokenizer_name="raw", index_option="basic")
+    sb.add_integer_field("version", stored=True, indexed=False, fast=True)
+    sb.add_date_field("time", stored=True, indexed=True, fast=True)
+    for name in spec.datasource.searchable:
+        sb.add_text_field(name, stored=False, tokenizer_name=ANALYZER, index_option="basic")
+    return sb.build()
+
+
+def _analyzer() -> Any:
+    return (
+        tantivy.TextAnalyzerBuilder(
+            tantivy.Tokenizer.ngram(min_gram=2, max_gram=3, prefix_only=False)
+        )
+        .filter(tantivy.Filter.lowercase())
+        .build()
+    )
+
+
+def grams(text: str) -> list[str]:
+    """The 3-grams (or the one 2-gram) a substring query must match, lowercased."""
+    text = text.lower()
+    if len(text) < 2:
+        return []
+    if len(text) == 2:
+        return [text]
+    return sorted({text[i : i + 3] for i in range(len(text) - 2)})
+
+
+class _Shard:
+    def __init__(self, path: Path, schema: tantivy.Schema, *, writable: bool) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.index = tantivy.Index(schema, path=str(path), reuse=True)
+        except ValueError as exc:
+            raise SearchError(f"cannot open search shard {path}: {exc}") from exc
+        self.index.register_tokenizer(ANALYZER, _analyzer())
+        self.path = path
+        self.writer: Any = None
+        if writable:
+            try:
+                self.writer = self.index.writer(heap_size=_WRITER_HEAP, num_threads=1)
+            except ValueError as exc:  # LockBusy: another process writes this shard
+                raise SearchUnavailable(f"search shard {path} is locked by another writer") from exc
+
+    @property
+    def meta_path(self) -> Path:
+        return self.path / "tally-meta.json"
+
+    def newest(self) -> datetime | None:
+        try:
+            value = json.loads(self.meta_path.read_text())["newest"]
+        except (OSError, ValueError, KeyError):
+            return None
+        return None if value is None else datetime.fromisoformat(value)
+
+
+class TantivyIndex:
+    capabilities = CAPABILITIES
+
+    def __init__(self, settings: Settings, spec: DatasourceSpec, *, readonly: bool = False) -> None:
+        self.spec = spec
+        self.root = settings.data_dir / "search" / spec.name
+        self.schema = _schema(spec)
+        self.readonly = readonly
+        self._writers: dict[int, _Shard] = {}
+        self._readers: dict[str, _Shard] = {}
+        self._lock = threading.Lock()
+
+    # --- writing -----------------------------------------------------------------------
+
+    def _shard(self, shard: int) -> _Shard:
+        if self.readonly:
+            raise SearchError("search index opened read-only")
+        if shard not in self._writers:
+            self._writers[shard] = _Shard(self.root / f"p{shard}", self.schema, writable=True)
+        return self._writers[shard]
+
+    def _stored(self, shard: _Shard, keys: Sequence[str]) -> dict[str, tuple[int, str]]:
+        shard.index.reload()
+        searcher = shard.index.searcher()
+        query = tantivy.Query.term_set_query(self.schema, "key", list(keys))
+        hits = searcher.search(query, limit=max(1, len(keys) * 2)).hits
+        out: dict[str, tuple[int, str]] = {}
+        for _score, address in hits:
+            doc = searcher.doc(address)
+            key = _get(doc, "key")
+            out[key] = (_get(doc, "version"), _get(doc, "event_id"))
+        return out
+
+    def upsert(self, shard: int, docs: Sequence[Doc]) -> UpsertResult:
+        target = self._shard(shard)
+        latest: dict[str, Doc] = {}
+        for doc in docs:
+            have = latest.get(doc.key)
+            if have is None or (doc.version, doc.event_id) > (have.version, have.event_id):
+                latest[doc.key] = doc
+        stored = self._stored(target, list(latest))
+        written = 0
+        try:
+            for key, doc in latest.items():
+                old = stored.get(key)
+                if old is not None and old >= (doc.version, doc.event_id):
+                    continue
+                if old is not None:
+                    target.writer.delete_documents_by_term("key", key)
+                fields: dict[str, Any] = {
+                    "key": key,
+                    "tenant": doc.tenant,
+                    "event_id": doc.event_id,
+                    "version": doc.version,
+                    "time": doc.time.astimezone(UTC),
+                }
+                for name, value in doc.text.items():
+                    if value:
+                        fields[name] = value
+                target.writer.add_document(tantivy.Document(**fields))
+                written += 1
+        except ValueError as exc:
+            raise SearchError(f"tantivy rejected a document: {exc}") from exc
+        return UpsertResult(written, len(docs) - written)
+
+    def commit(self, shard: int, newest: datetime | None) -> None:
+        target = self._shard(shard)
+        try:
+            target.writer.commit()
+        except (ValueError, OSError) as exc:
+            raise SearchUnavailable(f"tantivy commit failed: {exc}") from exc
+        previous = target.newest()
+        if newest is not None and (previous is None or newest > previous):
+            tmp = target.meta_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"newest": newest.isoformat()}))
+            os.replace(tmp, target.meta_path)
+
+    def release(self, shard: int) -> None:
+        target = self._writers.pop(shard, None)
+        if target is not None and target.writer is not None:
+            with contextlib.suppress(ValueError):
+                target.writer.rollback()
+            target.writer = None  # dropping the writer releases tantivy's lock
+
+    # --- reading -------------------------------------------------------------------------
+
+    def _reader_shards(self) -> list[_Shard]:
+        with self._lock:
+            if self.root.exists():
+                for path in sorted(self.root.glob("p*")):
+                    if path.name not in self._readers and (path / "meta.json").exists():
+                        self._readers[path.name] = _Shard(path, self.schema, writable=False)
+            return list(self._readers.values())
+
+    def search(
+        self,
+        tenant: str,
+        text: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        limit: int = 1000,
+    ) -> list[Hit]:
+        occur = tantivy.Occur
+        clauses: list[tuple[Any, Any]] = [
+            (occur.Must, tantivy.Query.term_query(self.schema, "tenant", tenant))
+        ]
+        if start is not None or end is not None:
+            clauses.append(
+                (
+                    occur.Must,
+                    tantivy.Query.range_query(
+                        self.schema,
+                        "time",
+                        tantivy.FieldType.Date,
+                        start or tantivy.MIN_DATETIME,
+                        end or tantivy.MAX_DATETIME,
+                        include_lower=True,
+                        include_upper=False,
+                    ),
+                )
+            )
+        needed = grams(text)
+        if needed:
+            per_field = [
+                (
+                    occur.Should,
+                    tantivy.Query.boolean_query(
+                        [(occur.Must, tantivy.Query.term_query(self.schema, f, g)) for g in needed]
+                    ),
+                )
+                for f in self.spec.datasource.searchable
+            ]
+            clauses.append((occur.Must, tantivy.Query.boolean_query(per_field)))
+        query = tantivy.Query.boolean_query(clauses)
+        hits: list[Hit] = []
+        for shard in self._reader_shards():
+            shard.index.reload()
+            searcher = shard.index.searcher()
+            for score, address in searcher.search(query, limit=limit).hits:
+                doc = searcher.doc(address)
+                time = _get(doc, "time")
+                hits.append(Hit(_get(doc, "key"), _aware(time), float(score)))
+        hits.sort(key=lambda h: (-h.score, h.key))
+        return hits[:limit]
+
+    def versions(self, keys: Sequence[str]) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for shard in self._reader_shards():
+            for key, (version, _eid) in self._stored(shard, keys).items():
+                out[key] = max(version, out.get(key, 0))
+        return out
+
+    def all_versions(self) -> dict[str, tuple[int, str]]:
+        """Every (key → version, event_id); for verification and tests, not hot paths."""
+        out: dict[str, tuple[int, str]] = {}
+        for shard in self._reader_shards():
+            shard.index.reload()
+            searcher = shard.index.searcher()
+            n = searcher.num_docs
+            if not n:
+                continue
+            for _score, address in searcher.search(tantivy.Query.all_query(), limit=n).hits:
+                doc = searcher.doc(address)
+                out[_get(doc, "key")] = (_get(doc, "version"), _get(doc, "event_id"))
+        return out
+
+    def freshness(self) -> datetime | None:
+        newest = [n for s in self._reader_shards() if (n := s.newest()) is not None]
+        return max(newest) if newest else None
+
+    def close(self) -> None:
+        for shard in list(self._writers):
+            self.release(shard)
+        self._readers.clear()
+
+
+def _get(doc: Any, name: str) -> Any:
+    """A stored field's value (tantivy's stubs type it Optional; ours are required)."""
+    return doc.get_first(name)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
