@@ -15,6 +15,7 @@ skips it.
 
 from __future__ import annotations
 
+import base64
 import functools
 import time
 from collections.abc import Iterator
@@ -178,16 +179,34 @@ class Publisher:
 def list_dead_letters(
     settings: Settings, spec: DatasourceSpec, limit: int | None = None
 ) -> list[dict[str, Any]]:
+    """Dead letters as JSON-ready dicts. Values that are not UTF-8 (a producer may
+    truncate inside a character) come as ``value_base64`` so nothing is lost."""
     out = []
     for seen in read_topic(settings, settings.topic(spec.dead_letter_topic)):
         item = dict(seen.meta)
         item["dlq_partition"], item["dlq_offset"] = seen.partition, seen.offset
-        item["key"] = seen.key.decode("utf-8", "replace") if seen.key else None
-        item["value"] = seen.value.decode("utf-8", "replace") if seen.value else None
+        item["key"] = _text(seen.key)
+        try:
+            item["value"] = seen.value.decode("utf-8") if seen.value is not None else None
+        except UnicodeDecodeError:
+            item["value"] = None
+            item["value_base64"] = base64.b64encode(seen.value or b"").decode()
         out.append(item)
         if limit is not None and len(out) >= limit:
             break
     return out
+
+
+def raw_value(letter: dict[str, Any]) -> bytes | None:
+    """The original message bytes of a listed dead letter."""
+    if "value_base64" in letter:
+        return base64.b64decode(letter["value_base64"])
+    value = letter.get("value")
+    return None if value is None else str(value).encode()
+
+
+def _text(data: bytes | None) -> str | None:
+    return None if data is None else data.decode("utf-8", "replace")
 
 
 def replay(settings: Settings, spec: DatasourceSpec) -> int:

@@ -8,8 +8,10 @@
 * Transient failures (broker, store lock, search backend) retry the same batch with
   backoff; nothing is skipped. A fenced commit (another writer owns the partition
   now) drops the batch and re-seeks to what the sink has stored.
-* ``until_idle``: stop once assigned and nothing new arrived for that long. End
-  offsets are not consulted (the development broker misreports them).
+* ``until_idle``: stop once assigned and nothing new arrived for that long, and the
+  group has been stable for longer than a session timeout — so members of crashed
+  processes have been evicted and their partitions handed over. End offsets are not
+  consulted (the development broker misreports them).
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ class Runner:
         self.labels = {"sink": sink.name, "datasource": spec.name}
         self.positions: dict[int, int | None] = {}  # partition → start of the next batch
         self.ever_assigned = False
+        self.last_rebalance = time.monotonic()
         self.report = RunReport(sink.name, spec.name)
         self._consumer: Consumer | None = None
 
@@ -79,10 +82,12 @@ class Runner:
             )
         consumer.incremental_assign(assign)
         self.ever_assigned = True
+        self.last_rebalance = time.monotonic()
         self.report.assigned = sorted(self.positions)
         log.info("%s/%s assigned %s", self.sink.name, self.spec.name, sorted(p for _, p in tps))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self.last_rebalance = time.monotonic()
         for p in partitions:
             self.positions.pop(p.partition, None)
         self.sink.released([(p.topic, p.partition) for p in partitions])
@@ -115,12 +120,7 @@ class Runner:
                 if messages:
                     last_message = time.monotonic()
                     self._process(consumer, messages)
-                elif (
-                    until_idle is not None
-                    and self.ever_assigned
-                    and self.positions
-                    and time.monotonic() - last_message >= until_idle
-                ):
+                elif until_idle is not None and self._idle(last_message, until_idle):
                     break
                 self._publish_pending()
         except TallyError as exc:
@@ -131,6 +131,16 @@ class Runner:
             consumer.close()
             self.sink.close()
         return self.report
+
+    def _idle(self, last_message: float, until_idle: float) -> bool:
+        now = time.monotonic()
+        settle = self.settings.ingest.session_timeout_ms / 1000 + 2
+        return (
+            self.ever_assigned
+            and bool(self.positions)
+            and now - last_message >= until_idle
+            and now - self.last_rebalance >= max(until_idle, settle)
+        )
 
     def _collect(self, consumer: Consumer) -> list[Message]:
         conf = self.settings.ingest

@@ -1,0 +1,68 @@
+"""Compare every sink with the reference of what was published."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from ingest.deadletter import list_dead_letters, raw_value
+from search.tantivy_index import TantivyIndex
+from storage import open_reader
+from tally.settings import Settings
+from tally.specs import SpecRegistry
+from tests.factories import latest_by_key, normalise, reference_rollup
+from tests.ingest.reference import Published, expected_rows
+
+
+def assert_exact(settings: Settings, registry: SpecRegistry, published: Published) -> None:
+    spec = registry.get("payments")
+    reader = open_reader(settings, registry)
+    try:
+        rows = reader.query(
+            "SELECT txn_id, version, event_id, status, canceled_amount FROM payments"
+        ).rows
+        got = {r[0]: tuple(r[1:]) for r in rows}
+        want = expected_rows(spec, published)
+        assert len(got) == len(rows), "a key appears twice in the merged view"
+        missing, extra = want.keys() - got.keys(), got.keys() - want.keys()
+        wrong = [k for k in want.keys() & got.keys() if want[k] != got[k]]
+        assert not (missing or extra or wrong), (len(missing), len(extra), wrong[:5])
+        latest = latest_by_key(spec, published.good)
+        for rollup in spec.rollups:
+            keys = ["bucket", *rollup.dimensions]
+            metrics = [m.name for m in spec.parsed_metrics]
+            stored = {
+                tuple(normalise(v) for v in r[: len(keys)]): tuple(r[len(keys) :])
+                for r in reader.query(f"SELECT {', '.join(keys + metrics)} FROM {rollup.name}").rows
+            }
+            reference = {
+                tuple(normalise(v) for v in k): v
+                for k, v in reference_rollup(spec, rollup.name, latest).items()
+            }
+            assert stored == reference, f"{rollup.name} differs from its recomputation"
+    finally:
+        reader.close()
+
+    index = TantivyIndex(settings, spec, readonly=True)
+    indexed = index.all_versions()
+    index.close()
+    want_versions = {k: (r["version"], r["event_id"]) for k, r in latest.items()}
+    assert indexed == want_versions, "search index differs from the latest versions"
+
+    letters = list_dead_letters(settings, spec)
+    values: Counter[bytes] = Counter(raw_value(d) or b"" for d in letters)
+    doubled = values - published.malformed
+    missing = published.malformed - values
+    assert not doubled and not missing, (
+        f"dead-letter topic must hold each malformed message once: {sum(doubled.values())} extra,"
+        f" {sum(missing.values())} missing of {sum(published.malformed.values())}"
+    )
+    ids = [d["id"] for d in letters]
+    assert len(ids) == len(set(ids))
+    for d in letters:
+        _has_headers(d)
+
+
+def _has_headers(letter: dict[str, Any]) -> None:
+    for field in ("reason", "sink", "topic", "partition", "offset"):
+        assert letter.get(field) not in (None, ""), f"dead letter lacks {field}"
