@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -36,10 +37,15 @@ class Publisher:
         self.topic = topic
         self._producer = producer(settings)
         self._failed = 0
+        self.ends: dict[int, int] = {}  # partition → offset after the last acknowledged message
 
-    def _delivered(self, err: object, _msg: object) -> None:
+    def _delivered(self, err: object, msg: Any) -> None:
         if err is not None:
             self._failed += 1
+            return
+        part, offset = msg.partition(), msg.offset()
+        if offset is not None and offset + 1 > self.ends.get(part, 0):
+            self.ends[part] = offset + 1
 
     def send(
         self,

@@ -220,6 +220,7 @@ class Runner:
         metrics.committed.labels(**self.labels).inc(len(messages))
         metrics.rows_written.labels(**self.labels).inc(written)
         metrics.stale.labels(**self.labels).inc(stale)
+        self._record_lag(consumer)
         newest = self.sink.newest_committed()
         if newest is not None:
             age = (datetime.now(UTC) - newest).total_seconds()
@@ -230,6 +231,21 @@ class Runner:
         r.stale += stale
         r.rejected += len(decoded.rejected)
         r.batches += 1
+
+    def _record_lag(self, consumer: Consumer) -> None:
+        """High watermark minus position, from the client's cached watermarks (no
+        round trip). Indicative only: the development broker misreports watermarks."""
+        for part, position in self.positions.items():
+            if position is None:
+                continue
+            try:
+                _low, high = consumer.get_watermark_offsets(
+                    TopicPartition(self.topic, part), cached=True
+                )
+            except KafkaException:
+                continue
+            if high is not None and high >= 0:
+                metrics.lag.labels(**self.labels, partition=str(part)).set(max(0, high - position))
 
     def _commit_kafka(self, consumer: Consumer, ranges: dict[TP, OffsetRange]) -> None:
         offsets = [
@@ -250,6 +266,8 @@ class Runner:
 
     def _publish_pending(self) -> None:
         try:
-            self.sink.after_write()
+            published = self.sink.after_write()
+            if published:
+                metrics.dead_lettered.labels(**self.labels).inc(published)
         except TallyError as exc:
             log.warning("%s/%s: %s (will retry)", self.sink.name, self.spec.name, exc.message)

@@ -36,8 +36,9 @@ class Sink(Protocol):
         """Make the batch durable; return (rows written, stale rows)."""
         ...
 
-    def after_write(self) -> None:
-        """Follow-up that may fail without undoing the write (e.g. publishing dead letters)."""
+    def after_write(self) -> int:
+        """Follow-up that may fail without undoing the write (publishing dead letters);
+        returns how many dead letters it published."""
         ...
 
     def newest_committed(self) -> datetime | None: ...
@@ -70,8 +71,8 @@ class OlapSink:
             self._newest = newest
         return result.rows_written, result.stale_rows
 
-    def after_write(self) -> None:
-        self.publisher.publish()
+    def after_write(self) -> int:
+        return self.publisher.publish()
 
     def newest_committed(self) -> datetime | None:
         return self._newest
@@ -128,8 +129,8 @@ class SearchSink:
                 self._newest = newest
         return written, stale
 
-    def after_write(self) -> None:
-        return None
+    def after_write(self) -> int:
+        return 0
 
     def newest_committed(self) -> datetime | None:
         return self._newest

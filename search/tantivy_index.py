@@ -23,6 +23,7 @@ from typing import Any
 
 import tantivy
 
+from search.analysis import analyzer, grams
 from search.protocol import Doc, Hit, SearchCapabilities, UpsertResult
 from tally.errors import SearchError, SearchUnavailable
 from tally.settings import Settings
@@ -47,26 +48,6 @@ def _schema(spec: DatasourceSpec) -> tantivy.Schema:
     return sb.build()
 
 
-def _analyzer() -> Any:
-    return (
-        tantivy.TextAnalyzerBuilder(
-            tantivy.Tokenizer.ngram(min_gram=2, max_gram=3, prefix_only=False)
-        )
-        .filter(tantivy.Filter.lowercase())
-        .build()
-    )
-
-
-def grams(text: str) -> list[str]:
-    """The 3-grams (or the one 2-gram) a substring query must match, lowercased."""
-    text = text.lower()
-    if len(text) < 2:
-        return []
-    if len(text) == 2:
-        return [text]
-    return sorted({text[i : i + 3] for i in range(len(text) - 2)})
-
-
 class _Shard:
     def __init__(self, path: Path, schema: tantivy.Schema, *, writable: bool) -> None:
         path.mkdir(parents=True, exist_ok=True)
@@ -74,7 +55,7 @@ class _Shard:
             self.index = tantivy.Index(schema, path=str(path), reuse=True)
         except ValueError as exc:
             raise SearchError(f"cannot open search shard {path}: {exc}") from exc
-        self.index.register_tokenizer(ANALYZER, _analyzer())
+        self.index.register_tokenizer(ANALYZER, analyzer())
         self.path = path
         self.writer: Any = None
         if writable:
@@ -197,6 +178,8 @@ class TantivyIndex:
         end: datetime | None = None,
         limit: int = 1000,
     ) -> list[Hit]:
+        if limit <= 0:
+            return []
         occur = tantivy.Occur
         clauses: list[tuple[Any, Any]] = [
             (occur.Must, tantivy.Query.term_query(self.schema, "tenant", tenant))

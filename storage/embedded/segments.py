@@ -122,8 +122,11 @@ class SegmentWriter:
             dirs.add(path.parent)
             paths.append(path)
         try:
-            for folder in dirs:
-                folder.mkdir(parents=True, exist_ok=True)
+            # A directory created now must itself survive power loss: fsync the
+            # parents of every directory this call creates, up to the root.
+            for folder in sorted(dirs):
+                created = _mkdirs(folder)
+                dirs.update(p.parent for p in created)
             written.extend(paths)
             # pyarrow releases the GIL while encoding; two writers keep both cores busy.
             sizes = list(self._pool.map(_write_durably, pending, paths))
@@ -131,6 +134,18 @@ class SegmentWriter:
         except OSError as exc:
             raise StoreUnavailable(f"cannot write segments: {exc}") from exc
         return list(zip(paths, sizes, strict=True))
+
+
+def _mkdirs(folder: Path) -> list[Path]:
+    """mkdir -p, returning the directories it had to create (outermost first)."""
+    missing: list[Path] = []
+    probe = folder
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for path in reversed(missing):
+        path.mkdir(exist_ok=True)
+    return list(reversed(missing))
 
 
 def _write_durably(seg: PendingSegment, path: Path) -> int:

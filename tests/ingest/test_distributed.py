@@ -1,0 +1,190 @@
+"""Several ingest processes, a zombie, and a broker that stops: the result stays exact."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from ingest.decode import Decoder, Message
+from ingest.generate import GeneratorConfig
+from ingest.kafka import consumer_config, ensure_topics
+from ingest.publish import Publisher
+from ingest.sinks import OlapSink
+from storage import OffsetRange, open_store
+from storage.embedded.store import EmbeddedStore
+from tally.errors import OffsetMismatch
+from tally.settings import IngestSettings, Settings
+from tally.specs import SpecRegistry
+from tests.ingest.conftest import Broker, start_ingest
+from tests.ingest.reference import build
+from tests.ingest.verify import assert_exact
+
+pytestmark = pytest.mark.slow
+ASSIGNED = re.compile(r"olap/payments assigned \[([0-9, ]*)\]")
+
+
+def _assignments(log: Path) -> list[set[int]]:
+    return [
+        {int(p) for p in m.group(1).split(",") if p.strip()}
+        for m in ASSIGNED.finditer(log.read_text() if log.exists() else "")
+    ]
+
+
+def _wait(condition: object, what: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _caught_up(settings: Settings, registry: SpecRegistry, ends: dict[int, int]) -> bool:
+    """Both sinks have committed everything published: the OLAP sink in the catalog,
+    the search sink in its consumer group's offsets (it commits after the index)."""
+    spec = registry.get("payments")
+    topic = settings.topic(spec.datasource.topic)
+    store = open_store(settings, registry)
+    try:
+        olap = store.stored_offsets(spec.name)
+    finally:
+        store.close()
+    if any(olap.get((topic, p), 0) < end for p, end in ends.items()):
+        return False
+    probe = Consumer(consumer_config(settings, settings.group("search", spec.name)))
+    try:
+        committed = probe.committed([TopicPartition(topic, p) for p in ends], timeout=10)
+    finally:
+        probe.close()
+    return all((tp.offset or 0) >= ends[tp.partition or 0] for tp in committed)
+
+
+def test_two_processes_split_partitions_and_survive_one_being_killed(
+    topics: Settings, registry: SpecRegistry, tmp_path: Path
+) -> None:
+    settings = topics
+    spec = registry.get("payments")
+    published = build(GeneratorConfig(transactions=30_000, merchants=30, days=10, seed=3,
+                                      cancel_rate=0.2), malformed_rate=0.003)
+    publisher = Publisher(settings, settings.topic(spec.datasource.topic))
+    half = len(published.wires) // 2
+    publisher.send(published.wires[:half])
+    logs = [tmp_path / "a.log", tmp_path / "b.log"]
+    a = start_ingest(settings, "--sink", "all", log=logs[0])
+    b = start_ingest(settings, "--sink", "all", log=logs[1])
+
+    def owned(log: Path) -> set[int]:
+        return set().union(*_assignments(log))
+
+    # Both joined and hold disjoint, non-empty shares of the six partitions.
+    _wait(lambda: owned(logs[0]) and owned(logs[1])
+          and owned(logs[0]) | owned(logs[1]) == set(range(6)), "a split assignment")
+    assert not owned(logs[0]) & owned(logs[1])
+    publisher.send(published.wires[half:])
+    store = open_store(settings, registry)
+    _wait(lambda: sum(store.stored_offsets("payments").values()) > half // 2, "progress")
+    store.close()
+    a.send_signal(signal.SIGKILL)
+    a.wait(30)
+    # The survivor inherits the dead process's partitions once its session expires.
+    _wait(lambda: _caught_up(settings, registry, publisher.ends), "the survivor to catch up",
+          timeout_s=120)
+    assert owned(logs[1]) == set(range(6)), "the survivor must take every partition"
+    b.send_signal(signal.SIGTERM)  # a clean stop: finish the batch, leave the group
+    b.communicate(timeout=60)
+    assert b.returncode == 0, logs[1].read_text()[-3000:]
+    assert_exact(settings, registry, published)
+
+
+def test_a_zombie_that_lost_its_partitions_cannot_commit(
+    topics: Settings, registry: SpecRegistry
+) -> None:
+    settings = topics
+    spec = registry.get("payments")
+    published = build(GeneratorConfig(transactions=300, merchants=5, days=2, seed=8), 0.0)
+    Publisher(settings, settings.topic(spec.datasource.topic)).send(published.wires)
+    topic = settings.topic(spec.datasource.topic)
+    group = settings.group("olap", spec.name)
+    decoder = Decoder(spec)
+
+    def take_batch(consumer: Consumer) -> tuple[list[Message], dict[tuple[str, int], OffsetRange]]:
+        got: list[Message] = []
+        deadline = time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            for m in consumer.consume(500, 0.5):
+                if m.error() is None:
+                    got.append(Message(topic, m.partition() or 0, m.offset() or 0, m.key(), m.value()))
+        assert got, "no messages"
+        ranges: dict[tuple[str, int], OffsetRange] = {}
+        for m in got:
+            have = ranges.get((topic, m.partition))
+            ranges[(topic, m.partition)] = OffsetRange(have.start if have else m.offset, m.offset + 1)
+        return got, ranges
+
+    # The zombie-to-be reads a batch, then stalls (a long GC pause, a stuck disk...).
+    zombie = Consumer(consumer_config(settings, group) | {"max.poll.interval.ms": 7000})
+    zombie.subscribe([topic])
+    stale_batch, stale_ranges = take_batch(zombie)
+    zombie_store = open_store(settings, registry)
+    assert isinstance(zombie_store, EmbeddedStore)
+    zombie_sink = OlapSink(settings, spec, zombie_store)
+
+    # Meanwhile the group moves on: a healthy consumer takes over and commits.
+    healthy = Consumer(consumer_config(settings, group))
+    healthy.subscribe([topic])
+    healthy_store = open_store(settings, registry)
+    assert isinstance(healthy_store, EmbeddedStore)
+    healthy_sink = OlapSink(settings, spec, healthy_store)
+    batch, ranges = take_batch(healthy)
+    assert set(ranges) & set(stale_ranges), "the healthy consumer took the zombie's partitions"
+    healthy_sink.write(decoder.decode(batch), ranges)
+
+    with pytest.raises(OffsetMismatch):
+        zombie_sink.write(decoder.decode(stale_batch), stale_ranges)
+    stored = healthy_store.stored_offsets(spec.name)
+    assert all(stored[tp] == r.end for tp, r in ranges.items())
+    for c in (zombie, healthy):
+        c.close()
+    healthy_sink.close()
+    zombie_sink.close()
+
+
+def test_broker_stopped_for_ten_seconds_mid_run(
+    registry: SpecRegistry, data_dir: Path, tmp_path: Path
+) -> None:
+    """A dedicated broker is frozen (SIGSTOP) for 10 s while ingest runs. Its memory
+    storage survives a freeze, unlike a restart, so the outcome can be checked."""
+    broker = Broker(tmp_path)
+    try:
+        settings = Settings(
+            data_dir=data_dir, kafka_bootstrap=broker.bootstrap, topic_namespace="outage.",
+            ingest=IngestSettings(batch_max_wait_s=0.1),
+        )
+        ensure_topics(settings, registry)
+        spec = registry.get("payments")
+        published = build(GeneratorConfig(transactions=20_000, merchants=20, days=5, seed=21,
+                                          cancel_rate=0.2), malformed_rate=0.003)
+        publisher = Publisher(settings, settings.topic(spec.datasource.topic))
+        third = len(published.wires) // 3
+        publisher.send(published.wires[:third])
+        log = tmp_path / "ingest.log"
+        proc = start_ingest(settings, "--sink", "all", "--until-idle", "5", log=log)
+        store = open_store(settings, registry)
+        _wait(lambda: sum(store.stored_offsets("payments").values()) > 0, "progress")
+        broker.proc.send_signal(signal.SIGSTOP)
+        time.sleep(10)  # the outage itself
+        broker.proc.send_signal(signal.SIGCONT)
+        publisher.send(published.wires[third:])
+        proc.communicate(timeout=300)
+        assert proc.returncode == 0, log.read_text()[-3000:]
+        store.close()
+        assert_exact(settings, registry, published)
+    finally:
+        broker.proc.send_signal(signal.SIGCONT)
+        broker.stop()
+
+
