@@ -4,19 +4,24 @@
 * On assignment a partition resumes where the *sink* says (the OLAP sink: the
   catalog's offsets; Kafka's committed offsets are advisory there).
 * A batch closes on size or time (defaults keep freshness under a second), is
-  decoded and validated, and written; only then do Kafka offsets move.
+  decoded and validated, and written; only then do Kafka offsets move. While a
+  worker thread writes one batch, the loop collects the next (one batch in flight,
+  order preserved). Every sink call happens on the worker; rebalance callbacks
+  first wait for in-flight work, so positions and shards never change under it.
 * Transient failures (broker, store lock, search backend) retry the same batch with
   backoff; nothing is skipped. A fenced commit (another writer owns the partition
   now) drops the batch and re-seeks to what the sink has stored.
-* ``until_idle``: stop once assigned and nothing new arrived for that long, and the
+* ``until_idle``: stop once assigned and nothing new arrived for that long, the
   group has been stable for longer than a session timeout — so members of crashed
-  processes have been evicted and their partitions handed over. End offsets are not
-  consulted (the development broker misreports them).
+  processes have been evicted and their partitions handed over — and the broker
+  still answers (silence from an unreachable broker is not idleness). End offsets
+  are not consulted (the development broker misreports them).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -65,12 +70,20 @@ class Runner:
         self.positions: dict[int, int | None] = {}  # partition → start of the next batch
         self.ever_assigned = False
         self.last_rebalance = time.monotonic()
+        self._last_contact: float | None = None  # last prompt answer or message from the broker
+        self._healthy_since: float | None = None  # broker answering promptly since then
         self.report = RunReport(sink.name, spec.name)
         self._consumer: Consumer | None = None
+        self._work: queue.Queue[tuple[list[Message], dict[TP, OffsetRange]] | None] = queue.Queue(1)
+        self._fenced = threading.Event()
+        self._failure: TallyError | None = None
+        self._done_lock = threading.Lock()
+        self._done: dict[TP, int] = {}  # written but not yet committed to Kafka
 
     # --- rebalancing --------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        self._work.join()
         tps: list[TP] = [(p.topic, p.partition) for p in partitions]
         starts = self.sink.start_positions(tps)
         assign = []
@@ -88,6 +101,7 @@ class Runner:
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.last_rebalance = time.monotonic()
+        self._work.join()  # finish what was handed to the worker before letting go
         for p in partitions:
             self.positions.pop(p.partition, None)
         self.sink.released([(p.topic, p.partition) for p in partitions])
@@ -113,24 +127,86 @@ class Runner:
             on_revoke=self._on_revoke,
             on_lost=self._on_revoke,
         )
+        worker = threading.Thread(target=self._worker, name=f"{self.group}-writer", daemon=True)
+        worker.start()
         last_message = time.monotonic()
         try:
             while not self.stop.is_set():
+                if self._fenced.is_set():
+                    self._work.join()  # queued batches behind a fenced one are dropped
+                    self._reseek(consumer)
+                    self._fenced.clear()
                 messages = self._collect(consumer)
+                self._commit_kafka(consumer)
                 if messages:
                     last_message = time.monotonic()
-                    self._process(consumer, messages)
-                elif until_idle is not None and self._idle(last_message, until_idle):
-                    break
-                self._publish_pending()
+                    self._last_contact = last_message
+                    self._hand_over((messages, self._ranges(messages)))
+                elif until_idle is not None:
+                    self._check_health(consumer)
+                    if self._idle(last_message, until_idle):
+                        log.info(
+                            "%s/%s idle for %.1fs, stopping",
+                            self.sink.name,
+                            self.spec.name,
+                            until_idle,
+                        )
+                        break
         except TallyError as exc:
-            self.report.error = exc.message
-            log.error("%s/%s stopped: %s", self.sink.name, self.spec.name, exc.message)
+            self._failure = self._failure or exc
         finally:
-            self._publish_pending()
+            self._work.put(None)
+            worker.join()
+            self._commit_kafka(consumer)
             consumer.close()
             self.sink.close()
+        if self._failure is not None:
+            self.report.error = self._failure.message
+            log.error("%s/%s stopped: %s", self.sink.name, self.spec.name, self._failure.message)
         return self.report
+
+    def _hand_over(self, item: tuple[list[Message], dict[TP, OffsetRange]]) -> None:
+        """Queue a batch for the worker; keep the stop flag responsive while waiting."""
+        while not self.stop.is_set():
+            try:
+                self._work.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _worker(self) -> None:
+        while True:
+            item = self._work.get()
+            try:
+                if item is None:
+                    self._publish_pending()
+                    return
+                if not self._fenced.is_set() and self._failure is None:
+                    self._process(*item)
+                    self._publish_pending()
+            except TallyError as exc:
+                self._failure = exc
+                self.stop.set()
+            except Exception as exc:  # a bug: stop rather than skip data
+                self._failure = TallyError(f"unexpected {type(exc).__name__}: {exc}")
+                log.exception("%s/%s writer crashed", self.sink.name, self.spec.name)
+                self.stop.set()
+            finally:
+                self._work.task_done()
+
+    def _ranges(self, messages: list[Message]) -> dict[TP, OffsetRange]:
+        """Offsets the batch covers, continuing from where the previous batch ended."""
+        ranges: dict[TP, OffsetRange] = {}
+        for m in messages:
+            known = self.positions.get(m.partition)
+            start = known if known is not None else m.offset
+            current = ranges.get((m.topic, m.partition))
+            ranges[(m.topic, m.partition)] = OffsetRange(
+                current.start if current else min(start, m.offset), m.offset + 1
+            )
+        for (_topic, part), rng in ranges.items():
+            self.positions[part] = rng.end
+        return ranges
 
     def _idle(self, last_message: float, until_idle: float) -> bool:
         now = time.monotonic()
@@ -138,9 +214,42 @@ class Runner:
         return (
             self.ever_assigned
             and bool(self.positions)
-            and now - last_message >= until_idle
+            and self._healthy_since is not None
+            and now - max(last_message, self._healthy_since) >= until_idle
             and now - self.last_rebalance >= max(until_idle, settle)
         )
+
+    def _check_health(self, consumer: Consumer) -> None:
+        """Probe the broker about once a second while quiet. Silence only counts as
+        idleness while the broker has answered promptly all along: a failed probe,
+        or a gap between successful ones (we were blocked by an outage), restarts it."""
+        now = time.monotonic()
+        if self._last_contact is not None and now - self._last_contact < 1.0:
+            return
+        if self._broker_answers(consumer):
+            after = time.monotonic()
+            if self._last_contact is None or now - self._last_contact > 2.5:
+                self._healthy_since = after
+            self._last_contact = after
+        else:
+            self._healthy_since = None
+            self._last_contact = None
+
+    def _broker_answers(self, consumer: Consumer) -> bool:
+        """A prompt metadata round trip: the quiet period was a healthy one. A probe that
+        fails, or that only succeeds late (it waited out an outage), restarts the clock."""
+        started = time.monotonic()
+        try:
+            consumer.list_topics(self.topic, timeout=2)
+        except KafkaException:
+            log.warning("%s/%s: broker unreachable, not idle", self.sink.name, self.spec.name)
+            return False
+        if time.monotonic() - started > 0.5:
+            log.warning(
+                "%s/%s: broker slow to answer, not idle yet", self.sink.name, self.spec.name
+            )
+            return False
+        return True
 
     def _collect(self, consumer: Consumer) -> list[Message]:
         conf = self.settings.ingest
@@ -173,15 +282,7 @@ class Runner:
                 break
         return out
 
-    def _process(self, consumer: Consumer, messages: list[Message]) -> None:
-        ranges: dict[TP, OffsetRange] = {}
-        for m in messages:
-            known = self.positions.get(m.partition)
-            start = known if known is not None else m.offset
-            current = ranges.get((m.topic, m.partition))
-            ranges[(m.topic, m.partition)] = OffsetRange(
-                current.start if current else min(start, m.offset), m.offset + 1
-            )
+    def _process(self, messages: list[Message], ranges: dict[TP, OffsetRange]) -> None:
         started = time.perf_counter()
         decoded = self.decoder.decode(messages)
         metrics.consumed.labels(**self.labels).inc(len(messages))
@@ -197,7 +298,7 @@ class Runner:
                 log.warning(
                     "%s/%s fenced, re-seeking: %s", self.sink.name, self.spec.name, exc.message
                 )
-                self._reseek(consumer)
+                self._fenced.set()
                 return
             except TallyError as exc:
                 if not exc.transient or self.stop.is_set():
@@ -212,15 +313,13 @@ class Runner:
                 )
                 self.stop.wait(backoff)
                 backoff = min(backoff * 2, self.settings.ingest.retry_max_s)
-        for (_topic, part), rng in ranges.items():
-            if part in self.positions:
-                self.positions[part] = rng.end
-        self._commit_kafka(consumer, ranges)
+        with self._done_lock:
+            for tp, rng in ranges.items():
+                self._done[tp] = max(rng.end, self._done.get(tp, 0))
         metrics.batch_seconds.labels(**self.labels).observe(time.perf_counter() - started)
         metrics.committed.labels(**self.labels).inc(len(messages))
         metrics.rows_written.labels(**self.labels).inc(written)
         metrics.stale.labels(**self.labels).inc(stale)
-        self._record_lag(consumer)
         newest = self.sink.newest_committed()
         if newest is not None:
             age = (datetime.now(UTC) - newest).total_seconds()
@@ -247,22 +346,21 @@ class Runner:
             if high is not None and high >= 0:
                 metrics.lag.labels(**self.labels, partition=str(part)).set(max(0, high - position))
 
-    def _commit_kafka(self, consumer: Consumer, ranges: dict[TP, OffsetRange]) -> None:
-        offsets = [
-            TopicPartition(t, p, r.end) for (t, p), r in ranges.items() if p in self.positions
-        ]
+    def _commit_kafka(self, consumer: Consumer) -> None:
+        """Move Kafka's offsets past what the worker has durably written. Asynchronous:
+        the OLAP sink resumes from the catalog (these are advisory, for lag), and the
+        search sink's upserts are idempotent, so a lost commit only means a replay."""
+        with self._done_lock:
+            done, self._done = self._done, {}
+        offsets = [TopicPartition(t, p, end) for (t, p), end in done.items() if p in self.positions]
         if not offsets:
             return
+        self._record_lag(consumer)
         try:
-            # The search sink resumes from these, so wait; for OLAP they are advisory.
-            if self.sink.uses_kafka_offsets:
-                consumer.commit(offsets=offsets, asynchronous=False)
-            else:
-                consumer.commit(offsets=offsets, asynchronous=True)
+            consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:
             err = translate(exc, "committing offsets")
-            if self.sink.uses_kafka_offsets:
-                log.warning("%s (the batch will be replayed idempotently)", err.message)
+            log.warning("%s (a replay will be idempotent)", err.message)
 
     def _publish_pending(self) -> None:
         try:

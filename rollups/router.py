@@ -16,7 +16,8 @@ from datetime import datetime
 
 from sqlglot import exp
 
-from storage.embedded.sqlgen import bucket_expr, col
+from storage.embedded.sqlgen import bucket_expr, col, subquery
+from storage.protocol import OlapReader, QueryResult
 from tally.errors import RoutingError
 from tally.specs import DatasourceSpec, Rollup
 from tally.timeutil import GRANULARITIES, Granularity, coarser_or_equal, is_aligned
@@ -128,3 +129,22 @@ def route(spec: DatasourceSpec, req: AggregateRequest, *, force_base: bool = Fal
 
 def _ts(value: datetime) -> exp.Expression:
     return exp.cast(exp.Literal.string(value.isoformat()), "TIMESTAMPTZ")
+
+
+def bind(routed: Route, relation: exp.Expression) -> exp.Select:
+    """Read the routed query from ``relation`` (e.g. partition-pruned files) instead of
+    the named view: a pure rewrite of the FROM clause."""
+    query = routed.query.copy()
+    query.set("from", exp.From(this=subquery(relation, "src")))
+    return query
+
+
+def run(
+    reader: OlapReader, spec: DatasourceSpec, req: AggregateRequest, *, force_base: bool = False
+) -> tuple[Route, QueryResult]:
+    """Route, prune to the partitions the range touches, execute."""
+    routed = route(spec, req, force_base=force_base)
+    name = spec.name if routed.source == BASE else routed.source
+    relation = reader.relation(name, req.start, req.end)
+    sql = bind(routed, relation).sql(dialect=reader.capabilities.sql_dialect)
+    return routed, reader.query(sql)

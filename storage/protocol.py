@@ -140,6 +140,12 @@ class OlapReader(Protocol):
 
     def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table: ...
 
+    def relation(
+        self, name: str, start: datetime | None = None, end: datetime | None = None
+    ) -> Any:
+        """A relation (sqlglot expression) over only the partitions overlapping the range."""
+        ...
+
     def lookup(
         self,
         datasource: str,

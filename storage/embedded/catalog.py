@@ -324,8 +324,18 @@ class Catalog:
             "INSERT OR IGNORE INTO dead_letters (id, datasource, sink, topic, partition,"
             ' "offset", key, value, reason, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)',
             [
-                (d.id, d.datasource, d.sink, d.topic, d.partition, d.offset, d.key, d.value,
-                 d.reason, d.failed_at)
+                (
+                    d.id,
+                    d.datasource,
+                    d.sink,
+                    d.topic,
+                    d.partition,
+                    d.offset,
+                    d.key,
+                    d.value,
+                    d.reason,
+                    d.failed_at,
+                )
                 for d in letters
             ],
         )

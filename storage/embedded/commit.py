@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
+from itertools import compress
 from typing import Any
 
 import pyarrow as pa
@@ -53,6 +54,8 @@ def latest_in_batch(spec: DatasourceSpec, table: pa.Table) -> pa.Table:
     ds = spec.datasource
     if table.num_rows <= 1:
         return table
+    if pc.count_distinct(table.column(ds.key)).as_py() == table.num_rows:
+        return table  # the usual case: nothing to deduplicate, skip the sort
     ordered = table.sort_by(
         [(ds.key, "ascending"), (ds.version, "descending"), (ds.event_id, "descending")]
     )
@@ -82,19 +85,13 @@ def plan_commit(
     keys = table.column(ds.key).to_pylist()
     versions = table.column(ds.version).to_pylist()
     event_ids = table.column(ds.event_id).to_pylist()
-    get = index.entries.get
-    accept: list[bool] = []
-    previous: list[Entry | None] = []  # one per accepted row
-    for key, version, event_id in zip(keys, versions, event_ids, strict=True):
-        have = get(key)
-        if have is None:
-            accept.append(True)
-            previous.append(None)
-        elif (version, event_id) > (have[0], have[1]):
-            accept.append(True)
-            previous.append(have)
-        else:
-            accept.append(False)
+    # The version guard, written so the common case (new keys) stays in C loops.
+    olds: list[Entry | None] = list(map(index.entries.get, keys))
+    accept = [
+        old is None or (version, event_id) > (old[0], old[1])
+        for old, version, event_id in zip(olds, versions, event_ids, strict=True)
+    ]
+    previous = list(compress(olds, accept))  # one per accepted row
     plan.stale = batch.num_rows - len(previous)
     if not previous:
         return plan
@@ -124,15 +121,16 @@ def plan_commit(
     else:
         states = [None] * len(keys)
 
-    updates = plan.index_updates
+    plan.index_updates = list(
+        zip(keys, zip(versions, event_ids, partitions, tenants, states, strict=True), strict=True)
+    )
     tombstones: list[dict[str, Any]] = []
     retracted: list[tuple[Any, ...]] = []
-    for key, version, event_id, partition, tenant, state, old in zip(
-        keys, versions, event_ids, partitions, tenants, states, previous, strict=True
-    ):
-        updates.append((key, (version, event_id, partition, tenant, state)))
-        if old is None:
-            continue
+    for i in [i for i, old in enumerate(previous) if old is not None]:
+        old = previous[i]
+        assert old is not None
+        key, version, event_id = keys[i], versions[i], event_ids[i]
+        partition, tenant = partitions[i], tenants[i]
         if old[4] is not None:
             retracted.append(old[4])
         if old[2] != partition or old[3] != tenant:

@@ -17,7 +17,9 @@ import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import duckdb
 import pyarrow as pa
@@ -31,6 +33,7 @@ from storage.embedded.sqlgen import (
     col,
     merged_base,
     merged_rollup,
+    raw_relation,
     rollup_columns,
     subquery,
 )
@@ -38,7 +41,8 @@ from storage.embedded.store import CAPABILITIES
 from storage.protocol import QueryResult, SegmentInfo
 from tally.errors import QueryError, StoreUnavailable
 from tally.settings import Settings
-from tally.specs import SpecRegistry
+from tally.specs import DatasourceSpec, Rollup, SpecRegistry
+from tally.timeutil import Granularity, bucket_range
 
 
 @dataclass
@@ -181,6 +185,39 @@ class EmbeddedReader:
             newest = catalog.newest_event_at(datasource)
         return None if newest is None else datetime.fromtimestamp(newest, UTC)
 
+    def relation(
+        self, name: str, start: datetime | None = None, end: datetime | None = None
+    ) -> exp.Expression:
+        """Rows of a datasource (merged) or a rollup (raw deltas), reading only the
+        partitions that overlap [start, end) — Druid's interval pruning. Each base
+        partition is self-consistent (tombstones live where the key was), so any
+        subset of partitions deduplicates correctly on its own."""
+        snap = self.refresh()
+        spec, rollup = self._owner(name)
+        granularity = rollup.partition if rollup else spec.datasource.granularity
+        chosen = {
+            part: paths
+            for part, paths in snap.files.get(name, {}).items()
+            if _overlaps(part, granularity, spec.tz, start, end)
+        }
+        if rollup is not None:
+            return raw_relation(
+                rollup_columns(spec, rollup), [p for ps in chosen.values() for p in ps]
+            )
+        clean = [paths[0] for paths in chosen.values() if len(paths) == 1]
+        dirty = [f for paths in chosen.values() if len(paths) > 1 for f in paths]
+        return merged_base(spec, clean, dirty)
+
+    def _owner(self, name: str) -> tuple[DatasourceSpec, Rollup | None]:
+        for spec in self.registry:
+            if spec.name == name:
+                return spec, None
+            for rollup in spec.rollups:
+                if rollup.name == name:
+                    return spec, rollup
+        self.registry.get(name)
+        raise AssertionError("unreachable")
+
     def lookup(
         self,
         datasource: str,
@@ -210,6 +247,22 @@ class EmbeddedReader:
             )
         query = exp.select(exp.Star()).from_(subquery(relation, "m")).where(*conditions)
         return self.arrow(query.sql(dialect=DIALECT))
+
+
+@lru_cache(maxsize=1 << 16)
+def _bounds(partition: str, granularity: Granularity, tz: ZoneInfo) -> tuple[datetime, datetime]:
+    return bucket_range(partition, granularity, tz)
+
+
+def _overlaps(
+    partition: str,
+    granularity: Granularity,
+    tz: ZoneInfo,
+    start: datetime | None,
+    end: datetime | None,
+) -> bool:
+    lo, hi = _bounds(partition, granularity, tz)
+    return (end is None or lo < end) and (start is None or hi > start)
 
 
 def _q(name: str) -> str:

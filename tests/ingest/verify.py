@@ -47,7 +47,13 @@ def assert_exact(settings: Settings, registry: SpecRegistry, published: Publishe
     indexed = index.all_versions()
     index.close()
     want_versions = {k: (r["version"], r["event_id"]) for k, r in latest.items()}
-    assert indexed == want_versions, "search index differs from the latest versions"
+    missing = want_versions.keys() - indexed.keys()
+    extra = indexed.keys() - want_versions.keys()
+    stale = [k for k in want_versions.keys() & indexed.keys() if indexed[k] != want_versions[k]]
+    assert not (missing or extra or stale), (
+        f"search index differs: {len(missing)} missing, {len(extra)} extra, {len(stale)} stale"
+        f" e.g. {[(k, indexed[k], want_versions[k]) for k in stale[:3]]}"
+    )
 
     letters = list_dead_letters(settings, spec)
     values: Counter[bytes] = Counter(raw_value(d) or b"" for d in letters)

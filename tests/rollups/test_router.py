@@ -15,7 +15,7 @@ import sqlglot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollups.router import AggregateRequest, choose, route
+from rollups.router import AggregateRequest, choose, route, run
 from storage import OlapReader, open_reader, open_store
 from tally.errors import RoutingError
 from tally.settings import Settings

@@ -1,0 +1,327 @@
+"""Ingestion benchmark (DESIGN §6): events/s through the real broker per sink, and
+freshness (produce time → visible to a reader in another process) at a steady rate.
+
+    python bench/ingest.py --scale small|full
+
+small: 200k events, 15 s of steady traffic; full: 1M events, 60 s.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.common import Figures, Log, format_table, parser, percentile, write_results  # noqa: E402
+from ingest.broker import start_tansu, wait_reachable  # noqa: E402
+from ingest.generate import GeneratorConfig, generate_events  # noqa: E402
+from ingest.kafka import ensure_topics  # noqa: E402
+from ingest.malformed import Wire, encode, with_malformed  # noqa: E402
+from ingest.publish import Publisher  # noqa: E402
+from tally.settings import IngestSettings, Settings  # noqa: E402
+from tally.specs import SpecRegistry, builtin_spec_paths  # noqa: E402
+
+SCALES = {
+    "small": {"events": 200_000, "steady_s": 15},
+    "full": {"events": 1_000_000, "steady_s": 60},
+}
+PROBE_MERCHANT = "mch_probe"
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def env(settings: Settings) -> dict[str, str]:
+    return {
+        **os.environ,
+        "TALLY_DATA_DIR": str(settings.data_dir),
+        "TALLY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "TALLY_TOPIC_NAMESPACE": settings.topic_namespace,
+    }
+
+
+def progress(
+    settings: Settings, registry: SpecRegistry, sink: str, topic: str, parts: list[int]
+) -> int:
+    """Messages the sink has durably committed, summed over partitions."""
+    if sink == "olap":
+        from storage.embedded.catalog import Catalog
+
+        if not settings.catalog_path.exists():
+            return 0
+        catalog = Catalog(settings.catalog_path, readonly=True)  # never contend for the lock
+        try:
+            with catalog.read():
+                return sum(catalog.offsets("payments").values())
+        finally:
+            catalog.close()
+    from confluent_kafka import Consumer, TopicPartition
+
+    from ingest.kafka import consumer_config
+
+    probe = Consumer(consumer_config(settings, settings.group("search", "payments")))
+    try:
+        committed = probe.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+        return sum(max(0, tp.offset) for tp in committed)
+    finally:
+        probe.close()
+
+
+def throughput(
+    base: Settings, registry: SpecRegistry, wires: list[Wire], sinks: list[str], log: Log
+) -> dict[str, float]:
+    """Publish everything first, then time each sink from its first to its last commit."""
+    settings = base.model_copy(
+        update={
+            "topic_namespace": f"b{uuid.uuid4().hex[:8]}.",
+            "data_dir": base.data_dir / uuid.uuid4().hex[:8],
+        }
+    )
+    ensure_topics(settings, registry)
+    topic = settings.topic("payments.v1")
+    pub = Publisher(settings, topic)
+    pub.send(wires)
+    total = sum(pub.ends.values())
+    parts = sorted(pub.ends)
+    arg = sinks[0] if len(sinks) == 1 else "all"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tally", "ingest", "--sink", arg],
+        env=env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    first: dict[str, tuple[float, int]] = {}
+    done: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 1800
+        while len(done) < len(sinks) and time.monotonic() < deadline:
+            for sink in sinks:
+                if sink in done:
+                    continue
+                n = progress(settings, registry, sink, topic, parts)
+                now = time.monotonic()
+                if n > 0 and sink not in first:
+                    first[sink] = (now, n)
+                if n >= total:
+                    done[sink] = now
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    rates = {}
+    for sink in sinks:
+        t0, n0 = first[sink]
+        rates[sink] = (total - n0) / max(1e-9, done[sink] - t0)
+        log(f"{'+'.join(sinks)}: {sink} {rates[sink]:,.0f} events/s")
+    return rates
+
+
+def freshness(
+    base: Settings, registry: SpecRegistry, seconds: int, rate: int, log: Log
+) -> list[float]:
+    """Steady ``rate`` events/s with probe payments every 100 ms; a reader process
+    records when each probe becomes visible in the merged view."""
+    settings = base.model_copy(
+        update={
+            "topic_namespace": f"f{uuid.uuid4().hex[:8]}.",
+            "data_dir": base.data_dir / uuid.uuid4().hex[:8],
+        }
+    )
+    ensure_topics(settings, registry)
+    topic = settings.topic("payments.v1")
+    ingest = subprocess.Popen(
+        [sys.executable, "-m", "tally", "ingest", "--sink", "all"],
+        env=env(settings),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    seen_file = settings.data_dir / "seen.tsv"
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    reader = subprocess.Popen(
+        [sys.executable, __file__, "--probe-reader", str(seen_file)], env=env(settings)
+    )
+    produced: dict[str, float] = {}
+    try:
+        pub = Publisher(settings, topic)
+        # Warm up: wait until ingest has joined and committed something.
+        pub.send(
+            list(
+                with_malformed(
+                    generate_events(
+                        GeneratorConfig(transactions=2000, merchants=20, days=1, seed=99)
+                    ),
+                    0.0,
+                    99,
+                )
+            )
+        )
+        deadline = time.monotonic() + 60
+        while progress(settings, registry, "olap", topic, []) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        events = with_malformed(
+            generate_events(
+                GeneratorConfig(transactions=rate * seconds, merchants=200, days=1, seed=7)
+            ),
+            0.0,
+            7,
+        )
+        start = time.monotonic()
+        sent = 0
+        probe = 0
+        next_probe = start
+        for wire in events:
+            pub._producer.produce(topic, key=wire.key, value=wire.value)
+            sent += 1
+            now = time.monotonic()
+            if now >= next_probe:
+                probe += 1
+                txn = f"probe-{probe}"
+                event = probe_event(txn)
+                produced[txn] = time.time()
+                pub._producer.produce(topic, key=txn.encode(), value=encode(event))
+                next_probe += 0.1
+            ahead = sent / rate - (now - start)
+            if ahead > 0:
+                pub._producer.poll(ahead)
+            elif sent % 1000 == 0:
+                pub._producer.poll(0)
+            if now - start > seconds:
+                break
+        pub._producer.flush(30)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and len(read_seen(seen_file)) < len(produced):
+            time.sleep(0.2)
+    finally:
+        reader.terminate()
+        reader.wait(10)
+        ingest.terminate()
+        ingest.wait(60)
+    seen = read_seen(seen_file)
+    lags = [(seen[t] - p) * 1000 for t, p in produced.items() if t in seen]
+    log(f"freshness: {len(lags)}/{len(produced)} probes visible")
+    return lags
+
+
+def probe_event(txn: str) -> dict[str, Any]:
+    now = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + "Z"
+    return {
+        "event_id": f"{txn}-e",
+        "event_type": "payment.approved",
+        "occurred_at": now,
+        "txn_id": txn,
+        "version": 1,
+        "merchant_id": PROBE_MERCHANT,
+        "order_id": txn,
+        "order_name": "probe",
+        "customer_name": "probe",
+        "method": "CARD",
+        "card_company": "SHINHAN",
+        "card_last4": "0000",
+        "currency": "KRW",
+        "amount": 100,
+        "canceled_amount": 0,
+        "status": "DONE",
+        "approved_at": now,
+    }
+
+
+def read_seen(path: Path) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            txn, _, ts = line.partition("\t")
+            if ts:
+                out.setdefault(txn, float(ts))
+    return out
+
+
+def probe_reader(seen_file: Path) -> None:
+    """Another process: poll the merged view and note when each probe first appears."""
+    from storage import open_reader
+    from tally.settings import load_settings
+
+    settings = load_settings(None)
+    registry = SpecRegistry.load(builtin_spec_paths())
+    reader = open_reader(settings, registry)
+    seen: set[str] = set()
+    with seen_file.open("a") as out:
+        while True:
+            rows = reader.query(
+                "SELECT txn_id FROM payments WHERE merchant_id = ?", [PROBE_MERCHANT]
+            ).rows
+            now = time.time()
+            for (txn,) in rows:
+                if txn not in seen:
+                    seen.add(txn)
+                    out.write(f"{txn}\t{now}\n")
+            out.flush()
+            time.sleep(0.02)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser(__doc__ or "ingest benchmark")
+    p.add_argument("--probe-reader", type=Path, help=argparse_hidden())
+    args = p.parse_args(argv)
+    if args.probe_reader:
+        probe_reader(args.probe_reader)
+        return 0
+    scale = SCALES[args.scale]
+    log = Log()
+    registry = SpecRegistry.load(builtin_spec_paths())
+    figures = Figures()
+    with tempfile.TemporaryDirectory(prefix="tally-bench-ingest-") as tmp:
+        port = free_port()
+        broker = start_tansu("127.0.0.1", port, Path(tmp) / "tansu.log")
+        try:
+            wait_reachable(f"127.0.0.1:{port}")
+            base = Settings(
+                data_dir=Path(tmp), kafka_bootstrap=f"127.0.0.1:{port}", ingest=IngestSettings()
+            )
+            log(f"generating {scale['events']:,} events")
+            config = GeneratorConfig(
+                transactions=int(scale["events"] * 0.88), merchants=500, days=30, seed=1
+            )
+            wires = list(with_malformed(generate_events(config), 0.001, 1))
+            figures.add("ingest_events", len(wires), "events")
+            olap = throughput(base, registry, wires, ["olap"], log)["olap"]
+            search = throughput(base, registry, wires, ["search"], log)["search"]
+            both = throughput(base, registry, wires, ["olap", "search"], log)
+            figures.add("ingest_olap_events_per_s", olap, "events/s")
+            figures.add("ingest_search_events_per_s", search, "events/s")
+            figures.add("ingest_both_events_per_s", min(both.values()), "events/s")
+            lags = freshness(base, registry, scale["steady_s"], 5000, log)
+            figures.add("freshness_probes", len(lags), "probes")
+            figures.add("freshness_p50_ms", percentile(lags, 50), "ms")
+            figures.add("freshness_p99_ms", percentile(lags, 99), "ms")
+            figures.add("freshness_rate_events_per_s", 5000, "events/s")
+        finally:
+            broker.terminate()
+            broker.wait(10)
+    print(format_table(figures, f"ingest ({args.scale})"))
+    path = write_results("ingest", figures, args.scale)
+    log(f"wrote {path}")
+    return 0
+
+
+def argparse_hidden() -> str:
+    import argparse
+
+    return argparse.SUPPRESS
+
+
+if __name__ == "__main__":
+    sys.exit(main())
