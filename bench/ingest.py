@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from pathlib import Path
@@ -180,12 +179,10 @@ def freshness(
             7,
         )
         start = time.monotonic()
-        sent = 0
         probe = 0
         next_probe = start
-        for wire in events:
+        for sent, wire in enumerate(events, start=1):
             pub._producer.produce(topic, key=wire.key, value=wire.value)
-            sent += 1
             now = time.monotonic()
             if now >= next_probe:
                 probe += 1

@@ -135,8 +135,7 @@ def bind(routed: Route, relation: exp.Expression) -> exp.Select:
     """Read the routed query from ``relation`` (e.g. partition-pruned files) instead of
     the named view: a pure rewrite of the FROM clause."""
     query = routed.query.copy()
-    query.set("from", exp.From(this=subquery(relation, "src")))
-    return query
+    return query.from_(subquery(relation, "src"), copy=False)
 
 
 def run(

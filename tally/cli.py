@@ -91,6 +91,44 @@ def sql_command(
         emit_table(result.columns, result.rows)
 
 
+@app.command("demo")
+def demo_command(
+    ctx: typer.Context,
+    rate: Annotated[float, typer.Option(min=1, help="events per second to stream")] = 2000,
+    duration: Annotated[
+        float | None, typer.Option(min=1, help="stop after this many seconds (default: Ctrl-C)")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    fmt: FormatOption = Format.table,
+) -> None:
+    """Everything on the embedded default: broker, topics, a live stream of payments
+    (late cancellations, duplicates, malformed messages), both sinks, live sales."""
+    from tally.demo import run_demo
+
+    c = state(ctx)
+
+    def report(status: dict[str, Any]) -> None:
+        if fmt is Format.json:
+            emit_json(status)
+            return
+        sales = ", ".join(
+            f"{s['currency']} net {s['net_amount']:,} ({s['count']:,} payments)"
+            for s in status["sales_30d"]
+        )
+        typer.echo(
+            f"{status['transactions']:,} transactions from {status['merchants']} merchants;"
+            f" 30-day sales via {status['sales_source']}: {sales or 'none yet'}"
+        )
+
+    if fmt is Format.table:
+        hint = "tally sql 'select * from payments_daily limit 5'"
+        typer.echo(
+            f"data in {c.settings.data_dir}, broker {c.settings.kafka_bootstrap};"
+            f" Ctrl-C stops. Meanwhile try: {hint}"
+        )
+    run_demo(c.settings, c.registry, rate=rate, duration=duration, seed=seed, report=report)
+
+
 def _register_subcommands() -> None:
     from ingest.cli import register
     from rollups.cli import rollups_app

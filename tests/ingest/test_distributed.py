@@ -68,8 +68,10 @@ def test_two_processes_split_partitions_and_survive_one_being_killed(
 ) -> None:
     settings = topics
     spec = registry.get("payments")
-    published = build(GeneratorConfig(transactions=30_000, merchants=30, days=10, seed=3,
-                                      cancel_rate=0.2), malformed_rate=0.003)
+    published = build(
+        GeneratorConfig(transactions=30_000, merchants=30, days=10, seed=3, cancel_rate=0.2),
+        malformed_rate=0.003,
+    )
     publisher = Publisher(settings, settings.topic(spec.datasource.topic))
     half = len(published.wires) // 2
     publisher.send(published.wires[:half])
@@ -81,8 +83,12 @@ def test_two_processes_split_partitions_and_survive_one_being_killed(
         return set().union(*_assignments(log))
 
     # Both joined and hold disjoint, non-empty shares of the six partitions.
-    _wait(lambda: owned(logs[0]) and owned(logs[1])
-          and owned(logs[0]) | owned(logs[1]) == set(range(6)), "a split assignment")
+    _wait(
+        lambda: (
+            owned(logs[0]) and owned(logs[1]) and owned(logs[0]) | owned(logs[1]) == set(range(6))
+        ),
+        "a split assignment",
+    )
     assert not owned(logs[0]) & owned(logs[1])
     publisher.send(published.wires[half:])
     store = open_store(settings, registry)
@@ -91,8 +97,11 @@ def test_two_processes_split_partitions_and_survive_one_being_killed(
     a.send_signal(signal.SIGKILL)
     a.wait(30)
     # The survivor inherits the dead process's partitions once its session expires.
-    _wait(lambda: _caught_up(settings, registry, publisher.ends), "the survivor to catch up",
-          timeout_s=120)
+    _wait(
+        lambda: _caught_up(settings, registry, publisher.ends),
+        "the survivor to catch up",
+        timeout_s=120,
+    )
     assert owned(logs[1]) == set(range(6)), "the survivor must take every partition"
     b.send_signal(signal.SIGTERM)  # a clean stop: finish the batch, leave the group
     b.communicate(timeout=60)
@@ -115,14 +124,20 @@ def test_a_zombie_that_lost_its_partitions_cannot_commit(
         got: list[Message] = []
         deadline = time.monotonic() + 30
         while not got and time.monotonic() < deadline:
-            for m in consumer.consume(500, 0.5):
-                if m.error() is None:
-                    got.append(Message(topic, m.partition() or 0, m.offset() or 0, m.key(), m.value()))
+            for raw in consumer.consume(500, 0.5):
+                if raw.error() is None:
+                    got.append(
+                        Message(
+                            topic, raw.partition() or 0, raw.offset() or 0, raw.key(), raw.value()
+                        )
+                    )
         assert got, "no messages"
         ranges: dict[tuple[str, int], OffsetRange] = {}
         for m in got:
             have = ranges.get((topic, m.partition))
-            ranges[(topic, m.partition)] = OffsetRange(have.start if have else m.offset, m.offset + 1)
+            ranges[(topic, m.partition)] = OffsetRange(
+                have.start if have else m.offset, m.offset + 1
+            )
         return got, ranges
 
     # The zombie-to-be reads a batch, then stalls (a long GC pause, a stuck disk...).
@@ -161,13 +176,17 @@ def test_broker_stopped_for_ten_seconds_mid_run(
     broker = Broker(tmp_path)
     try:
         settings = Settings(
-            data_dir=data_dir, kafka_bootstrap=broker.bootstrap, topic_namespace="outage.",
+            data_dir=data_dir,
+            kafka_bootstrap=broker.bootstrap,
+            topic_namespace="outage.",
             ingest=IngestSettings(batch_max_wait_s=0.1),
         )
         ensure_topics(settings, registry)
         spec = registry.get("payments")
-        published = build(GeneratorConfig(transactions=20_000, merchants=20, days=5, seed=21,
-                                          cancel_rate=0.2), malformed_rate=0.003)
+        published = build(
+            GeneratorConfig(transactions=20_000, merchants=20, days=5, seed=21, cancel_rate=0.2),
+            malformed_rate=0.003,
+        )
         publisher = Publisher(settings, settings.topic(spec.datasource.topic))
         third = len(published.wires) // 3
         publisher.send(published.wires[:third])
@@ -186,5 +205,3 @@ def test_broker_stopped_for_ten_seconds_mid_run(
     finally:
         broker.proc.send_signal(signal.SIGCONT)
         broker.stop()
-
-

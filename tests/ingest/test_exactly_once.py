@@ -77,6 +77,6 @@ def test_exactly_once_across_repeated_sigkills(
         kills += 1
     assert kills >= 5
     final = start_ingest(settings, "--sink", "all", "--until-idle", "5", log=log)
-    out, _ = final.communicate(timeout=300)
+    final.communicate(timeout=300)
     assert final.returncode == 0, log.read_text()[-3000:]
     assert_exact(settings, registry, published)

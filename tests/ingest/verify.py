@@ -58,10 +58,10 @@ def assert_exact(settings: Settings, registry: SpecRegistry, published: Publishe
     letters = list_dead_letters(settings, spec)
     values: Counter[bytes] = Counter(raw_value(d) or b"" for d in letters)
     doubled = values - published.malformed
-    missing = published.malformed - values
-    assert not doubled and not missing, (
+    lost = published.malformed - values
+    assert not doubled and not lost, (
         f"dead-letter topic must hold each malformed message once: {sum(doubled.values())} extra,"
-        f" {sum(missing.values())} missing of {sum(published.malformed.values())}"
+        f" {sum(lost.values())} missing of {sum(published.malformed.values())}"
     )
     ids = [d["id"] for d in letters]
     assert len(ids) == len(set(ids))

@@ -15,7 +15,7 @@ import sqlglot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollups.router import AggregateRequest, choose, route, run
+from rollups.router import BASE, AggregateRequest, bind, choose, route, run
 from storage import OlapReader, open_reader, open_store
 from tally.errors import RoutingError
 from tally.settings import Settings
@@ -82,6 +82,10 @@ def test_bad_requests_say_why(
 ) -> None:
     with pytest.raises(RoutingError, match=message):
         route(payments_spec, request_)
+
+
+def _source(spec: DatasourceSpec, routed: Any) -> str:
+    return spec.name if routed.source == BASE else str(routed.source)
 
 
 # --- exactness against the data ---------------------------------------------------------
@@ -165,9 +169,20 @@ def _answer(
     reader: OlapReader, spec: DatasourceSpec, request: AggregateRequest, force_base: bool
 ) -> tuple[str, dict[tuple[Any, ...], tuple[int, ...]]]:
     routed = route(spec, request, force_base=force_base)
-    rows = reader.query(routed.sql("duckdb")).rows
     width = 1 + len(request.group_by)
-    return routed.source, {(r[0].astimezone(UTC), *r[1:width]): tuple(r[width:]) for r in rows}
+
+    def keyed(rows: list[list[Any]]) -> dict[tuple[Any, ...], tuple[int, ...]]:
+        return {(r[0].astimezone(UTC), *r[1:width]): tuple(r[width:]) for r in rows}
+
+    over_views = keyed(reader.query(routed.sql("duckdb")).rows)
+    pruned_route, pruned = run(reader, spec, request, force_base=force_base)
+    bound = bind(routed, reader.relation(_source(spec, routed), request.start, request.end)).sql(
+        "duckdb"
+    )
+    assert "read_parquet" in bound.lower() or "where false" in bound.lower(), bound
+    assert pruned_route.source == routed.source
+    assert keyed(pruned.rows) == over_views, "partition pruning changed the answer"
+    return routed.source, over_views
 
 
 @settings(max_examples=40, deadline=None)
