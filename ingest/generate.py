@@ -389,6 +389,8 @@ class PaymentGenerator:
         pending = EventBlock()
         for day in range(self.config.days):
             pending = EventBlock.concat([pending, self.day_events(day)])
+            if not len(pending):
+                continue  # a quiet day: nothing approved yet, nothing pending
             cutoff = _to_us(self.config.day_start(day + 1))
             due = pending.cols["emit"] < cutoff
             if due.any():
