@@ -399,7 +399,8 @@ class Proc:
     def _drain(self) -> None:
         assert self.popen.stdout is not None
         for line in self.popen.stdout:
-            self._queue.put(line.rstrip("\n"))
+            if line.endswith("\n"):  # a SIGKILL can cut the last line short: not a report
+                self._queue.put(line.rstrip("\n"))
         self._queue.put(None)
 
     def stderr(self) -> str:
