@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
             )
             log(f"generating {scale['events']:,} events")
             config = GeneratorConfig(
-                transactions=int(scale["events"] * 0.88), merchants=500, days=30, seed=1
+                transactions=int(scale["events"] * 0.92), merchants=500, days=30, seed=1
             )
             wires = list(with_malformed(generate_events(config), 0.001, 1))
             figures.add("ingest_events", len(wires), "events")

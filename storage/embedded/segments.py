@@ -153,7 +153,7 @@ def _write_durably(seg: PendingSegment, path: Path) -> int:
     pq.write_table(
         table,
         path,
-        compression="zstd",
+        compression="lz4",
         compression_level=1,
         row_group_size=_ROW_GROUP_ROWS,
         write_statistics=True,
