@@ -266,7 +266,7 @@ def probe_reader(seen_file: Path) -> None:
                     seen.add(txn)
                     out.write(f"{txn}\t{now}\n")
             out.flush()
-            time.sleep(0.02)
+            time.sleep(0.1)  # poll like a dashboard would, not a busy loop
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Protocol
 
@@ -89,6 +90,7 @@ class SearchSink:
         self.spec = spec
         self.index = index
         self._newest: datetime | None = None
+        self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="search-commit")
 
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         return dict.fromkeys(partitions)
@@ -119,14 +121,18 @@ class SearchSink:
             )
             per_shard.setdefault(shard_of[i], []).append(doc)
         written = stale = 0
+        newest_of: dict[int, datetime] = {}
         for shard, docs in per_shard.items():
             result = self.index.upsert(shard, docs)
-            newest = max(d.time for d in docs)
-            self.index.commit(shard, newest)
+            newest_of[shard] = max(d.time for d in docs)
             written += result.written
             stale += result.stale
-            if self._newest is None or newest > self._newest:
-                self._newest = newest
+        # Shard commits are independent and mostly wait on the engine and the disk
+        # (tantivy releases the GIL), so they run side by side.
+        list(self._pool.map(lambda item: self.index.commit(*item), newest_of.items()))
+        newest = max(newest_of.values())
+        if self._newest is None or newest > self._newest:
+            self._newest = newest
         return written, stale
 
     def after_write(self) -> int:
@@ -136,6 +142,7 @@ class SearchSink:
         return self._newest
 
     def close(self) -> None:
+        self._pool.shutdown()
         self.index.close()
 
 
