@@ -13,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 
 from sqlglot import exp
 
+from rollups.evaluate import evaluate
 from storage.embedded.sqlgen import bucket_expr, col, subquery
 from storage.protocol import OlapReader, QueryResult
 from tally.errors import RoutingError
@@ -36,10 +38,27 @@ class AggregateRequest:
 
 @dataclass(frozen=True)
 class Route:
-    source: str  # rollup name or "base"
-    query: exp.Select
-    group_by: tuple[str, ...]
-    metrics: tuple[str, ...]
+    """Where a request is answered from; its SQL is built only when asked for."""
+
+    spec: DatasourceSpec
+    request: AggregateRequest
+    rollup: Rollup | None
+
+    @property
+    def source(self) -> str:  # rollup name or "base"
+        return BASE if self.rollup is None else self.rollup.name
+
+    @property
+    def group_by(self) -> tuple[str, ...]:
+        return self.request.group_by
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return tuple(m.name for m in self.spec.parsed_metrics)
+
+    @cached_property
+    def query(self) -> exp.Select:
+        return _query(self.spec, self.request, self.rollup)
 
     def sql(self, dialect: str) -> str:
         return self.query.sql(dialect=dialect)
@@ -80,14 +99,16 @@ def choose(spec: DatasourceSpec, req: AggregateRequest) -> Rollup | None:
 
 def route(spec: DatasourceSpec, req: AggregateRequest, *, force_base: bool = False) -> Route:
     validate(spec, req)
-    rollup = None if force_base else choose(spec, req)
+    return Route(spec, req, None if force_base else choose(spec, req))
+
+
+def _query(spec: DatasourceSpec, req: AggregateRequest, rollup: Rollup | None) -> exp.Select:
     metrics = spec.parsed_metrics
     groups = [col(g) for g in req.group_by]
     if rollup is None:
-        source, table, time_col = BASE, exp.to_table(spec.name, quoted=True), spec.datasource.time
+        table, time_col = exp.to_table(spec.name, quoted=True), spec.datasource.time
         sums = [m.aggregate_sql() for m in metrics]
     else:
-        source = rollup.name
         table = exp.Table(this=exp.to_identifier(rollup.name, quoted=True), db="raw")
         time_col = "bucket"
         sums = [exp.Sum(this=col(m.name)) for m in metrics]
@@ -124,7 +145,7 @@ def route(spec: DatasourceSpec, req: AggregateRequest, *, force_base: bool = Fal
         query = query.having(
             exp.NEQ(this=exp.Sum(this=col(count.name)), expression=exp.Literal.number(0))
         )
-    return Route(source, query, req.group_by, tuple(m.name for m in metrics))
+    return query
 
 
 def _ts(value: datetime) -> exp.Expression:
@@ -141,8 +162,13 @@ def bind(routed: Route, relation: exp.Expression) -> exp.Select:
 def run(
     reader: OlapReader, spec: DatasourceSpec, req: AggregateRequest, *, force_base: bool = False
 ) -> tuple[Route, QueryResult]:
-    """Route, prune to the partitions the range touches, execute."""
+    """Route, prune to the partitions the range touches, execute. Engines holding
+    rollups in memory hand over the few rows the request needs, summed in Arrow."""
     routed = route(spec, req, force_base=force_base)
+    if routed.rollup is not None and reader.capabilities.resident_rollups:
+        tenants = req.filters.get(spec.datasource.tenant)
+        state = reader.rollup_state(routed.rollup.name, req.start, req.end, tenants)
+        return routed, evaluate(spec, routed.rollup, req, state)
     name = spec.name if routed.source == BASE else routed.source
     relation = reader.relation(name, req.start, req.end)
     sql = bind(routed, relation).sql(dialect=reader.capabilities.sql_dialect)

@@ -22,6 +22,7 @@ class Capabilities:
     merge_on_read: bool  # latest-version-per-key happens at query time
     transactional_offsets: bool  # offsets commit atomically with data
     manual_compaction: bool  # compaction is driven by Tally, not the engine
+    resident_rollups: bool = False  # rollup state is served from memory (``rollup_state``)
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,18 @@ class OlapReader(Protocol):
         self, name: str, start: datetime | None = None, end: datetime | None = None
     ) -> Any:
         """A relation (sqlglot expression) over only the partitions overlapping the range."""
+        ...
+
+    def rollup_state(
+        self,
+        rollup: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        tenants: Sequence[str] | None = None,
+    ) -> pa.Table:
+        """Summable rollup rows (bucket, tenant, other dimensions, metrics) of the
+        partitions overlapping the range, restricted to ``tenants``; only engines with
+        ``capabilities.resident_rollups`` implement it."""
         ...
 
     def lookup(

@@ -28,6 +28,9 @@ class StoreSettings(BaseModel):
     busy_timeout_s: float = Field(60.0, gt=0)
     duckdb_threads: int = Field(2, ge=1)
     duckdb_memory_limit: str = "4GB"
+    resident_rollups_mb: int = Field(
+        512, ge=0, description="memory a reader may keep summed rollup partitions in"
+    )
 
 
 class IngestSettings(BaseModel):

@@ -9,6 +9,7 @@ Per-row Python work is one dict probe and one tuple; the rest is Arrow and DuckD
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import cache
@@ -38,10 +39,17 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PART = "_p"
 
 
+def _no_updates() -> list[tuple[str, Entry]]:
+    return []
+
+
 @dataclass
 class CommitPlan:
     segments: list[PendingSegment] = field(default_factory=list)
-    index_updates: list[tuple[str, Entry]] = field(default_factory=list)
+    # The key index's new entries, built on demand: the store builds them while the
+    # segment files are being written, overlapping this Python work with disk I/O.
+    index_updates: Callable[[], list[tuple[str, Entry]]] = _no_updates
+    rows_written: int = 0
     partition_stats: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     stale: int = 0
     tombstones: int = 0
@@ -104,38 +112,47 @@ def plan_commit(
 
     times = table.column(ds.time)
     part_array = partitions_of(times, ds.granularity, ds.timezone)
-    partitions = _shared_strings(part_array, index)
-    tenants = _shared_strings(table.column(ds.tenant), index)
     state_cols = spec.rollup_state_columns if spec.rollups else ()
-    states: list[tuple[Any, ...]] | list[None]
-    if state_cols:
-        columns: list[list[Any]] = []
-        for c in state_cols:
-            if c == ds.time:
-                columns.append(pc.cast(times, pa.int64()).to_pylist())
-            elif spec.columns[c].type == "string":
-                columns.append(_shared_strings(table.column(c), index))
-            else:
-                columns.append(table.column(c).to_pylist())
-        states = list(zip(*columns, strict=True))
-    else:
-        states = [None] * len(keys)
-
-    plan.index_updates = list(
-        zip(keys, zip(versions, event_ids, partitions, tenants, states, strict=True), strict=True)
-    )
+    replacing = [i for i, old in enumerate(previous) if old is not None]
+    where: tuple[list[str], list[str]] | None = None  # (partitions, tenants) per row
     tombstones: list[dict[str, Any]] = []
     retracted: list[tuple[Any, ...]] = []
-    for i in [i for i, old in enumerate(previous) if old is not None]:
-        old = previous[i]
-        assert old is not None
-        key, version, event_id = keys[i], versions[i], event_ids[i]
-        partition, tenant = partitions[i], tenants[i]
-        if old[4] is not None:
-            retracted.append(old[4])
-        if old[2] != partition or old[3] != tenant:
-            tombstones.append(_tombstone(spec, key, old, version, event_id))
+    if replacing:
+        partitions = _shared_strings(part_array, index)
+        tenants = _shared_strings(table.column(ds.tenant), index)
+        where = partitions, tenants
+        for i in replacing:
+            old = previous[i]
+            assert old is not None
+            if old[4] is not None:
+                retracted.append(old[4])
+            if old[2] != partitions[i] or old[3] != tenants[i]:
+                tombstones.append(_tombstone(spec, keys[i], old, versions[i], event_ids[i]))
     plan.tombstones = len(tombstones)
+    plan.rows_written = len(keys)
+
+    def index_updates() -> list[tuple[str, Entry]]:
+        partitions, tenants = where or (
+            _shared_strings(part_array, index),
+            _shared_strings(table.column(ds.tenant), index),
+        )
+        states: list[tuple[Any, ...]] | list[None]
+        if state_cols:
+            columns: list[list[Any]] = []
+            for c in state_cols:
+                if c == ds.time:
+                    columns.append(pc.cast(times, pa.int64()).to_pylist())
+                elif spec.columns[c].type == "string":
+                    columns.append(_shared_strings(table.column(c), index))
+                else:
+                    columns.append(table.column(c).to_pylist())
+            states = list(zip(*columns, strict=True))
+        else:
+            states = [None] * len(keys)
+        entries = zip(versions, event_ids, partitions, tenants, states, strict=True)
+        return list(zip(keys, entries, strict=True))
+
+    plan.index_updates = index_updates
 
     _plan_base(spec, plan, table, part_array, tombstones)
     _plan_stats(spec, plan, part_array, times, late_before_us)

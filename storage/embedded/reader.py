@@ -26,6 +26,7 @@ import pyarrow as pa
 from sqlglot import exp
 
 from storage.embedded.catalog import Catalog
+from storage.embedded.resident import ResidentRollups
 from storage.embedded.segments import DELETED
 from storage.embedded.sqlgen import (
     DIALECT,
@@ -82,6 +83,7 @@ class EmbeddedReader:
         self._con.execute("SET TimeZone = 'UTC'")
         self._con.execute("CREATE SCHEMA IF NOT EXISTS raw")
         self.snapshot = Snapshot()
+        self.resident = ResidentRollups(settings.store.resident_rollups_mb << 20)
         self._install(Snapshot(generation=-1))
 
     def close(self) -> None:
@@ -207,6 +209,24 @@ class EmbeddedReader:
         clean = [paths[0] for paths in chosen.values() if len(paths) == 1]
         dirty = [f for paths in chosen.values() if len(paths) > 1 for f in paths]
         return merged_base(spec, clean, dirty)
+
+    def rollup_state(
+        self,
+        rollup: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        tenants: Sequence[str] | None = None,
+    ) -> pa.Table:
+        snap = self.refresh()
+        spec, owned = self._owner(rollup)
+        if owned is None:
+            raise QueryError(f"{rollup!r} is not a rollup")
+        chosen = {
+            part: paths
+            for part, paths in snap.files.get(rollup, {}).items()
+            if _overlaps(part, owned.partition, spec.tz, start, end)
+        }
+        return self.resident.state(spec, owned, chosen, tenants)
 
     def _owner(self, name: str) -> tuple[DatasourceSpec, Rollup | None]:
         for spec in self.registry:

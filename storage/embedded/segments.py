@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -113,8 +114,13 @@ class SegmentWriter:
     def write_many(
         self, pending: list[PendingSegment], written: list[Path]
     ) -> list[tuple[Path, int]]:
-        """Write all, then fsync all files and directories; append paths to ``written``
-        as they are created so a caller can remove them if its transaction fails."""
+        """Write all durably; append paths to ``written`` as they are created so a
+        caller can remove them if its transaction fails."""
+        return self.begin_many(pending, written).wait()
+
+    def begin_many(self, pending: list[PendingSegment], written: list[Path]) -> SegmentWrites:
+        """Start writing (encode, then fsync files and directories) in the pool and
+        return at once, so the caller can do CPU work while the disk is busy."""
         paths: list[Path] = []
         dirs: set[Path] = set()
         for seg in pending:
@@ -127,13 +133,37 @@ class SegmentWriter:
             for folder in sorted(dirs):
                 created = _mkdirs(folder)
                 dirs.update(p.parent for p in created)
-            written.extend(paths)
-            # pyarrow releases the GIL while encoding; two writers keep both cores busy.
-            sizes = list(self._pool.map(_write_durably, pending, paths))
-            list(self._pool.map(_fsync, sorted(dirs)))
         except OSError as exc:
             raise StoreUnavailable(f"cannot write segments: {exc}") from exc
-        return list(zip(paths, sizes, strict=True))
+        written.extend(paths)
+        # pyarrow releases the GIL while encoding; two writers keep both cores busy.
+        files = [
+            self._pool.submit(_write_durably, seg, path)
+            for seg, path in zip(pending, paths, strict=True)
+        ]
+        return SegmentWrites(self._pool, paths, files, sorted(dirs))
+
+
+class SegmentWrites:
+    """Segment files being written; ``wait`` returns once all are durable."""
+
+    def __init__(
+        self,
+        pool: ThreadPoolExecutor,
+        paths: list[Path],
+        files: list[Future[int]],
+        dirs: list[Path],
+    ) -> None:
+        self._pool, self._paths, self._files, self._dirs = pool, paths, files, dirs
+
+    def wait(self) -> list[tuple[Path, int]]:
+        wait_all(self._files)  # even if one failed: no write may outlive the caller's cleanup
+        try:
+            sizes = [f.result() for f in self._files]
+            list(self._pool.map(_fsync, self._dirs))
+        except OSError as exc:
+            raise StoreUnavailable(f"cannot write segments: {exc}") from exc
+        return list(zip(self._paths, sizes, strict=True))
 
 
 def _mkdirs(folder: Path) -> list[Path]:

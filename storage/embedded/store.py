@@ -37,6 +37,7 @@ from rollups.rebuild import RebuildReport, repair_query
 from storage.embedded.calendar import partitions_of
 from storage.embedded.catalog import Catalog, DeadLetterRecord, NewSegment, _Conflict
 from storage.embedded.commit import plan_commit
+from storage.embedded.gcpause import gc_paused
 from storage.embedded.keyindex import KeyIndex
 from storage.embedded.segments import (
     DELETED,
@@ -69,6 +70,7 @@ CAPABILITIES = Capabilities(
     merge_on_read=True,
     transactional_offsets=True,
     manual_compaction=True,
+    resident_rollups=True,
 )
 
 
@@ -169,7 +171,7 @@ class EmbeddedStore:
 
         written: list[Path] = []
         try:
-            with self.catalog.write():
+            with gc_paused(), self.catalog.write():
                 problems = self.catalog.check_and_set_offsets(datasource, ranges)
                 if problems:
                     raise OffsetMismatch(
@@ -178,7 +180,12 @@ class EmbeddedStore:
                     )
                 index = self.key_index(spec)
                 plan = plan_commit(spec, batch, index, late_before_us)
-                new_segments = self._write(plan.segments, written)
+                writes = self.segments.begin_many(plan.segments, written)
+                try:
+                    updates = plan.index_updates()  # Python work while the disk is busy
+                finally:
+                    files = writes.wait()  # before any cleanup may unlink them
+                new_segments = self._new_segments(plan.segments, files)
                 seq = index.seq
                 if new_segments:
                     seq = self.catalog.next_seq()
@@ -191,12 +198,13 @@ class EmbeddedStore:
             for path in written:
                 path.unlink(missing_ok=True)
             raise
-        index.put_many(plan.index_updates)
+        with gc_paused():
+            index.put_many(updates)
         index.seq = seq
         return CommitResult(
             datasource=datasource,
             rows_in=batch.num_rows,
-            rows_written=len(plan.index_updates),
+            rows_written=plan.rows_written,
             stale_rows=plan.stale,
             tombstones=plan.tombstones,
             segments=len(new_segments),
@@ -206,7 +214,12 @@ class EmbeddedStore:
         )
 
     def _write(self, pending: list[PendingSegment], written: list[Path]) -> list[NewSegment]:
-        files = self.segments.write_many(pending, written)
+        return self._new_segments(pending, self.segments.write_many(pending, written))
+
+    @staticmethod
+    def _new_segments(
+        pending: list[PendingSegment], files: list[tuple[Path, int]]
+    ) -> list[NewSegment]:
         return [
             NewSegment(p.datasource, p.partition, str(path), p.table.num_rows, size)
             for p, (path, size) in zip(pending, files, strict=True)
@@ -346,7 +359,7 @@ class EmbeddedStore:
         reports: list[RebuildReport] = []
         written: list[Path] = []
         try:
-            with self.catalog.write():
+            with gc_paused(), self.catalog.write():
                 parts: dict[str, list[str]] = {}
                 for seg in self.catalog.live_segments(spec.name):
                     parts.setdefault(seg.partition, []).append(seg.path)

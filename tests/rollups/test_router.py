@@ -182,6 +182,7 @@ def _answer(
     assert "read_parquet" in bound.lower() or "where false" in bound.lower(), bound
     assert pruned_route.source == routed.source
     assert keyed(pruned.rows) == over_views, "partition pruning changed the answer"
+    assert list(keyed(pruned.rows)) == list(over_views), "rows came back in another order"
     return routed.source, over_views
 
 

@@ -57,7 +57,7 @@ from typing import Any
 
 from storage.embedded.catalog import Catalog
 from storage.embedded.reader import EmbeddedReader
-from storage.embedded.segments import SegmentWriter
+from storage.embedded.segments import SegmentWrites
 from storage.embedded.store import EmbeddedStore
 from storage.protocol import CommitResult, OffsetRange
 from tally.settings import Settings, StoreSettings
@@ -499,7 +499,7 @@ class _Pauser:
 
     def _install(self) -> None:
         pauser = self
-        write_many = SegmentWriter.write_many
+        wait = SegmentWrites.wait
         bump = Catalog.bump_generation
         forget = Catalog.forget_segments
         write = Catalog.write
@@ -510,8 +510,8 @@ class _Pauser:
                 yield con
             pauser.point("catalog_committed")
 
-        def write_many_then_pause(self: SegmentWriter, *args: Any, **kwargs: Any) -> Any:
-            result = write_many(self, *args, **kwargs)
+        def wait_then_pause(self: SegmentWrites) -> Any:
+            result = wait(self)
             pauser.point("files_written")
             return result
 
@@ -523,7 +523,7 @@ class _Pauser:
             pauser.point("forgetting")
             forget(self, ids)
 
-        SegmentWriter.write_many = write_many_then_pause  # type: ignore[method-assign]
+        SegmentWrites.wait = wait_then_pause  # type: ignore[method-assign]
         Catalog.bump_generation = bump_then_pause  # type: ignore[method-assign]
         Catalog.forget_segments = pause_then_forget  # type: ignore[method-assign]
         Catalog.write = write_then_pause  # type: ignore[method-assign]
