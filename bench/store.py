@@ -349,9 +349,7 @@ class Bench:
         twin_sql = self.hourly_sql(twin)
         compacted = self.reader.query(sql).rows
         self.reader.query(twin_sql)
-        pairs = [
-            (self._time(twin_sql), self._time(sql)) for _ in range(self.scale.fragment_reps)
-        ]
+        pairs = [(self._time(twin_sql), self._time(sql)) for _ in range(self.scale.fragment_reps)]
         unfragmented_ms = percentile([a for a, _ in pairs], 50)
         compacted_ms = percentile([b for _, b in pairs], 50)
         self.figures.add("unfragmented_query_ms", unfragmented_ms, "ms")

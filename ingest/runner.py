@@ -253,7 +253,7 @@ class Runner:
 
     def _collect(self, consumer: Consumer) -> list[Message]:
         conf = self.settings.ingest
-        deadline = time.monotonic() + conf.batch_max_wait_s
+        deadline = time.monotonic() + self.sink.linger_s
         out: list[Message] = []
         while len(out) < conf.batch_max_rows and not self.stop.is_set():
             remaining = deadline - time.monotonic()

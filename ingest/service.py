@@ -25,7 +25,7 @@ def make_sink(settings: Settings, spec: DatasourceSpec, name: str, registry: obj
         store = open_store(settings, registry)  # type: ignore[arg-type]
         assert isinstance(store, EmbeddedStore)
         return OlapSink(settings, spec, store)
-    return SearchSink(spec, open_index(settings, spec))
+    return SearchSink(spec, open_index(settings, spec), settings.ingest.search_refresh_s)
 
 
 def run_ingest(

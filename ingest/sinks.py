@@ -26,6 +26,7 @@ TP = tuple[str, int]
 class Sink(Protocol):
     name: str
     uses_kafka_offsets: bool  # resume from Kafka's committed offsets (else the sink's own)
+    linger_s: float  # how long a micro-batch may wait to fill
 
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         """Where to resume each newly assigned partition (None: Kafka's committed/earliest)."""
@@ -52,6 +53,7 @@ class OlapSink:
     uses_kafka_offsets = False
 
     def __init__(self, settings: Settings, spec: DatasourceSpec, store: EmbeddedStore) -> None:
+        self.linger_s = settings.ingest.batch_max_wait_s
         self.spec = spec
         self.store = store
         self.publisher = Publisher(settings, spec, store)
@@ -86,9 +88,10 @@ class SearchSink:
     name = "search"
     uses_kafka_offsets = True
 
-    def __init__(self, spec: DatasourceSpec, index: SearchIndex) -> None:
+    def __init__(self, spec: DatasourceSpec, index: SearchIndex, linger_s: float = 0.5) -> None:
         self.spec = spec
         self.index = index
+        self.linger_s = linger_s
         self._newest: datetime | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="search-commit")
 

@@ -38,7 +38,15 @@ class IngestSettings(BaseModel):
 
     partitions: int = Field(6, ge=1, description="partitions of topics `tally topics create` makes")
     batch_max_rows: int = Field(20_000, ge=1)
-    batch_max_wait_s: float = Field(0.25, gt=0, description="micro-batch linger; ≤1 s freshness")
+    batch_max_wait_s: float = Field(
+        0.25, gt=0, description="OLAP sink micro-batch linger; ≤1 s freshness"
+    )
+    search_refresh_s: float = Field(
+        0.5,
+        gt=0,
+        description="search sink micro-batch linger (its refresh interval): each batch "
+        "commits a tantivy segment per shard, whose merges cost CPU the OLAP sink needs",
+    )
     retry_initial_s: float = Field(0.2, gt=0)
     retry_max_s: float = Field(5.0, gt=0)
     session_timeout_ms: int = Field(6000, ge=1000)

@@ -1,10 +1,12 @@
 """The embedded store's query side: DuckDB views over an atomic catalog snapshot.
 
 Each query first checks the catalog generation (one indexed SQLite read). When it
-moved, the views are rebuilt from a consistent snapshot of the live segment set in
-a single DuckDB transaction, so a query sees every view from one generation — never
-half a commit. Replaced files outlive their replacement by the GC grace period, so
-a query already bound to old files finishes normally.
+moved, the views the query names are rebuilt from a consistent snapshot of the live
+segment set in a single DuckDB transaction, and the query's cursor pins DuckDB's
+catalog, so a query sees every view from one generation — never half a commit.
+Views no query names are left until one does: a commit every 250 ms must not cost
+every reader a rebuild of every view. Replaced files outlive their replacement by
+the GC grace period, so a query already bound to old files finishes normally.
 
 Views: ``<datasource>`` (merged: latest version per key, tombstones hidden),
 ``<rollup>`` (deltas summed per bucket and dimensions), and ``raw.<name>`` for every
@@ -13,6 +15,7 @@ datasource and rollup (segment rows as stored, with a ``filename`` column).
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -84,6 +87,13 @@ class EmbeddedReader:
         self._con.execute("CREATE SCHEMA IF NOT EXISTS raw")
         self.snapshot = Snapshot()
         self.resident = ResidentRollups(settings.store.resident_rollups_mb << 20)
+        self._installed: dict[tuple[str, str], int] = {}  # view → generation it shows
+        self._view_keys = [
+            (schema, name)
+            for spec in registry
+            for name in (spec.name, *(r.name for r in spec.rollups))
+            for schema in ("main", "raw")
+        ]
         self._install(Snapshot(generation=-1))
 
     def close(self) -> None:
@@ -104,43 +114,54 @@ class EmbeddedReader:
         return self._catalog
 
     def refresh(self) -> Snapshot:
-        """Make the views match the catalog's current generation (cheap when unchanged)."""
+        """Bind to the catalog's current generation (cheap when unchanged). Views are
+        rebuilt lazily, when a query names them (``cursor``)."""
         with self._lock:
-            catalog = self._catalog_or_none()
-            if catalog is None:
-                return self.snapshot
-            try:
-                with catalog.read():
-                    generation = catalog.generation()
-                    if generation == self.snapshot.generation:
-                        return self.snapshot
-                    snap = Snapshot.of(generation, catalog.live_segments())
-            except Exception as exc:  # sqlite errors are translated inside Catalog
-                raise StoreUnavailable(f"cannot read catalog: {exc}") from exc
-            self._install(snap)
-            self.snapshot = snap
-            return snap
+            return self._refresh_locked()
 
-    def _install(self, snap: Snapshot) -> None:
-        statements: list[str] = []
-        for spec in self.registry:
-            parts = snap.files.get(spec.name, {})
+    def _refresh_locked(self) -> Snapshot:
+        catalog = self._catalog_or_none()
+        if catalog is None:
+            return self.snapshot
+        try:
+            with catalog.read():
+                generation = catalog.generation()
+                if generation == self.snapshot.generation:
+                    return self.snapshot
+                snap = Snapshot.of(generation, catalog.live_segments())
+        except Exception as exc:  # sqlite errors are translated inside Catalog
+            raise StoreUnavailable(f"cannot read catalog: {exc}") from exc
+        self.snapshot = snap
+        return snap
+
+    def _body(self, snap: Snapshot, schema: str, name: str) -> exp.Expression:
+        spec, rollup = self._owner(name)
+        if rollup is None:
+            if schema == "raw":
+                return _raw([*base_columns(spec), (DELETED, "bool")], snap.paths(name))
+            parts = snap.files.get(name, {})
             clean = [p[0] for p in parts.values() if len(p) == 1]
             dirty = [f for p in parts.values() if len(p) > 1 for f in p]
-            statements.append(_view(spec.name, merged_base(spec, clean, dirty)))
-            statements.append(
-                _view(
-                    spec.name,
-                    _raw([*base_columns(spec), (DELETED, "bool")], snap.paths(spec.name)),
-                    "raw",
-                )
-            )
-            for rollup in spec.rollups:
-                paths = snap.paths(rollup.name)
-                statements.append(_view(rollup.name, merged_rollup(spec, rollup, paths)))
-                statements.append(
-                    _view(rollup.name, _raw(rollup_columns(spec, rollup), paths), "raw")
-                )
+            return merged_base(spec, clean, dirty)
+        paths = snap.paths(name)
+        if schema == "raw":
+            return _raw(rollup_columns(spec, rollup), paths)
+        return merged_rollup(spec, rollup, paths)
+
+    def _install(self, snap: Snapshot, sql: str | None = None) -> None:
+        """Make the views ``sql`` may name (all when None) match ``snap``, in one DuckDB
+        transaction. A view counts as named when its name occurs in the text as a whole
+        word, in any case (identifiers are case-insensitive): a superset of the views
+        the query reads, so none it reads is left behind; the rest wait."""
+        stale = [
+            key
+            for key in self._view_keys
+            if self._installed.get(key) != snap.generation
+            and (sql is None or _names(key[1]).search(sql))
+        ]
+        if not stale:
+            return
+        statements = [_view(name, self._body(snap, schema, name), schema) for schema, name in stale]
         con = self._con
         con.execute("BEGIN TRANSACTION")
         try:
@@ -150,16 +171,27 @@ class EmbeddedReader:
         except Exception:
             con.execute("ROLLBACK")
             raise
+        for key in stale:
+            self._installed[key] = snap.generation
 
     # --- queries --------------------------------------------------------------------
 
-    def cursor(self) -> duckdb.DuckDBPyConnection:
-        self.refresh()
+    def cursor(self, sql: str | None = None) -> duckdb.DuckDBPyConnection:
+        """A cursor whose views match one generation: those ``sql`` names, or all.
+
+        The cursor opens a transaction and touches the catalog before the lock is
+        released, which pins DuckDB's catalog snapshot: another thread reinstalling
+        some views for a newer generation cannot give this query a mix of two."""
         with self._lock:
-            return self._con.cursor()
+            snap = self._refresh_locked()
+            self._install(snap, sql)
+            cur = self._con.cursor()
+            cur.execute("BEGIN TRANSACTION")
+            cur.execute("SELECT 1 FROM duckdb_views() LIMIT 0").fetchall()
+            return cur
 
     def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
-        cur = self.cursor()
+        cur = self.cursor(sql)
         try:
             return cur.sql(sql, params=list(params) if params else None).to_arrow_table()
         except duckdb.Error as exc:
@@ -168,7 +200,7 @@ class EmbeddedReader:
             cur.close()
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
-        cur = self.cursor()
+        cur = self.cursor(sql)
         try:
             result = cur.execute(sql, params or [])
             columns = [d[0] for d in result.description or []]
@@ -267,6 +299,11 @@ class EmbeddedReader:
             )
         query = exp.select(exp.Star()).from_(subquery(relation, "m")).where(*conditions)
         return self.arrow(query.sql(dialect=DIALECT))
+
+
+@lru_cache(maxsize=256)
+def _names(name: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![\w$]){re.escape(name)}(?![\w$])", re.IGNORECASE)
 
 
 @lru_cache(maxsize=1 << 16)

@@ -57,7 +57,7 @@ def kafka_settings(broker: Broker, data_dir: Path) -> Settings:
         kafka_bootstrap=broker.bootstrap,
         topic_namespace=f"t{uuid.uuid4().hex[:10]}.",
         store=StoreSettings(gc_grace_s=0.0),
-        ingest=IngestSettings(batch_max_wait_s=0.1, partitions=6),
+        ingest=IngestSettings(batch_max_wait_s=0.1, search_refresh_s=0.1, partitions=6),
     )
 
 
@@ -74,6 +74,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "TALLY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "TALLY_TOPIC_NAMESPACE": settings.topic_namespace,
         "TALLY_INGEST__BATCH_MAX_WAIT_S": str(settings.ingest.batch_max_wait_s),
+        "TALLY_INGEST__SEARCH_REFRESH_S": str(settings.ingest.search_refresh_s),
         "TALLY_STORE__GC_GRACE_S": "0",
     }
 

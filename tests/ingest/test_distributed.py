@@ -180,7 +180,7 @@ def test_broker_stopped_for_ten_seconds_mid_run(
             data_dir=data_dir,
             kafka_bootstrap=broker.bootstrap,
             topic_namespace="outage.",
-            ingest=IngestSettings(batch_max_wait_s=0.1),
+            ingest=IngestSettings(batch_max_wait_s=0.1, search_refresh_s=0.1),
         )
         ensure_topics(settings, registry)
         spec = registry.get("payments")

@@ -159,3 +159,31 @@ def test_tails_fold_into_the_base_once_large(
         for entry in reader.resident._entries.values():
             assert sum(t.num_rows for t in entry.tails) <= 8
     assert reader.resident.loads == loads  # folded in place, never re-read from files
+
+
+def test_views_rebuild_lazily_and_a_cursor_keeps_one_generation(
+    store: EmbeddedStore, reader: OlapReader
+) -> None:
+    assert isinstance(reader, EmbeddedReader)
+    count = "SELECT count(*) FROM payments"
+    daily = "SELECT sum(count) FROM payments_daily"
+    store.commit("payments", [payment("a", approved_at=T0)])
+    assert reader.query(count).rows == [[1]]
+    store.commit("payments", [payment("b", approved_at=T0)])
+    # Naming only the rollup rebuilds only its views; the base view waits...
+    assert reader.query(daily).rows == [[2]]
+    generation = reader.snapshot.generation
+    assert reader._installed[("main", "payments_daily")] == generation
+    assert reader._installed[("main", "payments")] < generation
+    # ...until a query names it (names are case-insensitive).
+    assert reader.query(count.replace("payments", '"PAYMENTS"')).rows == [[2]]
+
+    pinned = reader.cursor(f"{count}; {daily}")
+    try:
+        store.commit("payments", [payment("c", approved_at=T0)])
+        assert reader.query(count).rows == [[3]]  # the base view moved on, alone
+        # The pinned cursor still sees both views at its own generation.
+        assert pinned.execute(count).fetchall() == [(2,)]
+        assert pinned.execute(daily).fetchall() == [(2,)]
+    finally:
+        pinned.close()
