@@ -85,7 +85,9 @@ def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
 
 def producer(settings: Settings, **extra: Any) -> Producer:
     conf = base_config(settings) | {
-        "linger.ms": 5,
+        # Batches per partition: the broker's cost is per request, and on a small
+        # machine a 5 ms linger made the development broker the busiest process.
+        "linger.ms": 25,
         "compression.type": "lz4",
         "message.timeout.ms": 300_000,
         "enable.idempotence": False,  # tansu's idempotent-producer support is partial

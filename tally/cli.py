@@ -130,10 +130,12 @@ def demo_command(
 
 
 def _register_subcommands() -> None:
+    from compaction.cli import compaction_app
     from ingest.cli import register
     from rollups.cli import rollups_app
 
     app.add_typer(rollups_app, name="rollups")
+    app.add_typer(compaction_app, name="compaction")
     register(app)
 
 

@@ -54,6 +54,24 @@ class IngestSettings(BaseModel):
     metrics_port: int | None = Field(None, description="serve Prometheus metrics on this port")
 
 
+class CompactionSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    interval_s: float = Field(1.0, gt=0, description="how often the watcher polls statistics")
+    debounce_s: float = Field(
+        1.0, ge=0, description="a late-written partition waits until writes were quiet this long"
+    )
+    max_delay_s: float = Field(
+        5.0, ge=0, description="...but is compacted this long after it fragmented at the latest"
+    )
+    min_merge: int = Field(4, ge=2, description="segments of one size tier before a merge")
+    max_merge: int = Field(32, ge=2, description="segments merged at once")
+    tier_ratio: float = Field(4.0, gt=1, description="largest/smallest segment within a tier")
+    max_bytes_per_tick: int = Field(
+        1 << 30, gt=0, description="bytes the watcher rewrites per poll at most (bounded work)"
+    )
+
+
 class SearchSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -82,6 +100,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     ingest: IngestSettings = IngestSettings()
     search: SearchSettings = SearchSettings()
+    compaction: CompactionSettings = CompactionSettings()
 
     def topic(self, name: str) -> str:
         return f"{self.topic_namespace}{name}"

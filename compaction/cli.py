@@ -1,0 +1,179 @@
+"""``tally compaction status|run|watch``."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from contextlib import nullcontext
+from datetime import UTC, datetime
+from typing import Annotated
+
+import typer
+
+from tally.cli import FormatOption, state
+from tally.output import Format, emit_json, emit_table
+
+compaction_app = typer.Typer(
+    help="See and drive compaction of late-written and fragmented partitions.",
+    no_args_is_help=True,
+)
+
+DatasourceOption = Annotated[
+    str | None, typer.Option(help="a datasource or rollup; default: all of them")
+]
+
+
+_MAX_ROUNDS = 64
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else value.astimezone(UTC).isoformat()
+
+
+@compaction_app.command("status")
+def status(
+    ctx: typer.Context, datasource: DatasourceOption = None, fmt: FormatOption = Format.table
+) -> None:
+    """Per partition: live segments, rows, bytes, late rows since the last compaction,
+    when it was last compacted, and whether a compaction is due."""
+    from compaction.policy import is_due
+    from compaction.watcher import window_test
+    from storage import open_store
+
+    c = state(ctx)
+    store = open_store(c.settings, c.registry)
+    try:
+        stats = store.partition_stats(datasource)
+    finally:
+        store.close()
+    now = datetime.now(UTC)
+    old = window_test(c.registry)
+    rows = [
+        {
+            "datasource": s.datasource,
+            "partition": s.partition,
+            "segments": s.segments,
+            "rows": s.rows,
+            "bytes": s.bytes,
+            "late_rows": s.late_rows,
+            "last_compacted_at": _iso(s.last_compacted_at),
+            "due": is_due(s, old(s.datasource, s.partition, now)),
+        }
+        for s in stats
+    ]
+    if fmt is Format.json:
+        emit_json({"partitions": rows})
+        return
+    cols = ["datasource", "partition", "segments", "rows", "bytes", "late_rows", "due"]
+    emit_table(cols, [[r[k] for k in cols] for r in rows])
+
+
+@compaction_app.command("run")
+def run(
+    ctx: typer.Context,
+    datasource: DatasourceOption = None,
+    partition: Annotated[
+        str | None, typer.Option(help="partition key, e.g. 2026-11-22; default: every due one")
+    ] = None,
+    fmt: FormatOption = Format.table,
+) -> None:
+    """Compact now: one partition to a single segment, or everything due. Safe while
+    ingestion runs (segments committed meanwhile stay live)."""
+    from compaction.watcher import Watcher
+    from storage import open_store
+    from storage.embedded.store import EmbeddedStore
+
+    c = state(ctx)
+    if partition is not None and datasource is None:
+        raise typer.BadParameter("--partition needs --datasource", param_hint="--partition")
+    store = open_store(c.settings, c.registry)
+    assert isinstance(store, EmbeddedStore)
+    try:
+        if partition is not None:
+            assert datasource is not None
+            results = [store.compact(datasource, partition)]
+        else:
+            watcher = Watcher(c.settings, c.registry, store)
+            results = []
+            for _ in range(_MAX_ROUNDS):  # a merge can make the next tier due
+                tasks = watcher.due(datasource)
+                if not tasks:
+                    break
+                bar = typer.progressbar(tasks, label="compacting", file=sys.stderr)
+                with bar if fmt is Format.table else nullcontext(tasks) as items:
+                    for task in items:
+                        done = watcher.run_task(task)
+                        if done is not None:
+                            results.append(done.result)
+        store.collect_garbage()
+    finally:
+        store.close()
+    done_rows = [
+        {
+            "datasource": r.datasource,
+            "partition": r.partition,
+            "replaced_segments": r.replaced_segments,
+            "rows_in": r.rows_in,
+            "rows_out": r.rows_out,
+            "bytes_in": r.bytes_in,
+            "bytes_out": r.bytes_out,
+        }
+        for r in results
+        if r is not None
+    ]
+    if fmt is Format.json:
+        emit_json({"compacted": done_rows})
+        return
+    cols = ["datasource", "partition", "replaced_segments", "rows_in", "rows_out"]
+    emit_table(cols, [[r[k] for k in cols] for r in done_rows])
+
+
+@compaction_app.command("watch")
+def watch(
+    ctx: typer.Context,
+    interval: Annotated[
+        float | None,
+        typer.Option(min=0.05, help="poll interval in seconds (compaction.interval_s)"),
+    ] = None,
+) -> None:
+    """The daemon: poll partition statistics and compact late-written old partitions,
+    then size-tiered merges of hot ones, until SIGTERM or Ctrl-C."""
+    from compaction.watcher import Done, Watcher
+    from storage import open_store
+    from storage.embedded.store import EmbeddedStore
+
+    c = state(ctx)
+    settings = c.settings
+    if interval is not None:
+        settings = settings.model_copy(
+            update={"compaction": settings.compaction.model_copy(update={"interval_s": interval})}
+        )
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    store = open_store(settings, c.registry)
+    assert isinstance(store, EmbeddedStore)
+
+    def note(done: Sequence[Done]) -> None:
+        for d in done:
+            lag = d.detect_to_done_s
+            if lag is not None and d.task.kind == "late":
+                logging.getLogger("compaction").info(
+                    "%s/%s compacted %.1f s after its last write",
+                    d.task.datasource,
+                    d.task.partition,
+                    lag,
+                )
+
+    try:
+        report = Watcher(settings, c.registry, store).run(stop, note)
+    finally:
+        store.close()
+    typer.echo(
+        f"watcher stopped: {report.compactions} compactions, "
+        f"{report.bytes_rewritten} bytes rewritten, {report.files_removed} files removed"
+    )

@@ -1,0 +1,154 @@
+"""The compaction watcher: poll partition statistics, compact what the policy says.
+
+It never blocks ingestion: compaction reads immutable segments and swaps them in one
+short catalog transaction; segments committed meanwhile stay live. Work is bounded per
+poll (``compaction.max_bytes_per_tick``), late partitions go first, and replaced files
+are deleted once the grace period has passed. Several watchers may run: a task whose
+segments another one replaced first fails its swap harmlessly and is planned afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from compaction.policy import PolicyConfig, Task, ended_before, plan
+from storage.embedded.store import EmbeddedStore
+from storage.protocol import CompactionResult
+from tally.errors import CompactionConflict, TallyError
+from tally.settings import Settings
+from tally.specs import SpecRegistry
+from tally.timeutil import Granularity, bucket_range, parse_duration
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Done:
+    task: Task
+    result: CompactionResult | None
+    finished_at: datetime
+
+    @property
+    def detect_to_done_s(self) -> float | None:
+        since = self.task.due_since
+        return None if since is None else (self.finished_at - since).total_seconds()
+
+
+@dataclass
+class WatchReport:
+    ticks: int = 0
+    compactions: int = 0
+    conflicts: int = 0
+    bytes_rewritten: int = 0
+    files_removed: int = 0
+    done: list[Done] = field(default_factory=list)
+
+
+def policy_config(settings: Settings) -> PolicyConfig:
+    c = settings.compaction
+    return PolicyConfig(
+        debounce_s=c.debounce_s,
+        max_delay_s=c.max_delay_s,
+        min_merge=c.min_merge,
+        max_merge=c.max_merge,
+        tier_ratio=c.tier_ratio,
+    )
+
+
+def window_test(registry: SpecRegistry) -> Callable[[str, str, datetime], bool]:
+    """``(datasource, partition, now) → ended before the active window?`` for base and
+    rollup datasources alike (a rollup partitions by its own granularity)."""
+    shapes: dict[str, tuple[Granularity, ZoneInfo, timedelta]] = {}
+    for spec in registry:
+        window = parse_duration(spec.datasource.active_window)
+        shapes[spec.name] = (spec.datasource.granularity, spec.tz, window)
+        for rollup in spec.rollups:
+            shapes[rollup.name] = (rollup.partition, spec.tz, window)
+
+    def ended_before_window(datasource: str, partition: str, now: datetime) -> bool:
+        granularity, tz, window = shapes[datasource]
+        _, end = bucket_range(partition, granularity, tz)
+        return ended_before(end, now, window)
+
+    return ended_before_window
+
+
+class Watcher:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: SpecRegistry,
+        store: EmbeddedStore,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.clock = clock
+        self.config = policy_config(settings)
+        self._old = window_test(registry)
+        self.report = WatchReport()
+
+    def due(self, datasource: str | None = None) -> list[Task]:
+        now = self.clock()
+        stats = self.store.partition_stats(datasource)
+        segments = self.store.live_segments(datasource)
+        return plan(stats, segments, now, lambda d, p: self._old(d, p, now), self.config)
+
+    def tick(self, datasource: str | None = None) -> list[Done]:
+        """One poll: run due tasks in order until the byte budget is spent, then GC."""
+        self.report.ticks += 1
+        budget = self.settings.compaction.max_bytes_per_tick
+        finished: list[Done] = []
+        for task in self.due(datasource):
+            if finished and task.bytes > budget:
+                break
+            done = self.run_task(task)
+            if done is not None:
+                finished.append(done)
+                budget -= task.bytes
+        self.report.files_removed += self.store.collect_garbage()
+        return finished
+
+    def run_task(self, task: Task) -> Done | None:
+        try:
+            result = self.store.compact(task.datasource, task.partition, task.segment_ids)
+        except CompactionConflict as exc:
+            self.report.conflicts += 1
+            log.info("compaction skipped, planned afresh next poll: %s", exc)
+            return None
+        done = Done(task, result, self.clock())
+        self.report.compactions += 1
+        self.report.bytes_rewritten += result.bytes_in if result else 0
+        self.report.done.append(done)
+        del self.report.done[:-1000]
+        log.info(
+            "compacted %s/%s (%s): %d segments → 1, %d bytes",
+            task.datasource,
+            task.partition,
+            task.kind,
+            len(task.segment_ids),
+            task.bytes,
+        )
+        return done
+
+    def run(
+        self, stop: threading.Event, on_done: Callable[[Sequence[Done]], None] | None = None
+    ) -> WatchReport:
+        """Poll until ``stop`` is set; a failing poll is logged and retried."""
+        interval = self.settings.compaction.interval_s
+        while not stop.is_set():
+            try:
+                finished = self.tick()
+            except TallyError as exc:
+                log.warning("compaction poll failed, retrying: %s", exc)
+                finished = []
+            if on_done is not None and finished:
+                on_done(finished)
+            if not finished:
+                stop.wait(interval)
+        return self.report

@@ -1,0 +1,180 @@
+"""The watcher on a real store: late-written old partitions end in one segment, hot
+partitions merge size-tiered, and no answer changes; the operator commands."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from compaction.watcher import Watcher
+from storage import OlapReader
+from storage.embedded.store import EmbeddedStore
+from tally.settings import CompactionSettings, Settings
+from tally.specs import SpecRegistry
+from tests.cli import tally
+from tests.factories import payment
+
+OLD = datetime(2026, 1, 10, 3, tzinfo=UTC)  # 12:00 in Seoul
+
+
+def _answers(reader: OlapReader) -> tuple[Any, ...]:
+    return (
+        reader.query("SELECT * FROM payments ORDER BY txn_id").rows,
+        reader.query("SELECT * FROM payments_hourly ORDER BY ALL").rows,
+        reader.query("SELECT * FROM payments_daily ORDER BY ALL").rows,
+    )
+
+
+def _segments(store: EmbeddedStore) -> dict[tuple[str, str], int]:
+    return {(s.datasource, s.partition): s.segments for s in store.partition_stats()}
+
+
+def _fragment_old_day(store: EmbeddedStore, cancels: int = 10) -> None:
+    store.commit(
+        "payments", [payment(f"t{i}", approved_at=OLD, merchant_id=f"m{i % 3}") for i in range(50)]
+    )
+    for i in range(cancels):
+        store.commit(
+            "payments",
+            [payment(f"t{i}", 2, approved_at=OLD, merchant_id=f"m{i % 3}", canceled_amount=3_000)],
+        )
+
+
+def test_late_partitions_end_in_one_segment_once_quiet(
+    store: EmbeddedStore, reader: OlapReader, settings: Settings, registry: SpecRegistry
+) -> None:
+    _fragment_old_day(store)
+    before = _answers(reader)
+    assert _segments(store)[("payments", "2026-01-10")] == 11
+    now = [datetime.now(UTC)]
+    watcher = Watcher(settings, registry, store, clock=lambda: now[0])
+    assert [t.kind for t in watcher.due()] == []  # just written: debounced
+    now[0] += timedelta(seconds=settings.compaction.debounce_s + 0.1)
+    due = watcher.due()
+    assert {(t.datasource, t.kind) for t in due} == {
+        ("payments", "late"),
+        ("payments_hourly", "late"),
+        ("payments_daily", "late"),
+    }
+    done = watcher.tick()
+    assert len(done) == 3
+    assert all(n == 1 for n in _segments(store).values())
+    assert _answers(reader) == before
+    assert watcher.tick() == []  # nothing left to do
+
+
+def test_a_partition_written_continuously_is_compacted_after_max_delay(
+    store: EmbeddedStore, reader: OlapReader, settings: Settings, registry: SpecRegistry
+) -> None:
+    _fragment_old_day(store, cancels=3)
+    written = datetime.now(UTC)
+    # Writes keep coming (last write "now") but it fragmented max_delay_s ago.
+    clock = written + timedelta(seconds=settings.compaction.max_delay_s + 0.1)
+    watcher = Watcher(settings, registry, store, clock=lambda: clock)
+    store.commit(
+        "payments", [payment("t40", 2, approved_at=OLD, merchant_id="m1", canceled_amount=1)]
+    )
+    assert ("payments", "late") in {(t.datasource, t.kind) for t in watcher.due()}
+
+
+def test_hot_partitions_merge_size_tiered_without_changing_answers(
+    store: EmbeddedStore, reader: OlapReader, settings: Settings, registry: SpecRegistry
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    for i in range(12):
+        rows = [payment(f"h{i}-{j}", approved_at=now, merchant_id=f"m{j % 4}") for j in range(5)]
+        if i:
+            rows.append(
+                payment(f"h{i - 1}-0", 2, approved_at=now, merchant_id="m0", canceled_amount=500)
+            )
+        store.commit("payments", rows)
+    before = _answers(reader)
+    today = max(p for ds, p in _segments(store) if ds == "payments")
+    assert _segments(store)[("payments", today)] == 12
+    watcher = Watcher(settings, registry, store)
+    while watcher.tick():
+        pass
+    assert {t.kind for d in watcher.report.done for t in [d.task]} == {"tiered"}
+    after = _segments(store)[("payments", today)]
+    assert 1 <= after < settings.compaction.min_merge  # 12 equal segments → merged
+    assert _answers(reader) == before
+
+
+def test_status_and_run_commands(store: EmbeddedStore, data_dir: Path) -> None:
+    _fragment_old_day(store, cancels=4)
+    store.close()
+    status = tally("compaction", "status", "--format", "json", data_dir=data_dir)
+    assert status.code == 0, status.err
+    parts = {(p["datasource"], p["partition"]): p for p in status.json()["partitions"]}
+    day = parts[("payments", "2026-01-10")]
+    assert set(day) == {
+        "datasource",
+        "partition",
+        "segments",
+        "rows",
+        "bytes",
+        "late_rows",
+        "last_compacted_at",
+        "due",
+    }
+    assert (
+        day["segments"] == 5 and day["due"] is True and day["late_rows"] == 54
+    )  # every write into an old day is late
+    ran = tally(
+        "compaction",
+        "run",
+        "--datasource",
+        "payments",
+        "--partition",
+        "2026-01-10",
+        "--format",
+        "json",
+        data_dir=data_dir,
+    )
+    assert ran.code == 0, ran.err
+    assert ran.json()["compacted"][0]["replaced_segments"] == 5
+    after = tally("compaction", "status", "--format", "json", data_dir=data_dir).json()
+    day = next(
+        p
+        for p in after["partitions"]
+        if p["partition"] == "2026-01-10" and p["datasource"] == "payments"
+    )
+    assert day["segments"] == 1 and day["due"] is False and day["late_rows"] == 0
+    assert day["last_compacted_at"] is not None
+    bad = tally("compaction", "run", "--partition", "2026-01-10", data_dir=data_dir)
+    assert bad.code != 0 and "--datasource" in bad.err and "Traceback" not in bad.err
+
+
+def test_settings_bound_the_policy() -> None:
+    conf = CompactionSettings(min_merge=3, max_delay_s=2.0)
+    assert conf.min_merge == 3 and conf.max_delay_s == 2.0
+
+
+def test_watch_daemon_compacts_and_stops_on_sigterm(store: EmbeddedStore, data_dir: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _fragment_old_day(store, cancels=3)
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "tally", "compaction", "watch", "--interval", "0.1"],
+        env={**os.environ, "TALLY_DATA_DIR": str(data_dir), "TALLY_STORE__GC_GRACE_S": "0"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if _segments(store)[("payments", "2026-01-10")] == 1:
+                break
+            time.sleep(0.05)
+        assert _segments(store)[("payments", "2026-01-10")] == 1
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        out, err = daemon.communicate(timeout=30)
+    assert daemon.returncode == 0, err
+    assert "watcher stopped: 3 compactions" in out  # base day + both rollup months
