@@ -353,7 +353,11 @@ def probe_reader(seen_file: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__ or "ingest benchmark")
     p.add_argument("--probe-reader", type=Path, help=argparse_hidden())
-    p.add_argument("--only", choices=["freshness"], help="run one phase; prints, writes no results")
+    p.add_argument(
+        "--only",
+        choices=["olap", "search", "freshness"],
+        help="run one phase; prints, writes no results",
+    )
     args = p.parse_args(argv)
     if args.probe_reader:
         probe_reader(args.probe_reader)
@@ -380,6 +384,11 @@ def main(argv: list[str] | None = None) -> int:
             )
             wires = list(with_malformed(generate_events(config), 0.001, 1))
             figures.add("ingest_events", len(wires), "events")
+            if args.only in ("olap", "search"):
+                rate = throughput(base, registry, wires, [args.only], log)[args.only]
+                figures.add(f"ingest_{args.only}_events_per_s", rate, "events/s")
+                print(format_table(figures, f"ingest {args.only} ({args.scale})"))
+                return 0
             olap = throughput(base, registry, wires, ["olap"], log)["olap"]
             search = throughput(base, registry, wires, ["search"], log)["search"]
             both = throughput(base, registry, wires, ["olap", "search"], log)

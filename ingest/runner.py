@@ -3,8 +3,9 @@
 * One consumer group per sink and datasource, cooperative rebalancing.
 * On assignment a partition resumes where the *sink* says (the OLAP sink: the
   catalog's offsets; Kafka's committed offsets are advisory there).
-* A batch closes on size or time (defaults keep freshness under a second), is
-  decoded and validated, and written; only then do Kafka offsets move. While a
+* A batch closes on size or time (defaults keep freshness under a second) — or, while
+  the worker is still busy with the previous two, keeps filling up to the size limit —
+  is decoded and validated, and written; only then do Kafka offsets move. While a
   worker thread writes one batch, the loop collects the next (one batch in flight,
   order preserved). Every sink call happens on the worker; rebalance callbacks
   first wait for in-flight work, so positions and shards never change under it.
@@ -258,7 +259,12 @@ class Runner:
         while len(out) < conf.batch_max_rows and not self.stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                break
+                if not (out and self._work.full()):
+                    break
+                # The worker is busy and a batch already waits for it: handing this one
+                # over would only block, so keep filling it. Batches grow with the
+                # backlog (fewer, larger commits) and stay small when caught up.
+                remaining = 0.02
             try:
                 batch = consumer.consume(min(10_000, conf.batch_max_rows - len(out)), remaining)
             except KafkaException as exc:

@@ -18,6 +18,7 @@ from storage import OffsetRange
 from storage.embedded.store import EmbeddedStore
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
+from tally.timeutil import utc_datetimes
 
 log = logging.getLogger(__name__)
 TP = tuple[str, int]
@@ -109,8 +110,9 @@ class SearchSink:
             return 0, 0
         cols = {
             name: table.column(name).to_pylist()
-            for name in {ds.key, ds.tenant, ds.time, ds.version, ds.event_id, *ds.searchable}
+            for name in {ds.key, ds.tenant, ds.version, ds.event_id, *ds.searchable}
         }
+        cols[ds.time] = utc_datetimes(table.column(ds.time))
         shard_of = _shard_column(decoded)
         per_shard: dict[int, list[Doc]] = {}
         for i in range(table.num_rows):

@@ -12,7 +12,7 @@ to the same answers.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from storage.protocol import QueryResult
 from tally.specs import DatasourceSpec, Rollup
+from tally.timeutil import utc_datetimes
 
 if TYPE_CHECKING:
     from rollups.router import AggregateRequest
@@ -44,17 +45,9 @@ def evaluate(
     out = out.select([*keys, *(f"{m}_sum" for m in metrics)]).rename_columns([*keys, *metrics])
     out = out.filter(pc.not_equal(out.column(count), 0))
     out = out.sort_by([(k, "ascending") for k in keys])
-    data: list[list[Any]] = [_instants(out.column(0))]
+    data: list[list[Any]] = [utc_datetimes(out.column(0))]
     data += [out.column(c).to_pylist() for c in out.column_names[1:]]
     return QueryResult(out.column_names, [list(r) for r in zip(*data, strict=True)])
-
-
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-
-
-def _instants(column: pa.ChunkedArray) -> list[datetime]:
-    # Arrow's own conversion of zoned timestamps is ~5× slower than this.
-    return [_EPOCH + timedelta(microseconds=us) for us in column.cast(pa.int64()).to_pylist()]
 
 
 def _scalar(ts: datetime) -> pa.Scalar:

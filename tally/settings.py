@@ -42,10 +42,10 @@ class IngestSettings(BaseModel):
         0.25, gt=0, description="OLAP sink micro-batch linger; ≤1 s freshness"
     )
     search_refresh_s: float = Field(
-        0.5,
+        0.25,
         gt=0,
-        description="search sink micro-batch linger (its refresh interval): each batch "
-        "commits a tantivy segment per shard, whose merges cost CPU the OLAP sink needs",
+        description="search sink micro-batch linger (its refresh interval); each batch "
+        "commits a tantivy segment per shard",
     )
     retry_initial_s: float = Field(0.2, gt=0)
     retry_max_s: float = Field(5.0, gt=0)

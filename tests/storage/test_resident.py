@@ -45,30 +45,23 @@ def _resident(reader: OlapReader, spec: DatasourceSpec, req: AggregateRequest) -
     return result.rows
 
 
+def _row(i: int, version: int = 1) -> dict[str, Any]:
+    amount = 1_000 * (1 + i % 7)
+    return payment(
+        f"t{i}",
+        version,
+        approved_at=T0 + timedelta(hours=7 * i),
+        merchant_id=f"m{i % 3}",
+        method=METHODS[i % len(METHODS)],
+        amount=amount,
+        canceled_amount=0 if version == 1 else amount if i % 2 else 500,
+    )
+
+
 def _commit(store: EmbeddedStore, start: int, n: int, *, cancel_from: int | None = None) -> None:
-    rows = [
-        payment(
-            f"t{i}",
-            approved_at=T0 + timedelta(hours=7 * i),
-            merchant_id=f"m{i % 3}",
-            method=METHODS[i % len(METHODS)],
-            amount=1_000 * (1 + i % 7),
-        )
-        for i in range(start, start + n)
-    ]
+    rows = [_row(i) for i in range(start, start + n)]
     if cancel_from is not None:
-        rows += [
-            payment(
-                f"t{i}",
-                2,
-                approved_at=T0 + timedelta(hours=7 * i),
-                merchant_id=f"m{i % 3}",
-                method=METHODS[i % len(METHODS)],
-                amount=1_000 * (1 + i % 7),
-                canceled_amount=1_000 * (1 + i % 7) if i % 2 else 500,
-            )
-            for i in range(cancel_from, cancel_from + n // 2)
-        ]
+        rows += [_row(i, 2) for i in range(cancel_from, cancel_from + n // 2)]
     store.commit("payments", rows)
 
 
