@@ -132,11 +132,13 @@ def demo_command(
 def _register_subcommands() -> None:
     from compaction.cli import compaction_app
     from ingest.cli import register
+    from query_api.cli import register as register_api
     from rollups.cli import rollups_app
 
     app.add_typer(rollups_app, name="rollups")
     app.add_typer(compaction_app, name="compaction")
     register(app)
+    register_api(app)
 
 
 _register_subcommands()

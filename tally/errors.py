@@ -128,3 +128,21 @@ class SearchError(TallyError):
     """The search backend rejected a request (bad query, bad mapping...)."""
 
     code = "search_error"
+
+
+class Unauthorized(TallyError):
+    """No API key, or one that is unknown or revoked."""
+
+    code = "unauthorized"
+
+
+class Forbidden(TallyError):
+    """A valid key without the scope the route needs."""
+
+    code = "forbidden"
+
+
+class NotFound(TallyError):
+    """Nothing with that id — or nothing the caller's tenant may see (never says which)."""
+
+    code = "not_found"

@@ -72,6 +72,21 @@ class CompactionSettings(BaseModel):
     )
 
 
+class ApiSettings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    datasource: str = Field("payments", description="the datasource /v1 serves")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    workers: int = Field(2, ge=1, description="uvicorn worker processes")
+    page_max: int = Field(500, ge=1, description="largest page /v1/transactions returns")
+    search_candidates: int = Field(
+        5000, ge=1, description="ids the search index may propose for one query"
+    )
+    sql_row_limit: int = Field(10_000, ge=1, description="rows /v1/sql returns at most")
+    sql_timeout_s: float = Field(10.0, gt=0, description="a /v1/sql query is cancelled after")
+
+
 class SearchSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -101,6 +116,7 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     search: SearchSettings = SearchSettings()
     compaction: CompactionSettings = CompactionSettings()
+    api: ApiSettings = ApiSettings()
 
     def topic(self, name: str) -> str:
         return f"{self.topic_namespace}{name}"
@@ -122,6 +138,10 @@ class Settings(BaseSettings):
     @property
     def catalog_path(self) -> Path:
         return self.data_dir / "catalog.sqlite"
+
+    @property
+    def keys_path(self) -> Path:
+        return self.data_dir / "keys.sqlite"
 
     @property
     def segments_dir(self) -> Path:

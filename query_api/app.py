@@ -1,0 +1,47 @@
+"""The FastAPI application: ``create_app(settings)``; ``tally serve`` runs it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from query_api import errors, metrics
+from query_api.routes import health, sales, transactions
+from query_api.services import Services
+from tally.settings import Settings, load_settings
+from tally.specs import SpecRegistry, builtin_spec_paths
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or load_settings(None)
+    registry = SpecRegistry.load(list(settings.specs) or builtin_spec_paths())
+    spec = registry.get(settings.api.datasource)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = Services.open(settings)
+        app.state.services = services
+        try:
+            yield
+        finally:
+            services.close()
+
+    app = FastAPI(
+        title="Tally query API",
+        version="1",
+        description="Merchant-scoped transactions, hybrid search and sales aggregates.",
+        lifespan=lifespan,
+    )
+    errors.install(app)
+    app.middleware("http")(metrics.middleware)
+    app.include_router(health.router)
+    app.include_router(sales.router)
+    app.include_router(transactions.build(spec))
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for worker processes: settings from the environment."""
+    return create_app()

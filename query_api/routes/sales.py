@@ -1,0 +1,61 @@
+"""``GET /v1/sales``: aggregates answered by the rollup router, tenant-scoped."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+
+from query_api.deps import MerchantDep, ServicesDep
+from query_api.models import ErrorBody, SalesBucket, SalesResponse
+from rollups.router import AggregateRequest, run
+from tally.errors import InvalidArgument
+
+router = APIRouter(tags=["sales"])
+MAX_BUCKETS = 20_000
+_SECONDS = {"hour": 3600, "day": 86_400, "month": 28 * 86_400}
+
+
+@router.get(
+    "/v1/sales",
+    response_model=SalesResponse,
+    responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+)
+def sales(
+    services: ServicesDep,
+    merchant: MerchantDep,
+    from_: Annotated[datetime, Query(alias="from", description="inclusive, with an offset")],
+    to: Annotated[datetime, Query(description="exclusive, with an offset")],
+    granularity: Literal["hour", "day", "month"] = "day",
+    group_by: Annotated[str, Query(description="comma-separated: method, status, currency")] = "",
+    force_base: Annotated[
+        bool, Query(description="skip the rollups (for comparisons); admin tooling")
+    ] = False,
+) -> SalesResponse:
+    """Count, gross, canceled and net amount per bucket (calendar buckets in the
+    datasource's time zone), from the coarsest rollup that answers exactly."""
+    spec = services.spec
+    groups = tuple(g.strip() for g in group_by.split(",") if g.strip())
+    tenant = spec.datasource.tenant
+    if tenant in groups:
+        raise InvalidArgument(f"group_by: {tenant!r} is implied by the API key")
+    if from_.tzinfo is None or to.tzinfo is None:
+        raise InvalidArgument("from and to need a time zone offset, e.g. 2026-11-01T00:00:00+09:00")
+    span = (to - from_).total_seconds()
+    if span > 0 and span / _SECONDS[granularity] > MAX_BUCKETS:
+        raise InvalidArgument(
+            f"{span / _SECONDS[granularity]:,.0f} {granularity} buckets requested; "
+            f"at most {MAX_BUCKETS:,} — use a coarser granularity or a shorter range"
+        )
+    req = AggregateRequest(
+        start=from_,
+        end=to,
+        granularity=granularity,
+        group_by=groups,
+        filters={tenant: (merchant,)},
+    )
+    routed, result = run(services.reader, spec, req, force_base=force_base)
+    names = result.columns
+    buckets = [SalesBucket(**dict(zip(names, row, strict=True))) for row in result.rows]
+    return SalesResponse(buckets=buckets, source=routed.source)

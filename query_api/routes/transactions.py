@@ -1,0 +1,267 @@
+"""``GET /v1/transactions`` and ``/v1/transactions/{txn_id}``, tenant-scoped.
+
+Search proposes, OLAP disposes (DESIGN §3): with ``q`` the search index returns
+candidate ids for the merchant and time range; the store applies every filter and
+supplies every field, so a status changed after indexing shows as it is now.
+
+Pagination is keyset, never offset: the cursor carries the last row's sort key
+(``approved_at``, which never changes, then ``txn_id``; for relevance the score),
+so rows arriving meanwhile neither shift nor repeat a page.
+"""
+
+# No `from __future__ import annotations`: the routes are built in a closure whose
+# parameter annotations FastAPI must evaluate with the closure's variables.
+
+import base64
+import binascii
+import hashlib
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+import msgspec
+import pyarrow as pa
+from fastapi import APIRouter, Path, Query
+from sqlglot import exp
+
+from query_api.deps import MerchantDep, ServicesDep
+from query_api.models import ErrorBody, Freshness, transaction_model, transactions_model
+from query_api.services import Services
+from storage.embedded.sqlgen import col, subquery
+from tally.errors import InvalidArgument, NotFound
+from tally.specs import DatasourceSpec
+from tally.timeutil import bucket_key
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody},
+    401: {"model": ErrorBody},
+    404: {"model": ErrorBody},
+    422: {"model": ErrorBody},
+}
+
+
+class _Cursor(msgspec.Struct, array_like=True):
+    sort: str
+    fingerprint: str
+    time_us: int
+    key: str
+    score: float = 0.0
+
+
+def build(spec: DatasourceSpec) -> APIRouter:
+    router = APIRouter(tags=["transactions"])
+    item_model = transaction_model(spec)
+    page_model = transactions_model(item_model)
+    ds = spec.datasource
+    statuses = tuple(spec.columns["status"].values or ()) if "status" in spec.columns else ()
+    methods = tuple(spec.columns["method"].values or ()) if "method" in spec.columns else ()
+
+    @router.get("/v1/transactions", response_model=page_model, responses=_ERRORS)
+    def list_transactions(
+        services: ServicesDep,
+        merchant: MerchantDep,
+        from_: Annotated[datetime | None, Query(alias="from")] = None,
+        to: datetime | None = None,
+        status: Annotated[str | None, Query(description=f"one of {', '.join(statuses)}")] = None,
+        method: Annotated[str | None, Query(description=f"one of {', '.join(methods)}")] = None,
+        q: Annotated[str | None, Query(max_length=200, description="keywords")] = None,
+        limit: Annotated[int, Query(ge=1)] = 50,
+        cursor: str | None = None,
+        sort: Literal["time", "relevance"] = "time",
+    ) -> Any:
+        """The merchant's transactions, newest first (or by relevance with ``q``)."""
+        for name, value in (("from", from_), ("to", to)):
+            if value is not None and value.tzinfo is None:
+                raise InvalidArgument(f"{name} needs a time zone offset")
+        if status is not None and statuses and status not in statuses:
+            raise InvalidArgument(f"status must be one of {', '.join(statuses)}")
+        if method is not None and methods and method not in methods:
+            raise InvalidArgument(f"method must be one of {', '.join(methods)}")
+        if sort == "relevance" and not (q and q.strip()):
+            raise InvalidArgument("sort=relevance needs q")
+        limit = min(limit, services.settings.api.page_max)
+        filters = {"status": status, "method": method}
+        fingerprint = _fingerprint(merchant, from_, to, filters, q, sort)
+        after = _decode(cursor, sort, fingerprint) if cursor else None
+        if q and q.strip():
+            rows = _hybrid(services, merchant, q, from_, to, filters, sort, after, limit + 1)
+        else:
+            rows = _scan(services, merchant, from_, to, filters, after, limit + 1)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_cursor = None
+        if more:
+            last = rows[-1]
+            next_cursor = _encode(
+                _Cursor(
+                    sort,
+                    fingerprint,
+                    _micros(last[ds.time]),
+                    last[ds.key],
+                    float(last.pop("_score", 0.0)),
+                )
+            )
+        for row in rows:
+            row.pop("_score", None)
+        return {"items": rows, "next_cursor": next_cursor, "freshness": _freshness(services)}
+
+    @router.get("/v1/transactions/{txn_id}", response_model=item_model, responses=_ERRORS)
+    def get_transaction(
+        services: ServicesDep,
+        merchant: MerchantDep,
+        txn_id: Annotated[str, Path(max_length=200)],
+    ) -> Any:
+        """One transaction; 404 for an unknown id and for another merchant's alike."""
+        table = services.reader.lookup(spec.name, [txn_id], tenant=merchant)
+        rows = _rows(table)
+        if not rows:
+            raise NotFound(f"no transaction {txn_id!r}")
+        return rows[0]
+
+    return router
+
+
+def _freshness(services: Services) -> Freshness:
+    return Freshness(
+        olap=services.reader.freshness(services.spec.name), search=services.search.freshness()
+    )
+
+
+def _conditions(
+    spec: DatasourceSpec,
+    merchant: str,
+    start: datetime | None,
+    end: datetime | None,
+    filters: dict[str, str | None],
+) -> list[exp.Expression]:
+    ds = spec.datasource
+    out: list[exp.Expression] = [
+        exp.EQ(this=col(ds.tenant), expression=exp.Literal.string(merchant))
+    ]
+    if start is not None:
+        out.append(exp.GTE(this=col(ds.time), expression=_ts(start)))
+    if end is not None:
+        out.append(exp.LT(this=col(ds.time), expression=_ts(end)))
+    for name, value in filters.items():
+        if value is not None:
+            out.append(exp.EQ(this=col(name), expression=exp.Literal.string(value)))
+    return out
+
+
+def _scan(
+    services: Services,
+    merchant: str,
+    start: datetime | None,
+    end: datetime | None,
+    filters: dict[str, str | None],
+    after: _Cursor | None,
+    n: int,
+) -> list[dict[str, Any]]:
+    spec = services.spec
+    ds = spec.datasource
+    reader = services.reader
+    conditions: list[exp.Expression] = _conditions(spec, merchant, start, end, filters)
+    if after is not None:
+        t = _ts(datetime.fromtimestamp(after.time_us / 1e6, UTC))
+        conditions.append(
+            exp.Paren(
+                this=exp.Or(
+                    this=exp.LT(this=col(ds.time), expression=t),
+                    expression=exp.And(
+                        this=exp.EQ(this=col(ds.time), expression=t.copy()),
+                        expression=exp.LT(
+                            this=col(ds.key), expression=exp.Literal.string(after.key)
+                        ),
+                    ),
+                )
+            )
+        )
+    query = (
+        exp.select(exp.Star())
+        .from_(subquery(reader.relation(spec.name, start, end), "m"))
+        .where(exp.and_(*conditions))
+        .order_by(
+            exp.Ordered(this=col(ds.time), desc=True), exp.Ordered(this=col(ds.key), desc=True)
+        )
+        .limit(n)
+    )
+    return _rows(reader.arrow(query.sql(dialect=reader.capabilities.sql_dialect)))
+
+
+def _hybrid(
+    services: Services,
+    merchant: str,
+    q: str,
+    start: datetime | None,
+    end: datetime | None,
+    filters: dict[str, str | None],
+    sort: str,
+    after: _Cursor | None,
+    n: int,
+) -> list[dict[str, Any]]:
+    spec = services.spec
+    ds = spec.datasource
+    hits = services.search.search(
+        merchant, q.strip(), start, end, limit=services.settings.api.search_candidates
+    )
+    if not hits:
+        return []
+    score = {h.key: h.score for h in hits}
+    needle = q.strip().lower() if len(q.strip()) >= 2 else ""
+    partitions = sorted({bucket_key(h.time, ds.granularity, spec.tz) for h in hits})
+    table = services.reader.lookup(spec.name, list(score), tenant=merchant, partitions=partitions)
+    rows = []
+    for row in _rows(table):
+        at = row[ds.time]
+        if (start is not None and at < start) or (end is not None and at >= end):
+            continue
+        if any(v is not None and row[k] != v for k, v in filters.items()):
+            continue
+        if needle and not any(needle in (row[f] or "").lower() for f in ds.searchable):
+            continue  # the index proposes by grams; the text itself decides
+        row["_score"] = score[row[ds.key]]
+        rows.append(row)
+    if sort == "relevance":
+        rows.sort(key=lambda r: (-r["_score"], r[ds.key]))
+        if after is not None:
+            rows = [r for r in rows if (-r["_score"], r[ds.key]) > (-after.score, after.key)]
+    else:
+        rows.sort(key=lambda r: (_micros(r[ds.time]), r[ds.key]), reverse=True)
+        if after is not None:
+            rows = [
+                r for r in rows if (_micros(r[ds.time]), r[ds.key]) < (after.time_us, after.key)
+            ]
+    return rows[:n]
+
+
+def _rows(table: pa.Table) -> list[dict[str, Any]]:
+    return [{k: v for k, v in row.items() if not k.startswith("_")} for row in table.to_pylist()]
+
+
+def _ts(value: datetime) -> exp.Expression:
+    return exp.cast(exp.Literal.string(value.astimezone(UTC).isoformat()), "TIMESTAMPTZ")
+
+
+def _micros(value: datetime) -> int:
+    return int(value.timestamp() * 1_000_000)
+
+
+def _fingerprint(merchant: str, *parts: Any) -> str:
+    """Ties a cursor to the request it came from: reusing it with other filters (or
+    another merchant's key) is an error, not a silently wrong page."""
+    text = msgspec.json.encode([merchant, [str(p) for p in parts]])
+    return hashlib.sha256(text).hexdigest()[:16]
+
+
+def _encode(cursor: _Cursor) -> str:
+    return base64.urlsafe_b64encode(msgspec.msgpack.encode(cursor)).decode().rstrip("=")
+
+
+def _decode(text: str, sort: str, fingerprint: str) -> _Cursor:
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        cursor = msgspec.msgpack.decode(raw, type=_Cursor)
+    except (binascii.Error, ValueError, msgspec.DecodeError) as exc:
+        raise InvalidArgument("cursor is not one this API issued") from exc
+    if cursor.sort != sort or cursor.fingerprint != fingerprint:
+        raise InvalidArgument("cursor belongs to another query; start without it")
+    return cursor

@@ -1,0 +1,40 @@
+"""What one API process holds: a read-only store reader, the search index opened for
+reading, the key store. Created once per worker process (FastAPI lifespan)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from query_api.keys import KeyStore
+from search import SearchIndex, open_index
+from storage import OlapReader, open_reader
+from tally.settings import Settings
+from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
+
+
+@dataclass
+class Services:
+    settings: Settings
+    registry: SpecRegistry
+    spec: DatasourceSpec  # the datasource /v1 serves
+    reader: OlapReader
+    search: SearchIndex
+    keys: KeyStore
+
+    @classmethod
+    def open(cls, settings: Settings) -> Services:
+        registry = SpecRegistry.load(list(settings.specs) or builtin_spec_paths())
+        spec = registry.get(settings.api.datasource)
+        return cls(
+            settings=settings,
+            registry=registry,
+            spec=spec,
+            reader=open_reader(settings, registry),
+            search=open_index(settings, spec, readonly=True),
+            keys=KeyStore(settings.keys_path),
+        )
+
+    def close(self) -> None:
+        self.reader.close()
+        self.search.close()
+        self.keys.close()

@@ -1,0 +1,150 @@
+"""A real uvicorn server (``tally serve``, two worker processes) over a store and a
+tantivy index holding two merchants' payments; keys for each merchant and an admin.
+
+The data here is committed through the store and index APIs directly; the end-to-end
+test through the broker and ``tally ingest`` lives in test_e2e.py.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+
+from query_api.keys import KeyStore
+from search import Doc
+from search.tantivy_index import TantivyIndex
+from storage import open_store
+from tally.settings import Settings
+from tally.specs import DatasourceSpec, SpecRegistry
+from tests.factories import METHODS, latest_by_key, payment
+from tests.ingest.conftest import free_port
+
+MERCHANTS = ("m1", "m2")
+NAMES = ("김민지", "이서준", "Kim Minji", "Olivia Park", "박지훈", "Liam Choi")
+PRODUCTS = (
+    "원두 커피 1kg",
+    "Coffee beans",
+    "무선 이어폰",
+    "Wireless earbuds",
+    "운동화",
+    "Sneakers",
+)
+START = datetime(2026, 9, 30, 15, tzinfo=UTC)  # 2026-10-01 00:00 in Seoul
+
+
+@dataclass(repr=False)
+class Api:
+    url: str
+    keys: dict[str, str]  # merchant (or "admin") → bearer key
+    events: list[dict[str, Any]]  # everything committed
+    spec: DatasourceSpec
+    settings: Settings
+
+    def client(self, who: str | None) -> httpx.Client:
+        headers = {} if who is None else {"Authorization": f"Bearer {self.keys[who]}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def __repr__(self) -> str:
+        return f"Api({self.url})"
+
+    def latest(self) -> dict[str, Any]:
+        return dict(latest_by_key(self.spec, self.events))
+
+
+def _history(n: int, seed: int) -> list[dict[str, Any]]:
+    rng = random.Random(seed)
+    events = []
+    for i in range(n):
+        at = START + timedelta(minutes=rng.randrange(60 * 24 * 45))
+        amount = rng.randrange(1, 200) * 100
+        common: dict[str, Any] = {
+            "approved_at": at,
+            "amount": amount,
+            "merchant_id": rng.choice(MERCHANTS),
+            "method": rng.choice(METHODS),
+            "currency": rng.choice(("KRW", "KRW", "USD")),
+            "order_name": rng.choice(PRODUCTS),
+            "customer_name": rng.choice(NAMES),
+        }
+        events.append(payment(f"tx{i:04d}", **common))
+        if rng.random() < 0.3:
+            events.append(payment(f"tx{i:04d}", 2, canceled_amount=amount, **common))
+    return events
+
+
+def index_docs(settings: Settings, spec: DatasourceSpec, rows: list[dict[str, Any]]) -> None:
+    ds = spec.datasource
+    index = TantivyIndex(settings, spec)
+    try:
+        docs = [
+            Doc(
+                key=r[ds.key],
+                tenant=r[ds.tenant],
+                time=r[ds.time],
+                version=r[ds.version],
+                event_id=r[ds.event_id],
+                text={f: r[f] for f in ds.searchable},
+            )
+            for r in rows
+        ]
+        index.upsert(0, docs)
+        index.commit(0, max(d.time for d in docs))
+    finally:
+        index.close()
+
+
+@pytest.fixture(scope="module")
+def api(tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry) -> Iterator[Api]:
+    data_dir = tmp_path_factory.mktemp("api")
+    settings = Settings(data_dir=data_dir)
+    spec = registry.get("payments")
+    events = _history(600, seed=7)
+    store = open_store(settings, registry)
+    for i in range(0, len(events), 150):
+        store.commit("payments", events[i : i + 150])
+    store.close()
+    index_docs(settings, spec, events)
+    keys = KeyStore(settings.keys_path)
+    issued = {m: keys.create(m)[1] for m in MERCHANTS}
+    issued["admin"] = keys.create(None, admin=True)[1]
+    keys.close()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "2"],
+        env={**os.environ, "TALLY_DATA_DIR": str(data_dir)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_ready(url, server)
+        yield Api(url, issued, events, spec, settings)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def _wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(
+                f"server exited: {server.stderr.read().decode() if server.stderr else ''}"
+            )
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError("server did not become ready")
