@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from query_api import errors, metrics
-from query_api.routes import health, sales, transactions
+from query_api.routes import health, sales, sql, transactions
 from query_api.services import Services
 from tally.settings import Settings, load_settings
 from tally.specs import SpecRegistry, builtin_spec_paths
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(sales.router)
     app.include_router(transactions.build(spec))
+    app.include_router(sql.router)
     return app
 
 

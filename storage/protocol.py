@@ -137,7 +137,9 @@ class OlapReader(Protocol):
 
     capabilities: Capabilities
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult: ...
+    def query(
+        self, sql: str, params: Sequence[Any] | None = None, *, timeout_s: float | None = None
+    ) -> QueryResult: ...
 
     def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table: ...
 

@@ -199,15 +199,25 @@ class EmbeddedReader:
         finally:
             cur.close()
 
-    def query(self, sql: str, params: Sequence[Any] | None = None) -> QueryResult:
+    def query(
+        self, sql: str, params: Sequence[Any] | None = None, *, timeout_s: float | None = None
+    ) -> QueryResult:
+        """Run ``sql``; with ``timeout_s`` the engine is interrupted after that long."""
         cur = self.cursor(sql)
+        timer = None if timeout_s is None else threading.Timer(timeout_s, cur.interrupt)
+        if timer is not None:
+            timer.start()
         try:
             result = cur.execute(sql, params or [])
             columns = [d[0] for d in result.description or []]
             return QueryResult(columns, [list(r) for r in result.fetchall()])
+        except duckdb.InterruptException as exc:
+            raise QueryError(f"query cancelled after {timeout_s:g} s") from exc
         except duckdb.Error as exc:
             raise QueryError(_one_line(exc)) from exc
         finally:
+            if timer is not None:
+                timer.cancel()
             cur.close()
 
     def freshness(self, datasource: str) -> datetime | None:

@@ -121,7 +121,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry) -> Ite
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "2"],
-        env={**os.environ, "TALLY_DATA_DIR": str(data_dir)},
+        env={**os.environ, "TALLY_DATA_DIR": str(data_dir), "TALLY_API__SQL_TIMEOUT_S": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

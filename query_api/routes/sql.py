@@ -1,0 +1,39 @@
+"""``POST /v1/sql``: read-only SQL over the merchant's own rows (see ``sqlguard``)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from query_api.deps import MerchantDep, ServicesDep
+from query_api.models import ErrorBody, SqlRequest, SqlResponse
+from query_api.sqlguard import scope
+from tally.errors import InvalidArgument
+
+router = APIRouter(tags=["sql"])
+
+
+@router.post(
+    "/v1/sql",
+    response_model=SqlResponse,
+    responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+)
+def run_sql(body: SqlRequest, services: ServicesDep, merchant: MerchantDep) -> SqlResponse:
+    """A SELECT in the given dialect, transpiled to the engine's; every datasource it
+    names is narrowed to the key's merchant first. Row and time limits apply."""
+    spec = services.spec
+    api = services.settings.api
+    scoped = scope(
+        body.sql,
+        body.dialect.lower(),
+        tenant_column=spec.datasource.tenant,
+        tenant=merchant,
+        tables=[spec.name, *(r.name for r in spec.rollups)],
+        engine_dialect=services.reader.capabilities.sql_dialect,
+        row_limit=api.sql_row_limit,
+    )
+    result = services.reader.query(scoped.sql, timeout_s=api.sql_timeout_s)
+    if len(result.rows) > api.sql_row_limit:
+        raise InvalidArgument(
+            f"the result has more than {api.sql_row_limit:,} rows; aggregate or add a LIMIT"
+        )
+    return SqlResponse(columns=result.columns, rows=result.rows)
