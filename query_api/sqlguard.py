@@ -56,6 +56,14 @@ _FUNCTIONS: tuple[type[exp.Expression], ...] = tuple(
         "AnyValue",
         "LogicalAnd",
         "LogicalOr",
+        # logic (sqlglot models these connectives as functions)
+        "And",
+        "Or",
+        "Xor",
+        "Not",
+        "RegexpILike",
+        "Case",
+        "Collate",
         # scalar
         "Coalesce",
         "Nullif",

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query
 
 from query_api.deps import MerchantDep, ServicesDep
 from query_api.models import ErrorBody, SalesBucket, SalesResponse
+from query_api.params import time_range
 from rollups.router import AggregateRequest, run
 from tally.errors import InvalidArgument
 
@@ -40,8 +41,7 @@ def sales(
     tenant = spec.datasource.tenant
     if tenant in groups:
         raise InvalidArgument(f"group_by: {tenant!r} is implied by the API key")
-    if from_.tzinfo is None or to.tzinfo is None:
-        raise InvalidArgument("from and to need a time zone offset, e.g. 2026-11-01T00:00:00+09:00")
+    time_range(from_, to)
     span = (to - from_).total_seconds()
     if span > 0 and span / _SECONDS[granularity] > MAX_BUCKETS:
         raise InvalidArgument(

@@ -25,6 +25,7 @@ from sqlglot import exp
 
 from query_api.deps import MerchantDep, ServicesDep
 from query_api.models import ErrorBody, Freshness, transaction_model, transactions_model
+from query_api.params import time_range
 from query_api.services import Services
 from storage.embedded.sqlgen import col, subquery
 from tally.errors import InvalidArgument, NotFound
@@ -69,9 +70,7 @@ def build(spec: DatasourceSpec) -> APIRouter:
         sort: Literal["time", "relevance"] = "time",
     ) -> Any:
         """The merchant's transactions, newest first (or by relevance with ``q``)."""
-        for name, value in (("from", from_), ("to", to)):
-            if value is not None and value.tzinfo is None:
-                raise InvalidArgument(f"{name} needs a time zone offset")
+        time_range(from_, to)
         if status is not None and statuses and status not in statuses:
             raise InvalidArgument(f"status must be one of {', '.join(statuses)}")
         if method is not None and methods and method not in methods:

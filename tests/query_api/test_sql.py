@@ -92,6 +92,27 @@ def test_dialects_answer_alike_and_only_for_the_key(api: Api, dialect: str, sql:
         assert {s: n for s, n in body["rows"]} == dict(expected)
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT CASE WHEN amount > 0 THEN 'a' ELSE 'b' END AS k, COUNT(*) FROM payments GROUP BY 1",
+        "SELECT txn_id FROM payments WHERE status IN ('DONE') AND amount BETWEEN 1 AND 500000"
+        " OR order_name LIKE '%커피%' AND card_last4 IS NULL AND NOT (amount = 1)",
+        "SELECT DISTINCT method, SUM(amount) OVER (PARTITION BY method) FROM payments",
+        "SELECT EXTRACT(YEAR FROM approved_at), approved_at + INTERVAL 1 DAY FROM payments",
+        "SELECT COUNT(DISTINCT customer_name), AVG(amount), MIN(approved_at) FROM payments",
+        "SELECT DATE_TRUNC('month', approved_at), ROUND(AVG(amount), 2) FROM payments GROUP BY 1",
+        "SELECT IFNULL(card_company, 'none'), CONCAT(order_id, '-'), UPPER(method) FROM payments",
+        "SELECT bucket, SUM(net_amount) FROM payments_daily GROUP BY bucket ORDER BY bucket",
+        "SELECT amount % 3, amount / 2, -amount FROM payments ORDER BY 1 DESC LIMIT 3",
+    ],
+)
+def test_ordinary_dashboard_queries_are_accepted(api: Api, sql: str) -> None:
+    status, body = _sql(api, "m1", sql)
+    assert status == 200, body
+    assert body["rows"]
+
+
 def test_a_runaway_query_is_cancelled(api: Api) -> None:
     status, body = _sql(
         api, "m1", "SELECT COUNT(*) FROM payments a, payments b, payments c, payments d, payments e"
