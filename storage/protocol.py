@@ -149,6 +149,12 @@ class OlapReader(Protocol):
         """A relation (sqlglot expression) over only the partitions overlapping the range."""
         ...
 
+    def partitions(
+        self, name: str, start: datetime | None = None, end: datetime | None = None
+    ) -> list[str]:
+        """Keys of the partitions overlapping [start, end), ascending."""
+        ...
+
     def rollup_state(
         self,
         rollup: str,

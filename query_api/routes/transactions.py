@@ -15,7 +15,7 @@ so rows arriving meanwhile neither shift nor repeat a page.
 import base64
 import binascii
 import hashlib
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -30,7 +30,7 @@ from query_api.services import Services
 from storage.embedded.sqlgen import col, subquery
 from tally.errors import InvalidArgument, NotFound
 from tally.specs import DatasourceSpec
-from tally.timeutil import bucket_key
+from tally.timeutil import bucket_key, bucket_range
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody},
@@ -155,12 +155,18 @@ def _scan(
     after: _Cursor | None,
     n: int,
 ) -> list[dict[str, Any]]:
+    """Newest first, reading partitions newest first in growing windows (1, 2, 4 ...
+    days) and stopping once the page is full: a dashboard's first page reads today,
+    not the merchant's whole history."""
     spec = services.spec
     ds = spec.datasource
     reader = services.reader
     conditions: list[exp.Expression] = _conditions(spec, merchant, start, end, filters)
     if after is not None:
-        t = _ts(datetime.fromtimestamp(after.time_us / 1e6, UTC))
+        at = datetime.fromtimestamp(after.time_us / 1e6, UTC)
+        newest = at + timedelta(microseconds=1)
+        end = newest if end is None else min(end, newest)
+        t = _ts(at)
         conditions.append(
             exp.Paren(
                 this=exp.Or(
@@ -174,16 +180,25 @@ def _scan(
                 )
             )
         )
-    query = (
-        exp.select(exp.Star())
-        .from_(subquery(reader.relation(spec.name, start, end), "m"))
-        .where(exp.and_(*conditions))
-        .order_by(
-            exp.Ordered(this=col(ds.time), desc=True), exp.Ordered(this=col(ds.key), desc=True)
+    parts = reader.partitions(spec.name, start, end)
+    rows: list[dict[str, Any]] = []
+    width = 1
+    while parts and len(rows) < n:
+        chunk, parts = parts[-width:], parts[:-width]
+        width *= 2
+        lo = bucket_range(chunk[0], ds.granularity, spec.tz)[0]
+        hi = bucket_range(chunk[-1], ds.granularity, spec.tz)[1]
+        query = (
+            exp.select(exp.Star())
+            .from_(subquery(reader.relation(spec.name, lo, hi), "m"))
+            .where(exp.and_(*conditions))
+            .order_by(
+                exp.Ordered(this=col(ds.time), desc=True), exp.Ordered(this=col(ds.key), desc=True)
+            )
+            .limit(n - len(rows))
         )
-        .limit(n)
-    )
-    return _rows(reader.arrow(query.sql(dialect=reader.capabilities.sql_dialect)))
+        rows += _rows(reader.arrow(query.sql(dialect=reader.capabilities.sql_dialect)))
+    return rows
 
 
 def _hybrid(

@@ -252,6 +252,19 @@ class EmbeddedReader:
         dirty = [f for paths in chosen.values() if len(paths) > 1 for f in paths]
         return merged_base(spec, clean, dirty)
 
+    def partitions(
+        self, name: str, start: datetime | None = None, end: datetime | None = None
+    ) -> list[str]:
+        """Keys of the live partitions of ``name`` overlapping [start, end), ascending."""
+        snap = self.refresh()
+        spec, rollup = self._owner(name)
+        granularity = rollup.partition if rollup else spec.datasource.granularity
+        return sorted(
+            part
+            for part in snap.files.get(name, {})
+            if _overlaps(part, granularity, spec.tz, start, end)
+        )
+
     def rollup_state(
         self,
         rollup: str,

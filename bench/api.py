@@ -1,0 +1,257 @@
+"""Query API benchmark: latency per route at 1 and 8 concurrent clients.
+
+A store of generated payments (1M at --scale full, with 10% cancellations, some of
+them late) and its tantivy index are built through the store and index APIs, then
+`tally serve` runs with two uvicorn workers (the machine has two cores) and clients
+in this process call each route with one merchant's key:
+
+* sales        — /v1/sales, 90 days by day (rollup-routed) and the same forced to base
+* list         — /v1/transactions, the newest page of 50
+* search       — /v1/transactions?q=<keyword> (hybrid: index proposes, store disposes)
+* get          — /v1/transactions/{txn_id} of a random existing id
+* sql          — /v1/sql, a per-status count for the merchant
+
+p50/p99 per route and concurrency; ``api_max_p99_ms_c8`` is the worst route at 8
+clients (the forced-base comparison included); ``api_sales_rollup_speedup`` is the
+forced-base p99 over the rollup p99 at 1 client.
+
+    .venv/bin/python bench/api.py --scale small|full
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from bench.common import Figures, Log, format_table, parser, percentile, write_results
+from ingest.generate import GeneratorConfig, approval_tables, cancellations_for
+from query_api.keys import KeyStore
+from search import Doc
+from search.tantivy_index import TantivyIndex
+from storage import open_reader, open_store
+from tally.settings import Settings
+from tally.specs import SpecRegistry, builtin_spec_paths
+from tally.timeutil import utc_datetimes
+
+SCALES = {
+    "small": {"transactions": 200_000, "requests": 100},
+    "full": {"transactions": 1_000_000, "requests": 200},
+}
+DAYS = 120
+SHARDS = 6
+START = datetime(2026, 1, 1, tzinfo=UTC) - timedelta(hours=9)  # Seoul midnight
+KEYWORDS = ("커피", "이어폰", "운동화", "Coffee", "Kim", "박")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def build(settings: Settings, registry: SpecRegistry, n: int, log: Log) -> None:
+    """Store and index n payments (and cancellations of 10% of them)."""
+    spec = registry.get("payments")
+    ds = spec.datasource
+    store = open_store(settings, registry)
+    index = TantivyIndex(settings, spec)
+    config = GeneratorConfig(transactions=n, merchants=500, days=DAYS, start=START, seed=5)
+    rng = np.random.default_rng(5)
+    done = 0
+    for table in approval_tables(config, 20_000):
+        now = pc.max(table.column(ds.time)).as_py()
+        picked = table.take(pa.array(np.flatnonzero(rng.random(table.num_rows) < 0.1)))
+        cancels = cancellations_for(picked, now, seed=done)
+        store.commit(
+            "payments", pa.concat_tables([table, cancels.select(table.schema.names)]), now=now
+        )
+        _index(index, table, ds)
+        done += table.num_rows
+        if done % 200_000 == 0:
+            log(f"built {done:,}")
+    index.close()
+    store.close()
+
+
+def _index(index: TantivyIndex, table: pa.Table, ds: Any) -> None:
+    cols = {
+        c: table.column(c).to_pylist()
+        for c in (ds.key, ds.tenant, ds.version, ds.event_id, *ds.searchable)
+    }
+    times = utc_datetimes(table.column(ds.time))
+    shards: dict[int, list[Doc]] = {}
+    for i, key in enumerate(cols[ds.key]):
+        doc = Doc(
+            key=key,
+            tenant=cols[ds.tenant][i],
+            time=times[i],
+            version=cols[ds.version][i],
+            event_id=cols[ds.event_id][i],
+            text={f: cols[f][i] for f in ds.searchable},
+        )
+        shards.setdefault(zlib.crc32(key.encode()) % SHARDS, []).append(doc)
+    for shard, docs in shards.items():
+        index.upsert(shard, docs)
+        index.commit(shard, max(d.time for d in docs))
+
+
+def serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    import os
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "2"],
+        env={**os.environ, "TALLY_DATA_DIR": str(settings.data_dir)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def wait_ready(url: str) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit("the API did not become ready")
+
+
+def measure(
+    url: str,
+    key: str,
+    request: Callable[[httpx.Client, random.Random], httpx.Response],
+    clients: int,
+    total: int,
+) -> list[float]:
+    """``total`` requests spread over ``clients`` threads, each with its own connection."""
+    times: list[float] = []
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        # TCP_NODELAY on the client too, as browsers and curl set it.
+        transport = httpx.HTTPTransport(
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
+        )
+        headers = {"Authorization": f"Bearer {key}"}
+        with httpx.Client(base_url=url, headers=headers, timeout=60, transport=transport) as c:
+            request(c, rng)  # warm this connection
+            for _ in range(total // clients):
+                t0 = time.perf_counter()
+                resp = request(c, rng)
+                elapsed = (time.perf_counter() - t0) * 1000
+                if resp.status_code != 200:
+                    errors.append(resp.text[:200])
+                with lock:
+                    times.append(elapsed)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise SystemExit(f"requests failed: {errors[:3]}")
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser(__doc__.splitlines()[0]).parse_args(argv)
+    scale = SCALES[args.scale]
+    log = Log()
+    registry = SpecRegistry.load(builtin_spec_paths())
+    figures = Figures()
+    with tempfile.TemporaryDirectory(prefix="tally-bench-api-") as tmp:
+        settings = Settings(data_dir=Path(tmp))
+        build(settings, registry, scale["transactions"], log)
+        figures.add("api_stored_transactions", scale["transactions"], "rows")
+        # A mid-volume merchant, as in bench/store.py.
+        reader = open_reader(settings, registry)
+        ranked = reader.query(
+            "SELECT merchant_id, sum(count) FROM payments_daily GROUP BY 1 ORDER BY 2 DESC, 1"
+        ).rows
+        merchant = str(ranked[len(ranked) // 10][0])
+        mine = [
+            r[0]
+            for r in reader.query(
+                "SELECT txn_id FROM payments WHERE merchant_id = ?", [merchant]
+            ).rows
+        ]
+        reader.close()
+        log(f"merchant {merchant}: {len(mine):,} payments")
+        keys = KeyStore(settings.keys_path)
+        _, key = keys.create(merchant)
+        keys.close()
+        port = free_port()
+        server = serve(settings, port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_ready(url)
+            end = START + timedelta(days=DAYS)
+            sales = {
+                "from": (end - timedelta(days=90)).isoformat(),
+                "to": end.isoformat(),
+                "granularity": "day",
+            }
+            routes: dict[str, Callable[[httpx.Client, random.Random], httpx.Response]] = {
+                "sales": lambda c, r: c.get("/v1/sales", params=sales),
+                "sales_base": lambda c, r: c.get(
+                    "/v1/sales", params={**sales, "force_base": "true"}
+                ),
+                "list": lambda c, r: c.get("/v1/transactions", params={"limit": 50}),
+                "search": lambda c, r: c.get(
+                    "/v1/transactions", params={"q": r.choice(KEYWORDS), "limit": 50}
+                ),
+                "get": lambda c, r: c.get(f"/v1/transactions/{r.choice(mine)}"),
+                "sql": lambda c, r: c.post(
+                    "/v1/sql",
+                    json={
+                        "sql": "SELECT status, COUNT(*) FROM payments GROUP BY status",
+                        "dialect": "mysql",
+                    },
+                ),
+            }
+            p99: dict[tuple[str, int], float] = {}
+            for clients in (1, 8):
+                for name, request in routes.items():
+                    times = measure(url, key, request, clients, scale["requests"])
+                    figures.add(f"api_{name}_p50_ms_c{clients}", percentile(times, 50), "ms")
+                    p99[(name, clients)] = figures.add(
+                        f"api_{name}_p99_ms_c{clients}", percentile(times, 99), "ms"
+                    )
+                    log(f"{name} c{clients}: p99 {p99[(name, clients)]:.1f} ms")
+            figures.add("api_sales_p99_ms_c1", p99[("sales", 1)], "ms")
+            figures.add("api_search_p99_ms_c1", p99[("search", 1)], "ms")
+            figures.add("api_max_p99_ms_c8", max(v for (_, c), v in p99.items() if c == 8), "ms")
+            figures.add("api_sales_rollup_speedup", p99[("sales_base", 1)] / p99[("sales", 1)], "x")
+        finally:
+            server.terminate()
+            server.wait(30)
+    print(format_table(figures, f"bench/api --scale {args.scale}"))
+    path = write_results("api", figures, args.scale)
+    log(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
