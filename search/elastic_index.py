@@ -324,6 +324,24 @@ class ElasticIndex:
         hits: list[dict[str, Any]] = body["hits"]["hits"]
         return hits
 
+    def locate(self, keys: Sequence[str]) -> dict[str, datetime]:
+        unique = list(dict.fromkeys(keys))
+        out: dict[str, datetime] = {}
+        for i in range(0, len(unique), _PAGE):
+            try:
+                with _translate(f"mget from {self.index}"):
+                    docs = self.client.mget(
+                        index=self.index, ids=unique[i : i + _PAGE], source_includes=["time"]
+                    ).body["docs"]
+            except SearchError as exc:
+                if _missing_index(exc):
+                    return {}
+                raise
+            for doc in docs:
+                if doc.get("found"):
+                    out[doc["_id"]] = _parse_time(doc["_source"]["time"])
+        return out
+
     def versions(self, keys: Sequence[str]) -> dict[str, int]:
         unique = list(dict.fromkeys(keys))
         out: dict[str, int] = {}

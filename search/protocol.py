@@ -62,6 +62,10 @@ class SearchIndex(Protocol):
         limit: int = 1000,
     ) -> list[Hit]: ...
 
+    def locate(self, keys: Sequence[str]) -> dict[str, datetime]:
+        """Partition time per indexed key: lets a point lookup read one partition."""
+        ...
+
     def versions(self, keys: Sequence[str]) -> dict[str, int]:
         """Stored version per key (for verification and tests)."""
         ...

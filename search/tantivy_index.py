@@ -227,6 +227,19 @@ class TantivyIndex:
         hits.sort(key=lambda h: (-h.score, h.key))
         return hits[:limit]
 
+    def locate(self, keys: Sequence[str]) -> dict[str, datetime]:
+        if not keys:
+            return {}
+        query = tantivy.Query.term_set_query(self.schema, "key", list(keys))
+        out: dict[str, datetime] = {}
+        for shard in self._reader_shards():
+            shard.index.reload()
+            searcher = shard.index.searcher()
+            for _score, address in searcher.search(query, limit=max(1, 2 * len(keys))).hits:
+                doc = searcher.doc(address)
+                out[_get(doc, "key")] = _aware(_get(doc, "time"))
+        return out
+
     def versions(self, keys: Sequence[str]) -> dict[str, int]:
         out: dict[str, int] = {}
         for shard in self._reader_shards():

@@ -110,8 +110,13 @@ def build(spec: DatasourceSpec) -> APIRouter:
         txn_id: Annotated[str, Path(max_length=200)],
     ) -> Any:
         """One transaction; 404 for an unknown id and for another merchant's alike."""
-        table = services.reader.lookup(spec.name, [txn_id], tenant=merchant)
-        rows = _rows(table)
+        # The index knows the partition; a key it has not seen yet (or ever) is
+        # looked up across all partitions, so its lag only costs time.
+        at = services.search.locate([txn_id]).get(txn_id)
+        parts = None if at is None else [bucket_key(at, ds.granularity, spec.tz)]
+        rows = _rows(services.reader.lookup(spec.name, [txn_id], tenant=merchant, partitions=parts))
+        if not rows and parts is not None:
+            rows = _rows(services.reader.lookup(spec.name, [txn_id], tenant=merchant))
         if not rows:
             raise NotFound(f"no transaction {txn_id!r}")
         return rows[0]

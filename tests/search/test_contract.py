@@ -371,6 +371,8 @@ def test_versions_and_all_versions_report_what_is_stored(backend: Backend) -> No
         "k4": 2,
     }
     assert index.versions([]) == {}
+    assert index.locate(["k1", "k4", "nope"]) == {"k1": T0, "k4": T0}
+    assert index.locate([]) == {}
     expected = {"k1": (3, "k1-v3"), "k2": (1, "k2-v1"), "k3": (7, "late"), "k4": (2, "k4-v2")}
     assert index.all_versions() == expected
     assert backend.reopen(index).all_versions() == expected
