@@ -217,38 +217,51 @@ def _hybrid(
     after: _Cursor | None,
     n: int,
 ) -> list[dict[str, Any]]:
+    """Candidates from the index, put in the page's order by what the index already
+    knows (score, or the partition time, which never changes), then checked against
+    the store in growing batches until the page is full: a broad keyword costs a
+    page's worth of lookups, not one per candidate."""
     spec = services.spec
     ds = spec.datasource
     hits = services.search.search(
         merchant, q.strip(), start, end, limit=services.settings.api.search_candidates
     )
-    if not hits:
-        return []
-    score = {h.key: h.score for h in hits}
-    needle = q.strip().lower() if len(q.strip()) >= 2 else ""
-    partitions = sorted({bucket_key(h.time, ds.granularity, spec.tz) for h in hits})
-    table = services.reader.lookup(spec.name, list(score), tenant=merchant, partitions=partitions)
-    rows = []
-    for row in _rows(table):
-        at = row[ds.time]
-        if (start is not None and at < start) or (end is not None and at >= end):
-            continue
-        if any(v is not None and row[k] != v for k, v in filters.items()):
-            continue
-        if needle and not any(needle in (row[f] or "").lower() for f in ds.searchable):
-            continue  # the index proposes by grams; the text itself decides
-        row["_score"] = score[row[ds.key]]
-        rows.append(row)
     if sort == "relevance":
-        rows.sort(key=lambda r: (-r["_score"], r[ds.key]))
+        hits.sort(key=lambda h: (-h.score, h.key))
         if after is not None:
-            rows = [r for r in rows if (-r["_score"], r[ds.key]) > (-after.score, after.key)]
+            hits = [h for h in hits if (-h.score, h.key) > (-after.score, after.key)]
     else:
-        rows.sort(key=lambda r: (_micros(r[ds.time]), r[ds.key]), reverse=True)
+        hits.sort(key=lambda h: (_micros(h.time), h.key), reverse=True)
         if after is not None:
-            rows = [
-                r for r in rows if (_micros(r[ds.time]), r[ds.key]) < (after.time_us, after.key)
-            ]
+            hits = [h for h in hits if (_micros(h.time), h.key) < (after.time_us, after.key)]
+    needle = q.strip().lower() if len(q.strip()) >= 2 else ""
+    rows: list[dict[str, Any]] = []
+    batch = max(2 * n, 50)
+    while hits and len(rows) < n:
+        chunk, hits = hits[:batch], hits[batch:]
+        batch *= 2
+        partitions = sorted({bucket_key(h.time, ds.granularity, spec.tz) for h in chunk})
+        found = {
+            row[ds.key]: row
+            for row in _rows(
+                services.reader.lookup(
+                    spec.name, [h.key for h in chunk], tenant=merchant, partitions=partitions
+                )
+            )
+        }
+        for hit in chunk:
+            row = found.get(hit.key)
+            if row is None:
+                continue  # not in the store yet (the index can run ahead)
+            at = row[ds.time]
+            if (start is not None and at < start) or (end is not None and at >= end):
+                continue
+            if any(v is not None and row[k] != v for k, v in filters.items()):
+                continue
+            if needle and not any(needle in (row[f] or "").lower() for f in ds.searchable):
+                continue  # the index proposes by grams; the text itself decides
+            row["_score"] = hit.score
+            rows.append(row)
     return rows[:n]
 
 
