@@ -325,43 +325,36 @@ class ElasticIndex:
         return hits
 
     def locate(self, keys: Sequence[str]) -> dict[str, datetime]:
-        unique = list(dict.fromkeys(keys))
-        out: dict[str, datetime] = {}
-        for i in range(0, len(unique), _PAGE):
-            try:
-                with _translate(f"mget from {self.index}"):
-                    docs = self.client.mget(
-                        index=self.index, ids=unique[i : i + _PAGE], source_includes=["time"]
-                    ).body["docs"]
-            except SearchError as exc:
-                if _missing_index(exc):
-                    return {}
-                raise
-            for doc in docs:
-                if doc.get("found"):
-                    out[doc["_id"]] = _parse_time(doc["_source"]["time"])
-        return out
+        return {
+            doc["_id"]: _parse_time(doc["_source"]["time"])
+            for doc in self._found(keys, source_includes=["time"])
+        }
 
     def versions(self, keys: Sequence[str]) -> dict[str, int]:
+        return {doc["_id"]: int(doc["_version"]) for doc in self._found(keys, source=False)}
+
+    def _found(self, keys: Sequence[str], **source: Any) -> list[dict[str, Any]]:
+        """The stored documents among ``keys`` (mget in pages); none before the index
+        exists."""
         unique = list(dict.fromkeys(keys))
-        out: dict[str, int] = {}
+        out: list[dict[str, Any]] = []
         for i in range(0, len(unique), _PAGE):
             try:
                 with _translate(f"mget from {self.index}"):
                     docs = self.client.mget(
-                        index=self.index, ids=unique[i : i + _PAGE], source=False
+                        index=self.index, ids=unique[i : i + _PAGE], **source
                     ).body["docs"]
             except SearchError as exc:
                 if _missing_index(exc):
-                    return {}  # nothing written yet
+                    return []  # nothing written yet
                 raise
             for doc in docs:
                 if "error" in doc:
                     if _error_type(doc) == "index_not_found_exception":
-                        return {}
+                        return []
                     raise SearchError(f"mget from {self.index}: {_reason(doc['error'], 500)}")
                 if doc.get("found"):
-                    out[doc["_id"]] = int(doc["_version"])
+                    out.append(doc)
         return out
 
     def all_versions(self) -> dict[str, tuple[int, str]]:
