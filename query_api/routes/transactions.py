@@ -27,6 +27,7 @@ from query_api.deps import MerchantDep, ServicesDep
 from query_api.models import ErrorBody, Freshness, transaction_model, transactions_model
 from query_api.params import time_range
 from query_api.services import Services
+from search.analysis import MIN_GRAM
 from storage.embedded.sqlgen import col, subquery
 from tally.errors import InvalidArgument, NotFound
 from tally.specs import DatasourceSpec
@@ -38,6 +39,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody},
     422: {"model": ErrorBody},
 }
+
+
+MIN_INDEXED = MIN_GRAM  # shorter keywords are matched by the store, not the index
 
 
 class _Cursor(msgspec.Struct, array_like=True):
@@ -75,16 +79,20 @@ def build(spec: DatasourceSpec) -> APIRouter:
             raise InvalidArgument(f"status must be one of {', '.join(statuses)}")
         if method is not None and methods and method not in methods:
             raise InvalidArgument(f"method must be one of {', '.join(methods)}")
-        if sort == "relevance" and not (q and q.strip()):
-            raise InvalidArgument("sort=relevance needs q")
+        if sort == "relevance" and len((q or "").strip()) < MIN_INDEXED:
+            raise InvalidArgument(f"sort=relevance needs q of {MIN_INDEXED} or more characters")
         limit = min(limit, services.settings.api.page_max)
         filters = {"status": status, "method": method}
         fingerprint = _fingerprint(merchant, from_, to, filters, q, sort)
         after = _decode(cursor, sort, fingerprint) if cursor else None
-        if q and q.strip():
-            rows = _hybrid(services, merchant, q, from_, to, filters, sort, after, limit + 1)
+        text = (q or "").strip()
+        if len(text) >= MIN_INDEXED:
+            rows = _hybrid(services, merchant, text, from_, to, filters, sort, after, limit + 1)
         else:
-            rows = _scan(services, merchant, from_, to, filters, after, limit + 1)
+            # Shorter than the index's grams (one Korean syllable is a surname): the
+            # store scans the merchant's rows newest first for the substring itself.
+            contains = text.lower() or None
+            rows = _scan(services, merchant, from_, to, filters, after, limit + 1, contains)
         more = len(rows) > limit
         rows = rows[:limit]
         next_cursor = None
@@ -159,8 +167,10 @@ def _scan(
     filters: dict[str, str | None],
     after: _Cursor | None,
     n: int,
+    contains: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Newest first, reading partitions newest first in growing windows (1, 2, 4 ...
+    """Newest first (only rows with ``contains`` in a searchable field, if given),
+    reading partitions newest first in growing windows (1, 2, 4 ...
     days) and stopping once the page is full: a dashboard's first page reads today,
     not the merchant's whole history."""
     spec = services.spec
@@ -182,6 +192,22 @@ def _scan(
                             this=col(ds.key), expression=exp.Literal.string(after.key)
                         ),
                     ),
+                )
+            )
+        )
+    if contains:
+        conditions.append(
+            exp.Paren(
+                this=exp.or_(
+                    *(
+                        exp.GT(
+                            this=exp.StrPosition(
+                                this=exp.Lower(this=col(f)), substr=exp.Literal.string(contains)
+                            ),
+                            expression=exp.Literal.number(0),
+                        )
+                        for f in ds.searchable
+                    )
                 )
             )
         )
