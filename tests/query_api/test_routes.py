@@ -257,3 +257,62 @@ def test_hybrid_search_equals_a_brute_force_scan(api: Api, keyword: str, sort: s
         assert len(ids) == len(set(ids)), "a page repeated a row"
         assert set(ids) == expected
         assert expected, "the keyword should match something"
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    who=st.sampled_from(MERCHANTS),
+    route=st.sampled_from(["list", "get", "sql"]),
+    status=st.sampled_from([None, "DONE", "CANCELED", "PARTIAL_CANCELED"]),
+    method=st.sampled_from([None, "CARD", "TRANSFER", "EASY_PAY"]),
+    q=st.sampled_from([None, "커피", "Kim", "박", "tx0", "o", "order-tx00"]),
+    limit=st.integers(1, 60),
+    pick=st.integers(0, 10_000),
+    days=st.sampled_from([None, 3, 20]),
+)
+def test_no_request_to_any_route_returns_another_merchants_row(
+    api: Api,
+    who: str,
+    route: str,
+    status: str | None,
+    method: str | None,
+    q: str | None,
+    limit: int,
+    pick: int,
+    days: int | None,
+) -> None:
+    """Random requests across the row-returning routes with either key: every row that
+    comes back is the key's merchant's, and another merchant's id is a plain 404."""
+    latest = api.latest()
+    with api.client(who) as c:
+        if route == "list":
+            params: dict[str, Any] = {"limit": limit}
+            for name, value in (("status", status), ("method", method), ("q", q)):
+                if value is not None:
+                    params[name] = value
+            if days is not None:
+                params["from"] = SEOUL_MIDNIGHT.isoformat()
+                params["to"] = (SEOUL_MIDNIGHT + timedelta(days=days)).isoformat()
+            resp = c.get("/v1/transactions", params=params)
+            assert resp.status_code == 200, resp.text
+            merchants = {i["merchant_id"] for i in resp.json()["items"]}
+        elif route == "get":
+            txn = sorted(latest)[pick % len(latest)]
+            resp = c.get(f"/v1/transactions/{txn}")
+            owner = latest[txn]["merchant_id"]
+            assert resp.status_code == (200 if owner == who else 404), resp.text
+            merchants = {resp.json()["merchant_id"]} if owner == who else set()
+        else:
+            where = f" WHERE status = '{status}'" if status else ""
+            resp = c.post(
+                "/v1/sql",
+                json={
+                    "sql": f"SELECT DISTINCT merchant_id FROM payments{where}",
+                    "dialect": "mysql",
+                },
+            )
+            assert resp.status_code == 200, resp.text
+            merchants = {row[0] for row in resp.json()["rows"]}
+    assert merchants <= {who}
