@@ -89,7 +89,7 @@ class SearchSink:
     name = "search"
     uses_kafka_offsets = True
 
-    def __init__(self, spec: DatasourceSpec, index: SearchIndex, linger_s: float = 0.5) -> None:
+    def __init__(self, spec: DatasourceSpec, index: SearchIndex, linger_s: float) -> None:
         self.spec = spec
         self.index = index
         self.linger_s = linger_s

@@ -32,11 +32,8 @@ def create(
 
     if (merchant is None) == (not admin):
         raise typer.BadParameter("give exactly one of --merchant ID or --admin")
-    store = KeyStore(state(ctx).settings.keys_path)
-    try:
+    with KeyStore(state(ctx).settings.keys_path) as store:
         info, key = store.create(merchant, admin=admin)
-    finally:
-        store.close()
     if fmt is Format.json:
         emit_json({"merchant_id": info.merchant_id, "key": key, "id": info.id})
     else:
@@ -52,11 +49,8 @@ def list_keys(ctx: typer.Context, fmt: FormatOption = Format.table) -> None:
     """Every key's id, merchant, scope and state (never the key itself)."""
     from query_api.keys import KeyStore
 
-    store = KeyStore(state(ctx).settings.keys_path)
-    try:
+    with KeyStore(state(ctx).settings.keys_path) as store:
         keys = store.list()
-    finally:
-        store.close()
     rows = [
         {
             "id": k.id,
@@ -81,11 +75,8 @@ def revoke(
     """Revoke a key; requests with it get 401 from then on."""
     from query_api.keys import KeyStore
 
-    store = KeyStore(state(ctx).settings.keys_path)
-    try:
+    with KeyStore(state(ctx).settings.keys_path) as store:
         info = store.revoke(key_id)
-    finally:
-        store.close()
     typer.echo(f"revoked {info.id} ({info.merchant_id or 'admin'})")
 
 

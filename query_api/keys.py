@@ -68,6 +68,12 @@ class KeyStore:
     def close(self) -> None:
         self._con.close()
 
+    def __enter__(self) -> KeyStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def create(self, merchant_id: str | None, *, admin: bool = False) -> tuple[KeyInfo, str]:
         """A new key; the returned secret is the only copy there will ever be."""
         if admin == (merchant_id is not None):

@@ -9,7 +9,7 @@ from query_api.keys import KeyStore
 from search import SearchIndex, open_index
 from storage import OlapReader, open_reader
 from tally.settings import Settings
-from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
+from tally.specs import DatasourceSpec, SpecRegistry
 
 
 @dataclass
@@ -22,8 +22,7 @@ class Services:
     keys: KeyStore
 
     @classmethod
-    def open(cls, settings: Settings) -> Services:
-        registry = SpecRegistry.load(list(settings.specs) or builtin_spec_paths())
+    def open(cls, settings: Settings, registry: SpecRegistry) -> Services:
         spec = registry.get(settings.api.datasource)
         return cls(
             settings=settings,

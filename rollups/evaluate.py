@@ -25,8 +25,6 @@ from tally.timeutil import utc_datetimes
 if TYPE_CHECKING:
     from rollups.router import AggregateRequest
 
-_UNITS = {"hour": "hour", "day": "day", "month": "month"}
-
 
 def evaluate(
     spec: DatasourceSpec, rollup: Rollup, req: AggregateRequest, state: pa.Table
@@ -58,5 +56,5 @@ def _rebucket(column: pa.ChunkedArray, req: AggregateRequest, spec: DatasourceSp
     """Start of the calendar bucket in the datasource's zone, as a UTC instant (the
     same as ``sqlgen.bucket_expr``): arrow rounds zoned timestamps in local time."""
     local = column.cast(pa.timestamp("us", tz=spec.datasource.timezone))
-    floored = pc.floor_temporal(local, unit=_UNITS[req.granularity])
+    floored = pc.floor_temporal(local, unit=req.granularity)
     return floored.cast(pa.timestamp("us", tz="UTC"))

@@ -14,7 +14,6 @@ from typing import Any
 
 from sqlglot import exp
 
-from rollups.router import _ts
 from storage.embedded.sqlgen import (
     DIALECT,
     bucket_expr,
@@ -23,6 +22,7 @@ from storage.embedded.sqlgen import (
     raw_relation,
     rollup_columns,
     subquery,
+    timestamp,
 )
 from tally.specs import DatasourceSpec, Rollup
 
@@ -60,9 +60,9 @@ def repair_query(
     def in_range(column: str) -> exp.Condition:
         conds: list[exp.Expression] = [exp.true()]
         if start is not None:
-            conds.append(exp.GTE(this=col(column), expression=_ts(start)))
+            conds.append(exp.GTE(this=col(column), expression=timestamp(start)))
         if end is not None:
-            conds.append(exp.LT(this=col(column), expression=_ts(end)))
+            conds.append(exp.LT(this=col(column), expression=timestamp(end)))
         return exp.and_(*conds)
 
     bucket = bucket_expr(col(tcol), rollup.granularity, spec.datasource.timezone)

@@ -18,7 +18,7 @@ from functools import cached_property
 from sqlglot import exp
 
 from rollups.evaluate import evaluate
-from storage.embedded.sqlgen import bucket_expr, col, subquery
+from storage.embedded.sqlgen import bucket_expr, col, subquery, timestamp
 from storage.protocol import OlapReader, QueryResult
 from tally.errors import RoutingError
 from tally.specs import DatasourceSpec, Rollup
@@ -47,14 +47,6 @@ class Route:
     @property
     def source(self) -> str:  # rollup name or "base"
         return BASE if self.rollup is None else self.rollup.name
-
-    @property
-    def group_by(self) -> tuple[str, ...]:
-        return self.request.group_by
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        return tuple(m.name for m in self.spec.parsed_metrics)
 
     @cached_property
     def query(self) -> exp.Select:
@@ -127,8 +119,8 @@ def _query(spec: DatasourceSpec, req: AggregateRequest, rollup: Rollup | None) -
         ]
     )
     conditions: list[exp.Expression] = [
-        exp.GTE(this=col(time_col), expression=_ts(req.start)),
-        exp.LT(this=col(time_col), expression=_ts(req.end)),
+        exp.GTE(this=col(time_col), expression=timestamp(req.start)),
+        exp.LT(this=col(time_col), expression=timestamp(req.end)),
     ]
     for name, values in sorted(req.filters.items()):
         conditions.append(col(name).isin(*(exp.Literal.string(v) for v in values)))
@@ -146,10 +138,6 @@ def _query(spec: DatasourceSpec, req: AggregateRequest, rollup: Rollup | None) -
             exp.NEQ(this=exp.Sum(this=col(count.name)), expression=exp.Literal.number(0))
         )
     return query
-
-
-def _ts(value: datetime) -> exp.Expression:
-    return exp.cast(exp.Literal.string(value.isoformat()), "TIMESTAMPTZ")
 
 
 def bind(routed: Route, relation: exp.Expression) -> exp.Select:

@@ -16,7 +16,7 @@ import contextlib
 import json
 import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,17 +99,19 @@ class TantivyIndex:
             self._writers[shard] = _Shard(self.root / f"p{shard}", self.schema, writable=True)
         return self._writers[shard]
 
-    def _stored(self, shard: _Shard, keys: Sequence[str]) -> dict[str, tuple[int, str]]:
+    def _docs(self, shard: _Shard, keys: Sequence[str]) -> Iterator[Any]:
+        """The shard's stored documents for ``keys``, as of its last commit."""
         shard.index.reload()
         searcher = shard.index.searcher()
         query = tantivy.Query.term_set_query(self.schema, "key", list(keys))
-        hits = searcher.search(query, limit=max(1, len(keys) * 2)).hits
-        out: dict[str, tuple[int, str]] = {}
-        for _score, address in hits:
-            doc = searcher.doc(address)
-            key = _get(doc, "key")
-            out[key] = (_get(doc, "version"), _get(doc, "event_id"))
-        return out
+        for _score, address in searcher.search(query, limit=max(1, len(keys) * 2)).hits:
+            yield searcher.doc(address)
+
+    def _stored(self, shard: _Shard, keys: Sequence[str]) -> dict[str, tuple[int, str]]:
+        return {
+            _get(doc, "key"): (_get(doc, "version"), _get(doc, "event_id"))
+            for doc in self._docs(shard, keys)
+        }
 
     def upsert(self, shard: int, docs: Sequence[Doc]) -> UpsertResult:
         target = self._shard(shard)
@@ -230,15 +232,11 @@ class TantivyIndex:
     def locate(self, keys: Sequence[str]) -> dict[str, datetime]:
         if not keys:
             return {}
-        query = tantivy.Query.term_set_query(self.schema, "key", list(keys))
-        out: dict[str, datetime] = {}
-        for shard in self._reader_shards():
-            shard.index.reload()
-            searcher = shard.index.searcher()
-            for _score, address in searcher.search(query, limit=max(1, 2 * len(keys))).hits:
-                doc = searcher.doc(address)
-                out[_get(doc, "key")] = _aware(_get(doc, "time"))
-        return out
+        return {
+            _get(doc, "key"): _aware(_get(doc, "time"))
+            for shard in self._reader_shards()
+            for doc in self._docs(shard, keys)
+        }
 
     def versions(self, keys: Sequence[str]) -> dict[str, int]:
         out: dict[str, int] = {}

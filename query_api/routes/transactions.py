@@ -28,7 +28,7 @@ from query_api.models import ErrorBody, Freshness, transaction_model, transactio
 from query_api.params import time_range
 from query_api.services import Services
 from search.analysis import MIN_GRAM
-from storage.embedded.sqlgen import col, subquery
+from storage.embedded.sqlgen import col, subquery, timestamp
 from tally.errors import InvalidArgument, NotFound
 from tally.specs import DatasourceSpec
 from tally.timeutil import bucket_key, bucket_range
@@ -79,13 +79,13 @@ def build(spec: DatasourceSpec) -> APIRouter:
             raise InvalidArgument(f"status must be one of {', '.join(statuses)}")
         if method is not None and methods and method not in methods:
             raise InvalidArgument(f"method must be one of {', '.join(methods)}")
-        if sort == "relevance" and len((q or "").strip()) < MIN_INDEXED:
+        text = (q or "").strip()
+        if sort == "relevance" and len(text) < MIN_INDEXED:
             raise InvalidArgument(f"sort=relevance needs q of {MIN_INDEXED} or more characters")
         limit = min(limit, services.settings.api.page_max)
         filters = {"status": status, "method": method}
         fingerprint = _fingerprint(merchant, from_, to, filters, q, sort)
         after = _decode(cursor, sort, fingerprint) if cursor else None
-        text = (q or "").strip()
         if len(text) >= MIN_INDEXED:
             rows = _hybrid(services, merchant, text, from_, to, filters, sort, after, limit + 1)
         else:
@@ -150,9 +150,9 @@ def _conditions(
         exp.EQ(this=col(ds.tenant), expression=exp.Literal.string(merchant))
     ]
     if start is not None:
-        out.append(exp.GTE(this=col(ds.time), expression=_ts(start)))
+        out.append(exp.GTE(this=col(ds.time), expression=timestamp(start)))
     if end is not None:
-        out.append(exp.LT(this=col(ds.time), expression=_ts(end)))
+        out.append(exp.LT(this=col(ds.time), expression=timestamp(end)))
     for name, value in filters.items():
         if value is not None:
             out.append(exp.EQ(this=col(name), expression=exp.Literal.string(value)))
@@ -181,7 +181,7 @@ def _scan(
         at = datetime.fromtimestamp(after.time_us / 1e6, UTC)
         newest = at + timedelta(microseconds=1)
         end = newest if end is None else min(end, newest)
-        t = _ts(at)
+        t = timestamp(at)
         conditions.append(
             exp.Paren(
                 this=exp.Or(
@@ -293,10 +293,6 @@ def _hybrid(
 
 def _rows(table: pa.Table) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if not k.startswith("_")} for row in table.to_pylist()]
-
-
-def _ts(value: datetime) -> exp.Expression:
-    return exp.cast(exp.Literal.string(value.astimezone(UTC).isoformat()), "TIMESTAMPTZ")
 
 
 def _micros(value: datetime) -> int:

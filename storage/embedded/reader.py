@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -139,10 +139,7 @@ class EmbeddedReader:
         if rollup is None:
             if schema == "raw":
                 return _raw([*base_columns(spec), (DELETED, "bool")], snap.paths(name))
-            parts = snap.files.get(name, {})
-            clean = [p[0] for p in parts.values() if len(p) == 1]
-            dirty = [f for p in parts.values() if len(p) > 1 for f in p]
-            return merged_base(spec, clean, dirty)
+            return _merged(spec, snap.files.get(name, {}))
         paths = snap.paths(name)
         if schema == "raw":
             return _raw(rollup_columns(spec, rollup), paths)
@@ -236,34 +233,18 @@ class EmbeddedReader:
         partitions that overlap [start, end) — Druid's interval pruning. Each base
         partition is self-consistent (tombstones live where the key was), so any
         subset of partitions deduplicates correctly on its own."""
-        snap = self.refresh()
-        spec, rollup = self._owner(name)
-        granularity = rollup.partition if rollup else spec.datasource.granularity
-        chosen = {
-            part: paths
-            for part, paths in snap.files.get(name, {}).items()
-            if _overlaps(part, granularity, spec.tz, start, end)
-        }
+        spec, rollup, chosen = self._chosen(name, start, end)
         if rollup is not None:
             return raw_relation(
                 rollup_columns(spec, rollup), [p for ps in chosen.values() for p in ps]
             )
-        clean = [paths[0] for paths in chosen.values() if len(paths) == 1]
-        dirty = [f for paths in chosen.values() if len(paths) > 1 for f in paths]
-        return merged_base(spec, clean, dirty)
+        return _merged(spec, chosen)
 
     def partitions(
         self, name: str, start: datetime | None = None, end: datetime | None = None
     ) -> list[str]:
         """Keys of the live partitions of ``name`` overlapping [start, end), ascending."""
-        snap = self.refresh()
-        spec, rollup = self._owner(name)
-        granularity = rollup.partition if rollup else spec.datasource.granularity
-        return sorted(
-            part
-            for part in snap.files.get(name, {})
-            if _overlaps(part, granularity, spec.tz, start, end)
-        )
+        return sorted(self._chosen(name, start, end)[2])
 
     def rollup_state(
         self,
@@ -272,16 +253,25 @@ class EmbeddedReader:
         end: datetime | None = None,
         tenants: Sequence[str] | None = None,
     ) -> pa.Table:
-        snap = self.refresh()
-        spec, owned = self._owner(rollup)
+        spec, owned, chosen = self._chosen(rollup, start, end)
         if owned is None:
             raise QueryError(f"{rollup!r} is not a rollup")
+        return self.resident.state(spec, owned, chosen, tenants)
+
+    def _chosen(
+        self, name: str, start: datetime | None, end: datetime | None
+    ) -> tuple[DatasourceSpec, Rollup | None, dict[str, list[str]]]:
+        """(spec, rollup or None, partition → live files) for the partitions of
+        ``name`` overlapping [start, end) in the current snapshot."""
+        snap = self.refresh()
+        spec, rollup = self._owner(name)
+        granularity = rollup.partition if rollup else spec.datasource.granularity
         chosen = {
             part: paths
-            for part, paths in snap.files.get(rollup, {}).items()
-            if _overlaps(part, owned.partition, spec.tz, start, end)
+            for part, paths in snap.files.get(name, {}).items()
+            if _overlaps(part, granularity, spec.tz, start, end)
         }
-        return self.resident.state(spec, owned, chosen, tenants)
+        return spec, rollup, chosen
 
     def _owner(self, name: str) -> tuple[DatasourceSpec, Rollup | None]:
         for spec in self.registry:
@@ -308,9 +298,7 @@ class EmbeddedReader:
         snap = self.refresh()
         files = snap.files.get(datasource, {})
         chosen = files if partitions is None else {p: files[p] for p in partitions if p in files}
-        clean = [paths[0] for paths in chosen.values() if len(paths) == 1]
-        dirty = [f for paths in chosen.values() if len(paths) > 1 for f in paths]
-        relation = merged_base(spec, clean, dirty)
+        relation = _merged(spec, chosen)
         conditions: list[exp.Expression] = [
             col(spec.datasource.key).isin(*(exp.Literal.string(k) for k in keys))
             if keys
@@ -322,6 +310,14 @@ class EmbeddedReader:
             )
         query = exp.select(exp.Star()).from_(subquery(relation, "m")).where(*conditions)
         return self.arrow(query.sql(dialect=DIALECT))
+
+
+def _merged(spec: DatasourceSpec, parts: Mapping[str, list[str]]) -> exp.Expression:
+    """The merged view over ``parts`` (partition → files): a partition in one segment
+    is read as is, the others are deduplicated."""
+    clean = [paths[0] for paths in parts.values() if len(paths) == 1]
+    dirty = [f for paths in parts.values() if len(paths) > 1 for f in paths]
+    return merged_base(spec, clean, dirty)
 
 
 @lru_cache(maxsize=256)

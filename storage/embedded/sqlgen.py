@@ -8,6 +8,7 @@ hand-made. The same builders feed the reader's views and the compactor.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 
 from sqlglot import exp
 
@@ -30,6 +31,11 @@ def bucket_expr(column: exp.Expression, granularity: str, timezone: str) -> exp.
         this="date_trunc", expressions=[exp.Literal.string(granularity), local]
     )
     return exp.Anonymous(this="timezone", expressions=[zone.copy(), truncated])
+
+
+def timestamp(value: datetime) -> exp.Expression:
+    """An aware instant as a TIMESTAMPTZ literal (its offset kept)."""
+    return exp.cast(exp.Literal.string(value.isoformat()), "TIMESTAMPTZ")
 
 
 def subquery(relation: exp.Expression, alias: str) -> exp.Subquery:
