@@ -7,7 +7,14 @@ tenant, partition time, version and the searchable text.
 
 from __future__ import annotations
 
-from search.protocol import Doc, Hit, SearchCapabilities, SearchIndex, UpsertResult
+from search.protocol import (
+    Doc,
+    Hit,
+    SearchCapabilities,
+    SearchIndex,
+    SearchOrder,
+    UpsertResult,
+)
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
 
@@ -22,4 +29,12 @@ def open_index(settings: Settings, spec: DatasourceSpec, *, readonly: bool = Fal
     return TantivyIndex(settings, spec, readonly=readonly)
 
 
-__all__ = ["Doc", "Hit", "SearchCapabilities", "SearchIndex", "UpsertResult", "open_index"]
+__all__ = [
+    "Doc",
+    "Hit",
+    "SearchCapabilities",
+    "SearchIndex",
+    "SearchOrder",
+    "UpsertResult",
+    "open_index",
+]

@@ -11,8 +11,9 @@ character (whitespace and punctuation included, like tantivy's ngram tokenizer),
 lowercase. Queries are built from the same :func:`~search.tantivy_index.grams` as
 exact ``term`` queries, so both backends find the same documents for the same text.
 
-``time`` is a ``date`` field: range filters compare at millisecond precision (hits
-report the time exactly as written).
+``time_us`` (epoch microseconds, a ``long``) is what range filters and newest-first
+order use: exact, where a ``date`` would compare milliseconds. ``time`` is kept as a
+``date`` for people reading the index.
 
 The freshness watermark lives in a small shared ``<prefix>meta-freshness`` index, one
 document per datasource whose external version is the watermark in epoch
@@ -24,18 +25,19 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 from elastic_transport import BaseNode, ConnectionTimeout, TlsError
 from elastic_transport import ConnectionError as TransportConnectionError
 from elasticsearch import ApiError, Elasticsearch, SerializationError
 
-from search.analysis import grams
-from search.protocol import Doc, Hit, SearchCapabilities, UpsertResult
+from search.analysis import CHARS_FIELD, grams, letters, single_letter
+from search.protocol import Doc, Hit, SearchCapabilities, SearchOrder, UpsertResult
 from tally.errors import ConfigError, SearchError, SearchUnavailable
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
+from tally.timeutil import from_micros, to_micros
 
 ANALYZER = "tally_ngram"
 CAPABILITIES = SearchCapabilities(
@@ -45,7 +47,6 @@ META_SUFFIX = "meta-freshness"  # datasource names cannot contain "-": never col
 _BULK_DOCS = 1000  # documents per bulk request
 _PAGE = 1000  # keys per mget / all_versions round trip
 _WINDOW = 10_000  # Elasticsearch's default index.max_result_window: hits per search request
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
 def index_settings() -> dict[str, Any]:
@@ -76,9 +77,11 @@ def index_properties(spec: DatasourceSpec) -> dict[str, Any]:
         "event_id": {"type": "keyword"},
         "version": {"type": "long"},
         "time": {"type": "date"},
+        "time_us": {"type": "long"},
     }
     for name in spec.datasource.searchable:
         properties[name] = {"type": "text", "analyzer": ANALYZER, "index_options": "freqs"}
+    properties[CHARS_FIELD] = {"type": "keyword"}
     return properties
 
 
@@ -204,10 +207,13 @@ class ElasticIndex:
                 "event_id": doc.event_id,
                 "version": doc.version,
                 "time": _iso(doc.time),
+                "time_us": to_micros(doc.time),
             }
             for name, value in doc.text.items():
                 if value:
                     source[name] = value
+            if chars := letters(doc.text.values()):
+                source[CHARS_FIELD] = chars
             operations.append(source)
         self._dirty = True  # even a failed bulk may have written some items
         with _translate(f"bulk write to {self.index}"):
@@ -242,7 +248,7 @@ class ElasticIndex:
             self._dirty = False
         if newest is None or (self._recorded is not None and newest <= self._recorded):
             return
-        micros = max(0, (newest - _EPOCH) // timedelta(microseconds=1))
+        micros = max(0, to_micros(newest))
         try:
             with _translate(f"record freshness in {self.meta_index}"):
                 self.client.index(
@@ -270,17 +276,18 @@ class ElasticIndex:
         start: datetime | None = None,
         end: datetime | None = None,
         limit: int = 1000,
+        order: SearchOrder = "score",
     ) -> list[Hit]:
         if limit <= 0:
             return []
         filters: list[dict[str, Any]] = [{"term": {"tenant": tenant}}]
         if start is not None or end is not None:
-            bounds: dict[str, str] = {}
+            bounds: dict[str, int] = {}
             if start is not None:
-                bounds["gte"] = _iso(start)
+                bounds["gte"] = to_micros(start)
             if end is not None:
-                bounds["lt"] = _iso(end)
-            filters.append({"range": {"time": bounds}})
+                bounds["lt"] = to_micros(end)
+            filters.append({"range": {"time_us": bounds}})
         query: dict[str, Any] = {"filter": filters}
         needed = grams(text)
         if needed:
@@ -289,8 +296,15 @@ class ElasticIndex:
                 for field in self.spec.datasource.searchable
             ]
             query["must"] = [{"bool": {"should": per_field, "minimum_should_match": 1}}]
-        # One request up to the result window; beyond it, page on (score, key) with
-        # search_after (a refresh between pages may then shift scores: candidates only).
+        elif letter := single_letter(text):
+            query["must"] = [{"term": {CHARS_FIELD: letter}}]
+        sort: list[dict[str, Any]] = (
+            [{"time_us": {"order": "desc"}}, {"key": {"order": "desc"}}]
+            if order == "time"
+            else [{"_score": {"order": "desc"}}, {"key": {"order": "asc"}}]
+        )
+        # One request up to the result window; beyond it, page with search_after (by
+        # score, a refresh between pages may shift scores: these are candidates only).
         hits: list[Hit] = []
         seen: set[str] = set()
         after: list[Any] | None = None
@@ -298,19 +312,23 @@ class ElasticIndex:
             size = min(_WINDOW, limit - len(hits))
             page = self._search_page(
                 query={"bool": query},
-                sort=[{"_score": {"order": "desc"}}, {"key": {"order": "asc"}}],
+                sort=sort,
                 size=size,
                 search_after=after,
-                source_includes=["time"],
+                source_includes=["time_us"],
             )
             fresh = [h for h in page if h["_id"] not in seen]
             for h in fresh:
                 seen.add(h["_id"])
-                hits.append(Hit(h["_id"], _parse_time(h["_source"]["time"]), float(h["_score"])))
+                score = 0.0 if order == "time" else float(h["_score"])
+                hits.append(Hit(h["_id"], from_micros(int(h["_source"]["time_us"])), score))
             if len(page) < size or not fresh:
                 break
             after = page[-1]["sort"]
-        hits.sort(key=lambda h: (-h.score, h.key))
+        if order == "time":
+            hits.sort(key=lambda h: (h.time, h.key), reverse=True)
+        else:
+            hits.sort(key=lambda h: (-h.score, h.key))
         return hits
 
     def _search_page(self, **kwargs: Any) -> list[dict[str, Any]]:
@@ -326,8 +344,8 @@ class ElasticIndex:
 
     def locate(self, keys: Sequence[str]) -> dict[str, datetime]:
         return {
-            doc["_id"]: _parse_time(doc["_source"]["time"])
-            for doc in self._found(keys, source_includes=["time"])
+            doc["_id"]: from_micros(int(doc["_source"]["time_us"]))
+            for doc in self._found(keys, source_includes=["time_us"])
         }
 
     def versions(self, keys: Sequence[str]) -> dict[str, int]:

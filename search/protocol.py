@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Literal, Protocol
+
+SearchOrder = Literal["score", "time"]
 
 
 @dataclass(frozen=True)
@@ -60,7 +62,15 @@ class SearchIndex(Protocol):
         start: datetime | None = None,
         end: datetime | None = None,
         limit: int = 1000,
-    ) -> list[Hit]: ...
+        order: SearchOrder = "score",
+    ) -> list[Hit]:
+        """Matches of ``text`` for ``tenant`` with time in [start, end).
+
+        ``order="score"``: the ``limit`` best, ordered by (score desc, key).
+        ``order="time"``: the ``limit`` newest, ordered by (time desc, key desc), times
+        compared to the microsecond — so when ``limit`` hits come back, every match
+        newer than the last one is among them (a caller pages by narrowing ``end``)."""
+        ...
 
     def locate(self, keys: Sequence[str]) -> dict[str, datetime]:
         """Partition time per indexed key: lets a point lookup read one partition."""

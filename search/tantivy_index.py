@@ -17,18 +17,19 @@ import json
 import os
 import threading
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import tantivy
 
-from search.analysis import analyzer, grams
-from search.protocol import Doc, Hit, SearchCapabilities, UpsertResult
+from search.analysis import CHARS_FIELD, analyzer, grams, letters, single_letter
+from search.protocol import Doc, Hit, SearchCapabilities, SearchOrder, UpsertResult
 from tally.errors import SearchError, SearchUnavailable
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
+from tally.timeutil import from_micros, to_micros
 
 ANALYZER = "tally_ngram"
 CAPABILITIES = SearchCapabilities(
@@ -36,6 +37,7 @@ CAPABILITIES = SearchCapabilities(
 )
 _WRITER_HEAP = 64 * 1024 * 1024
 _JSON = msgspec.json.Encoder()
+_MIN_I64, _MAX_I64 = -(2**63), 2**63 - 1
 
 
 def _schema(spec: DatasourceSpec) -> tantivy.Schema:
@@ -44,9 +46,12 @@ def _schema(spec: DatasourceSpec) -> tantivy.Schema:
     sb.add_text_field("tenant", stored=False, tokenizer_name="raw")
     sb.add_text_field("event_id", stored=True, tokenizer_name="raw", index_option="basic")
     sb.add_integer_field("version", stored=True, indexed=False, fast=True)
-    sb.add_date_field("time", stored=True, indexed=True, fast=True)
+    # Microseconds since the epoch: tantivy's date fields keep whole seconds in their
+    # index and fast columns, which would blur range edges and newest-first order.
+    sb.add_integer_field("time_us", stored=True, indexed=True, fast=True)
     for name in spec.datasource.searchable:
         sb.add_text_field(name, stored=False, tokenizer_name=ANALYZER, index_option="basic")
+    sb.add_text_field(CHARS_FIELD, stored=False, tokenizer_name="whitespace", index_option="basic")
     return sb.build()
 
 
@@ -134,13 +139,15 @@ class TantivyIndex:
                     "tenant": doc.tenant,
                     "event_id": doc.event_id,
                     "version": doc.version,
-                    "time": doc.time if doc.time.tzinfo is UTC else doc.time.astimezone(UTC),
+                    "time_us": to_micros(doc.time),
                 }
                 for name, value in doc.text.items():
                     if value:
                         fields[name] = value
-                # JSON is the cheapest way in: msgspec writes it (times as RFC 3339) in
-                # C, and tantivy parses it in Rust; Document(**fields) costs twice that.
+                if chars := letters(doc.text.values()):
+                    fields[CHARS_FIELD] = " ".join(chars)
+                # JSON is the cheapest way in: msgspec writes it in C, and tantivy parses
+                # it in Rust; Document(**fields) costs twice that.
                 target.writer.add_json(_JSON.encode(fields).decode())
                 written += 1
         except ValueError as exc:
@@ -183,9 +190,41 @@ class TantivyIndex:
         start: datetime | None = None,
         end: datetime | None = None,
         limit: int = 1000,
+        order: SearchOrder = "score",
     ) -> list[Hit]:
         if limit <= 0:
             return []
+        query = self._query(tenant, text, start, end)
+        # Each shard ranks its own top ``limit`` (by score, or newest first by the
+        # time_us fast column); stored documents are fetched only for the global top.
+        ranked: list[tuple[float, int, Any]] = []
+        searchers: list[tantivy.Searcher] = []
+        for shard in self._reader_shards():
+            shard.index.reload()
+            searcher = shard.index.searcher()
+            field = "time_us" if order == "time" else None
+            result = searcher.search(query, limit=limit, count=False, order_by_field=field)
+            ranked += [(value, len(searchers), address) for value, address in result.hits]
+            searchers.append(searcher)
+        ranked.sort(key=lambda r: r[0], reverse=True)
+        if len(ranked) > limit:
+            cut = ranked[limit - 1][0]
+            # Ties at the cut are all fetched: the final order breaks them by key.
+            ranked = [r for r in ranked if r[0] >= cut] if order == "score" else ranked[:limit]
+        hits = []
+        for value, i, address in ranked:
+            doc = searchers[i].doc(address)
+            score = 0.0 if order == "time" else float(value)
+            hits.append(Hit(_get(doc, "key"), from_micros(_get(doc, "time_us")), score))
+        if order == "time":
+            hits.sort(key=lambda h: (h.time, h.key), reverse=True)
+        else:
+            hits.sort(key=lambda h: (-h.score, h.key))
+        return hits[:limit]
+
+    def _query(
+        self, tenant: str, text: str, start: datetime | None, end: datetime | None
+    ) -> tantivy.Query:
         occur = tantivy.Occur
         clauses: list[tuple[Any, Any]] = [
             (occur.Must, tantivy.Query.term_query(self.schema, "tenant", tenant))
@@ -196,10 +235,10 @@ class TantivyIndex:
                     occur.Must,
                     tantivy.Query.range_query(
                         self.schema,
-                        "time",
-                        tantivy.FieldType.Date,
-                        start or tantivy.MIN_DATETIME,
-                        end or tantivy.MAX_DATETIME,
+                        "time_us",
+                        tantivy.FieldType.Integer,
+                        _MIN_I64 if start is None else to_micros(start),
+                        _MAX_I64 if end is None else to_micros(end),
                         include_lower=True,
                         include_upper=False,
                     ),
@@ -217,23 +256,15 @@ class TantivyIndex:
                 for f in self.spec.datasource.searchable
             ]
             clauses.append((occur.Must, tantivy.Query.boolean_query(per_field)))
-        query = tantivy.Query.boolean_query(clauses)
-        hits: list[Hit] = []
-        for shard in self._reader_shards():
-            shard.index.reload()
-            searcher = shard.index.searcher()
-            for score, address in searcher.search(query, limit=limit).hits:
-                doc = searcher.doc(address)
-                time = _get(doc, "time")
-                hits.append(Hit(_get(doc, "key"), _aware(time), float(score)))
-        hits.sort(key=lambda h: (-h.score, h.key))
-        return hits[:limit]
+        elif letter := single_letter(text):
+            clauses.append((occur.Must, tantivy.Query.term_query(self.schema, CHARS_FIELD, letter)))
+        return tantivy.Query.boolean_query(clauses)
 
     def locate(self, keys: Sequence[str]) -> dict[str, datetime]:
         if not keys:
             return {}
         return {
-            _get(doc, "key"): _aware(_get(doc, "time"))
+            _get(doc, "key"): from_micros(_get(doc, "time_us"))
             for shard in self._reader_shards()
             for doc in self._docs(shard, keys)
         }
@@ -272,7 +303,3 @@ class TantivyIndex:
 def _get(doc: Any, name: str) -> Any:
     """A stored field's value (tantivy's stubs type it Optional; ours are required)."""
     return doc.get_first(name)
-
-
-def _aware(value: datetime) -> datetime:
-    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)

@@ -80,9 +80,6 @@ class ApiSettings(BaseModel):
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(2, ge=1, description="uvicorn worker processes")
     page_max: int = Field(500, ge=1, description="largest page /v1/transactions returns")
-    search_candidates: int = Field(
-        5000, ge=1, description="ids the search index may propose for one query"
-    )
     sql_row_limit: int = Field(10_000, ge=1, description="rows /v1/sql returns at most")
     sql_timeout_s: float = Field(10.0, gt=0, description="a /v1/sql query is cancelled after")
 

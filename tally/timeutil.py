@@ -105,3 +105,13 @@ def utc_datetimes(column: Any) -> list[datetime]:
     ``to_pylist`` for zoned timestamps, which converts each value through its zone."""
     micros = column.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_pylist()
     return [_EPOCH + timedelta(microseconds=us) for us in micros]
+
+
+def to_micros(ts: datetime) -> int:
+    """Microseconds since the epoch, exactly (no float rounding)."""
+    return (require_aware(ts) - _EPOCH) // timedelta(microseconds=1)
+
+
+def from_micros(micros: int) -> datetime:
+    """The aware UTC instant ``micros`` microseconds after the epoch."""
+    return _EPOCH + timedelta(microseconds=micros)

@@ -27,11 +27,12 @@ from query_api.deps import MerchantDep, ServicesDep
 from query_api.models import ErrorBody, Freshness, transaction_model, transactions_model
 from query_api.params import time_range
 from query_api.services import Services
-from search.analysis import MIN_GRAM
+from search import Hit, SearchOrder
+from search.analysis import MIN_GRAM, indexed
 from storage.embedded.sqlgen import col, subquery, timestamp
 from tally.errors import InvalidArgument, NotFound
 from tally.specs import DatasourceSpec
-from tally.timeutil import bucket_key, bucket_range
+from tally.timeutil import bucket_key, bucket_range, from_micros, to_micros
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody},
@@ -39,9 +40,6 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody},
     422: {"model": ErrorBody},
 }
-
-
-MIN_INDEXED = MIN_GRAM  # shorter keywords are matched by the store, not the index
 
 
 class _Cursor(msgspec.Struct, array_like=True):
@@ -80,17 +78,19 @@ def build(spec: DatasourceSpec) -> APIRouter:
         if method is not None and methods and method not in methods:
             raise InvalidArgument(f"method must be one of {', '.join(methods)}")
         text = (q or "").strip()
-        if sort == "relevance" and len(text) < MIN_INDEXED:
-            raise InvalidArgument(f"sort=relevance needs q of {MIN_INDEXED} or more characters")
+        if sort == "relevance" and not indexed(text):
+            raise InvalidArgument(
+                f"sort=relevance needs q of {MIN_GRAM} or more characters (or one Korean letter)"
+            )
         limit = min(limit, services.settings.api.page_max)
         filters = {"status": status, "method": method}
         fingerprint = _fingerprint(merchant, from_, to, filters, q, sort)
         after = _decode(cursor, sort, fingerprint) if cursor else None
-        if len(text) >= MIN_INDEXED:
+        if indexed(text):
             rows = _hybrid(services, merchant, text, from_, to, filters, sort, after, limit + 1)
         else:
-            # Shorter than the index's grams (one Korean syllable is a surname): the
-            # store scans the merchant's rows newest first for the substring itself.
+            # No keyword, or one ASCII character (which nearly every row contains):
+            # the store scans the merchant's rows newest first.
             contains = text.lower() or None
             rows = _scan(services, merchant, from_, to, filters, after, limit + 1, contains)
         more = len(rows) > limit
@@ -102,7 +102,7 @@ def build(spec: DatasourceSpec) -> APIRouter:
                 _Cursor(
                     sort,
                     fingerprint,
-                    _micros(last[ds.time]),
+                    to_micros(last[ds.time]),
                     last[ds.key],
                     float(last.pop("_score", 0.0)),
                 )
@@ -243,60 +243,99 @@ def _hybrid(
     after: _Cursor | None,
     n: int,
 ) -> list[dict[str, Any]]:
-    """Candidates from the index, put in the page's order by what the index already
-    knows (score, or the partition time, which never changes), then checked against
-    the store in growing batches until the page is full: a broad keyword costs a
-    page's worth of lookups, not one per candidate."""
+    """Candidates from the index in the page's order (newest first, or best first),
+    checked against the store in growing chunks until the page is full.
+
+    The index returns its top ``limit``; every match ranked strictly above the last
+    one is among them, so those are checked in order and the page is cut there. When
+    they do not fill the page (filters rejected many), the index is asked again for
+    four times as many: a broad keyword costs about a page's worth of work, a
+    selective filter more, and nothing is ever skipped."""
+    order: SearchOrder = "score" if sort == "relevance" else "time"
+    index_end = end
+    if order == "time" and after is not None:
+        newest = from_micros(after.time_us + 1)  # the cursor's own microsecond, re-read
+        index_end = newest if end is None else min(end, newest)
+    needle = q.strip().lower()
+    checked: set[str] = set()
+    rows: list[dict[str, Any]] = []
+    limit = max(2 * n, 50)
+    while True:
+        hits = services.search.search(merchant, q, start, index_end, limit=limit, order=order)
+        exhausted = len(hits) < limit
+        if not exhausted:
+            # Hits tied with the last one may have been cut anywhere: not complete.
+            last = _rank(hits[-1], order)
+            hits = [h for h in hits if _rank(h, order) != last]
+        if after is not None:
+            hits = [h for h in hits if _beyond(h, after, order)]
+        hits = [h for h in hits if h.key not in checked]
+        chunk = n + 10
+        while hits and len(rows) < n:
+            cut = min(chunk, len(hits))
+            while cut < len(hits) and _rank(hits[cut], order) == _rank(hits[cut - 1], order):
+                cut += 1  # keep ties together: the page order breaks them by key
+            part, hits = hits[:cut], hits[cut:]
+            chunk *= 2
+            checked.update(h.key for h in part)
+            rows += _verified(services, merchant, part, start, end, filters, needle)
+        if len(rows) >= n or exhausted:
+            return rows[:n]
+        limit *= 4
+
+
+def _rank(hit: Hit, order: SearchOrder) -> float | datetime:
+    return hit.time if order == "time" else hit.score
+
+
+def _beyond(hit: Hit, after: _Cursor, order: SearchOrder) -> bool:
+    """Whether ``hit`` comes after the cursor in the page's order."""
+    if order == "time":
+        return (to_micros(hit.time), hit.key) < (after.time_us, after.key)
+    return (-hit.score, hit.key) > (-after.score, after.key)
+
+
+def _verified(
+    services: Services,
+    merchant: str,
+    hits: list[Hit],
+    start: datetime | None,
+    end: datetime | None,
+    filters: dict[str, str | None],
+    needle: str,
+) -> list[dict[str, Any]]:
+    """The store's rows for ``hits`` that pass every filter, in the hits' order: the
+    index proposes, the store decides (status may have changed since indexing)."""
     spec = services.spec
     ds = spec.datasource
-    hits = services.search.search(
-        merchant, q.strip(), start, end, limit=services.settings.api.search_candidates
-    )
-    if sort == "relevance":
-        hits.sort(key=lambda h: (-h.score, h.key))
-        if after is not None:
-            hits = [h for h in hits if (-h.score, h.key) > (-after.score, after.key)]
-    else:
-        hits.sort(key=lambda h: (_micros(h.time), h.key), reverse=True)
-        if after is not None:
-            hits = [h for h in hits if (_micros(h.time), h.key) < (after.time_us, after.key)]
-    needle = q.strip().lower() if len(q.strip()) >= 2 else ""
-    rows: list[dict[str, Any]] = []
-    batch = max(2 * n, 50)
-    while hits and len(rows) < n:
-        chunk, hits = hits[:batch], hits[batch:]
-        batch *= 2
-        partitions = sorted({bucket_key(h.time, ds.granularity, spec.tz) for h in chunk})
-        found = {
-            row[ds.key]: row
-            for row in _rows(
-                services.reader.lookup(
-                    spec.name, [h.key for h in chunk], tenant=merchant, partitions=partitions
-                )
+    partitions = sorted({bucket_key(h.time, ds.granularity, spec.tz) for h in hits})
+    found = {
+        row[ds.key]: row
+        for row in _rows(
+            services.reader.lookup(
+                spec.name, [h.key for h in hits], tenant=merchant, partitions=partitions
             )
-        }
-        for hit in chunk:
-            row = found.get(hit.key)
-            if row is None:
-                continue  # not in the store yet (the index can run ahead)
-            at = row[ds.time]
-            if (start is not None and at < start) or (end is not None and at >= end):
-                continue
-            if any(v is not None and row[k] != v for k, v in filters.items()):
-                continue
-            if needle and not any(needle in (row[f] or "").lower() for f in ds.searchable):
-                continue  # the index proposes by grams; the text itself decides
-            row["_score"] = hit.score
-            rows.append(row)
-    return rows[:n]
+        )
+    }
+    out: list[dict[str, Any]] = []
+    for hit in hits:
+        row = found.get(hit.key)
+        if row is None:
+            continue  # not in the store yet (the index can run ahead)
+        at = row[ds.time]
+        if (start is not None and at < start) or (end is not None and at >= end):
+            continue
+        if any(v is not None and row[k] != v for k, v in filters.items()):
+            continue
+        if needle and not any(needle in (row[f] or "").lower() for f in ds.searchable):
+            continue  # the index proposes by grams; the text itself decides
+        row["_score"] = hit.score
+        out.append(row)
+    return out
 
 
 def _rows(table: pa.Table) -> list[dict[str, Any]]:
     return [{k: v for k, v in row.items() if not k.startswith("_")} for row in table.to_pylist()]
-
-
-def _micros(value: datetime) -> int:
-    return int(value.timestamp() * 1_000_000)
 
 
 def _fingerprint(merchant: str, *parts: Any) -> str:

@@ -291,15 +291,36 @@ def test_other_tenant_sees_only_its_own(shop: Index) -> None:
     assert find(shop, "coffee", tenant="nobody") == set()
 
 
-@pytest.mark.parametrize("text", ["", "a", "커"])
-def test_short_text_matches_every_doc_of_the_tenant(shop: Index, text: str) -> None:
+@pytest.mark.parametrize("text", ["", "a", " "])
+def test_no_keyword_or_one_ascii_character_matches_every_doc_of_the_tenant(
+    shop: Index, text: str
+) -> None:
     assert find(shop, text) == {"k1", "k2", "k3"}
     assert find(shop, text, tenant="m2") == {"x1", "x2"}
 
 
+@pytest.mark.parametrize(
+    ("text", "mine", "theirs"),
+    [
+        ("김", {"k1"}, {"x1"}),  # a surname, in customer_name
+        ("박", {"k2"}, set()),
+        ("원", {"k2"}, {"x2"}),  # in order_name
+        ("라", {"k3"}, set()),
+        ("커", set(), set()),  # in no document
+    ],
+)
+def test_one_korean_letter_finds_the_docs_containing_it(
+    shop: Index, text: str, mine: set[str], theirs: set[str]
+) -> None:
+    assert find(shop, text) == mine
+    assert find(shop, text, tenant="m2") == theirs
+    assert {h.key for h in shop.search("m1", text, order="time")} == mine
+
+
 def test_limit_keeps_the_best_ranked(index: Index) -> None:
-    put(index, [doc(f"k{i}", order_name="Same text") for i in range(6)])
-    put(index, [doc("z", order_name="same same same")])
+    put(index, [doc(f"k{i}", order_name="Same text") for i in range(0, 6, 2)])
+    put(index, [doc(f"k{i}", order_name="Same text") for i in range(1, 6, 2)], shard=1)
+    put(index, [doc("z", order_name="same same same")], shard=2)
     full = index.search("m1", "same")
     assert keys(full) == {*(f"k{i}" for i in range(6)), "z"}
     assert_ranked(full)
@@ -334,6 +355,69 @@ def test_time_range_is_half_open(index: Index) -> None:
     times = {hit.key: hit.time for hit in index.search("m1", "", start=T0 + h, end=T0 + 2 * h)}
     assert times == {"b": T0 + h, "c": T0 + 2 * h - timedelta(seconds=1)}
     assert all(t.utcoffset() == timedelta(0) for t in times.values())
+
+
+def test_range_edges_are_exact_to_the_microsecond(index: Index) -> None:
+    us = timedelta(microseconds=1)
+    at = T0 + timedelta(milliseconds=500, microseconds=7)
+    put(index, [doc("a", time=at)])
+    assert find(index, "coffee", start=at, end=at + us) == {"a"}
+    assert find(index, "coffee", start=at + us) == set()
+    assert find(index, "coffee", end=at) == set()
+    assert find(index, "coffee", start=T0 + timedelta(milliseconds=300)) == {"a"}
+    assert index.search("m1", "coffee")[0].time == at
+
+
+def test_newest_first_returns_exactly_the_newest(index: Index) -> None:
+    # Several docs in one second and two in one microsecond: ordered by (time, key).
+    times = [T0 + timedelta(microseconds=m) for m in (0, 1, 999, 999, 500_000, 1_000_000)]
+    times += [T0 + timedelta(hours=h) for h in (-5, 3, 7)]
+    docs = [doc(f"k{i}", time=t) for i, t in enumerate(times)]
+    for shard in range(3):  # several shards (tantivy merges their top lists), two commits each
+        mine = docs[shard::3]
+        put(index, mine[:1], shard)
+        put(index, mine[1:], shard)
+    expected = sorted(((d.time, d.key) for d in docs), reverse=True)
+    full = index.search("m1", "coffee", order="time")
+    assert [(h.time, h.key) for h in full] == expected
+    assert all(h.score == 0.0 for h in full)
+    for limit in (1, 3, 5):
+        top = index.search("m1", "coffee", limit=limit, order="time")
+        # The newest ``limit`` times, in order; which of two docs tied in the last
+        # microsecond makes the cut is unspecified.
+        assert [h.time for h in top] == [t for t, _ in expected[:limit]]
+        assert top == sorted(top, key=lambda h: (h.time, h.key), reverse=True)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    offsets=st.lists(st.integers(0, 5_000), min_size=1, max_size=40),
+    page=st.integers(1, 7),
+)
+def test_paging_newest_first_by_narrowing_end_finds_every_match_once(
+    backend: Backend, offsets: list[int], page: int
+) -> None:
+    """What the hybrid search does: take a page, then ask again with ``end`` at the
+    oldest time seen (inclusive, so ties are re-read and skipped by key)."""
+    index = backend.new()
+    docs = [doc(f"k{i}", time=T0 + timedelta(microseconds=o)) for i, o in enumerate(offsets)]
+    for shard in range(3):
+        put(index, docs[shard::3], shard)
+    seen: list[str] = []
+    end: datetime | None = None
+    while True:
+        hits = index.search("m1", "coffee", end=end, limit=page, order="time")
+        fresh = [h for h in hits if h.key not in seen]
+        seen += [h.key for h in fresh]
+        if len(hits) < page:
+            break
+        if not fresh:  # a page of one microsecond's ties: widen it
+            page *= 2
+            continue
+        end = hits[-1].time + timedelta(microseconds=1)
+    assert sorted(seen) == sorted(d.key for d in docs)
 
 
 # --- freshness and verification --------------------------------------------------------
