@@ -140,7 +140,8 @@ def watch(
     ] = None,
 ) -> None:
     """The daemon: poll partition statistics and compact late-written old partitions,
-    then size-tiered merges of hot ones, until SIGTERM or Ctrl-C."""
+    then size-tiered merges of hot ones, then pack cold days into one file a month,
+    until SIGTERM or Ctrl-C."""
     from compaction.watcher import Done, Watcher
     from storage import open_store
     from storage.embedded.store import EmbeddedStore

@@ -14,8 +14,14 @@ Two kinds of work, in this order:
   ``min_merge`` segments is merged, up to ``max_merge`` at a time, smallest tier first.
   A merge's cost is proportional to what it merges, never the partition, and a
   partition written N times holds O(log N) segments.
+* **Pack** — last, cold base partitions (ended before the window, one segment each,
+  quiet for the debounce interval) are packed into one file per calendar unit (the
+  month of day partitions): every query pays a fixed cost per file it opens, so a
+  year of days should not cost 365 opens. A unit is packed again when it holds more
+  than one file (a newly cold day, or a day a late write re-compacted out of it).
 
-Rollup datasources follow the same rules with their own partition granularity.
+Rollup datasources follow the same rules with their own partition granularity (and
+are not packed: their readers keep them summed in memory).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from typing import Literal
 
 from storage.protocol import PartitionStats, SegmentInfo
 
-Kind = Literal["late", "tiered"]
+Kind = Literal["late", "tiered", "pack"]
 
 
 @dataclass(frozen=True)
@@ -102,33 +108,60 @@ def tiered_merge(segments: Sequence[SegmentInfo], config: PolicyConfig) -> list[
     return []
 
 
+def packs(
+    cold: Sequence[tuple[str, str, SegmentInfo]],
+    unit_of: Callable[[str, str], str | None],
+    now: datetime,
+    config: PolicyConfig,
+) -> list[Task]:
+    """Pack tasks over ``cold`` (datasource, partition, its only segment): one per
+    calendar unit whose quiet cold partitions span more than one file."""
+    units: dict[tuple[str, str], list[SegmentInfo]] = {}
+    for datasource, partition, seg in cold:
+        unit = unit_of(datasource, partition)
+        quiet = (now - datetime.fromtimestamp(seg.created_at, UTC)).total_seconds()
+        if unit is not None and quiet >= config.debounce_s:
+            units.setdefault((datasource, unit), []).append(seg)
+    tasks = [
+        Task(ds, unit, "pack", tuple(sorted(s.id for s in segs)), sum(s.bytes for s in segs), None)
+        for (ds, unit), segs in sorted(units.items())
+        if len({s.path for s in segs}) > 1
+    ]
+    return tasks
+
+
 def plan(
     stats: Sequence[PartitionStats],
     segments: Sequence[SegmentInfo],
     now: datetime,
     ended_before_window: Callable[[str, str], bool],
     config: PolicyConfig,
+    unit_of: Callable[[str, str], str | None] = lambda ds, p: None,
 ) -> list[Task]:
     """Every task due now, late ones first (oldest write first), then tiered merges
-    (smallest first)."""
+    (smallest first), then packs. ``unit_of(datasource, partition)`` names the pack a
+    partition belongs in (None: never packed)."""
     by_partition: dict[tuple[str, str], list[SegmentInfo]] = {}
     for seg in segments:
         by_partition.setdefault((seg.datasource, seg.partition), []).append(seg)
     late: list[Task] = []
     tiered: list[Task] = []
+    cold: list[tuple[str, str, SegmentInfo]] = []
     for st in stats:
         live = by_partition.get((st.datasource, st.partition), [])
         old = ended_before_window(st.datasource, st.partition)
         if old:
             if late_ready(st, live, now, config):
                 late.append(_task(st, "late", live, fragmented_since(live)))
+            elif len(live) == 1:
+                cold.append((st.datasource, st.partition, live[0]))
             continue
         chosen = tiered_merge(live, config)
         if chosen:
             tiered.append(_task(st, "tiered", chosen, st.last_write_at))
     late.sort(key=lambda t: (t.due_since or now, t.datasource, t.partition))
     tiered.sort(key=lambda t: (t.bytes, t.datasource, t.partition))
-    return late + tiered
+    return late + tiered + packs(cold, unit_of, now, config)
 
 
 def _task(

@@ -22,7 +22,7 @@ from storage.protocol import CompactionResult
 from tally.errors import CompactionConflict, TallyError
 from tally.settings import Settings
 from tally.specs import SpecRegistry
-from tally.timeutil import Granularity, bucket_range, parse_duration
+from tally.timeutil import Granularity, bucket_key, bucket_range, parse_duration
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,26 @@ def policy_config(settings: Settings) -> PolicyConfig:
     )
 
 
+def pack_units(registry: SpecRegistry) -> Callable[[str, str], str | None]:
+    """``(datasource, partition) → pack`` it belongs in: the month of a day partition,
+    the day of an hour partition; None for month partitions and for rollups."""
+    coarser: dict[Granularity, Granularity] = {"hour": "day", "day": "month"}
+    shapes = {
+        spec.name: (spec.datasource.granularity, coarser[spec.datasource.granularity], spec.tz)
+        for spec in registry
+        if spec.datasource.granularity in coarser
+    }
+
+    def unit_of(datasource: str, partition: str) -> str | None:
+        shape = shapes.get(datasource)
+        if shape is None:
+            return None
+        granularity, unit, tz = shape
+        return bucket_key(bucket_range(partition, granularity, tz)[0], unit, tz)
+
+    return unit_of
+
+
 def window_test(registry: SpecRegistry) -> Callable[[str, str, datetime], bool]:
     """``(datasource, partition, now) → ended before the active window?`` for base and
     rollup datasources alike (a rollup partitions by its own granularity)."""
@@ -91,13 +111,16 @@ class Watcher:
         self.clock = clock
         self.config = policy_config(settings)
         self._old = window_test(registry)
+        self._unit_of = pack_units(registry)
         self.report = WatchReport()
 
     def due(self, datasource: str | None = None) -> list[Task]:
         now = self.clock()
         stats = self.store.partition_stats(datasource)
         segments = self.store.live_segments(datasource)
-        return plan(stats, segments, now, lambda d, p: self._old(d, p, now), self.config)
+        return plan(
+            stats, segments, now, lambda d, p: self._old(d, p, now), self.config, self._unit_of
+        )
 
     def tick(self, datasource: str | None = None) -> list[Done]:
         """One poll: run due tasks in order until the byte budget is spent, then GC."""
@@ -116,7 +139,10 @@ class Watcher:
 
     def run_task(self, task: Task) -> Done | None:
         try:
-            result = self.store.compact(task.datasource, task.partition, task.segment_ids)
+            if task.kind == "pack":
+                result = self.store.pack(task.datasource, task.segment_ids)
+            else:
+                result = self.store.compact(task.datasource, task.partition, task.segment_ids)
         except CompactionConflict as exc:
             self.report.conflicts += 1
             log.info("compaction skipped, planned afresh next poll: %s", exc)

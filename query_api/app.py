@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,7 +11,7 @@ from fastapi import FastAPI
 from query_api import errors, metrics
 from query_api.routes import health, sales, sql, transactions
 from query_api.services import Services
-from tally.settings import Settings, load_settings
+from tally.settings import HANDOFF_ENV, Settings, from_handoff, load_settings
 from tally.specs import SpecRegistry, builtin_spec_paths
 
 
@@ -44,5 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn factory for worker processes: settings from the environment."""
-    return create_app()
+    """uvicorn factory for worker processes: the settings ``tally serve`` handed over,
+    else the environment's."""
+    text = os.environ.get(HANDOFF_ENV)
+    return create_app(from_handoff(text) if text else None)

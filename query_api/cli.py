@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from datetime import UTC, datetime
 from typing import Annotated
 
@@ -96,17 +97,24 @@ def register(app: typer.Typer) -> None:
         reads the store, so it runs beside `tally ingest`."""
         import uvicorn
 
+        from tally.settings import HANDOFF_ENV, handoff
+
         settings = state(ctx).settings
-        # Worker processes build their own settings from the environment.
-        os.environ["TALLY_DATA_DIR"] = str(settings.data_dir)
+        # Worker processes are fresh interpreters: they get this process's settings.
+        os.environ[HANDOFF_ENV] = handoff(settings)
         listener = _listen(host or settings.api.host, settings.api.port if port is None else port)
-        uvicorn.run(
-            "query_api.app:app_from_env",
-            factory=True,
-            fd=listener.fileno(),
-            workers=workers or settings.api.workers,
-            log_level="warning",
-        )
+        # Request metrics of all workers meet in one directory (see query_api.metrics).
+        with tempfile.TemporaryDirectory(prefix="tally-metrics-") as shared:
+            # Set before prometheus_client is first imported (by the app, in the
+            # workers, or here when serving with a single worker).
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = shared
+            uvicorn.run(
+                "query_api.app:app_from_env",
+                factory=True,
+                fd=listener.fileno(),
+                workers=workers or settings.api.workers,
+                log_level="warning",
+            )
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -16,6 +16,7 @@ from sqlglot import exp
 
 from storage.embedded.sqlgen import (
     DIALECT,
+    Read,
     bucket_expr,
     col,
     merged_base,
@@ -46,8 +47,8 @@ class RebuildReport:
 def repair_query(
     spec: DatasourceSpec,
     rollup: Rollup,
-    base_clean: Sequence[str],
-    base_dirty: Sequence[str],
+    base_clean: Sequence[Read],
+    base_dirty: Sequence[Read],
     rollup_paths: Sequence[str],
     start: datetime | None,
     end: datetime | None,

@@ -65,11 +65,29 @@ class _Shard:
         self.index.register_tokenizer(ANALYZER, analyzer())
         self.path = path
         self.writer: Any = None
+        self._stamp: tuple[int, int, int] | None = None
+        self._searcher: tantivy.Searcher | None = None
         if writable:
             try:
                 self.writer = self.index.writer(heap_size=_WRITER_HEAP, num_threads=1)
             except ValueError as exc:  # LockBusy: another process writes this shard
                 raise SearchUnavailable(f"search shard {path} is locked by another writer") from exc
+
+    def searcher(self) -> tantivy.Searcher:
+        """A searcher over the shard's last commit. tantivy rewrites ``meta.json`` (a
+        new file) on every commit, so the index is reloaded only when that changed:
+        a search costs no reload while nothing was written."""
+        try:
+            st = (self.path / "meta.json").stat()
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            stamp = None
+        searcher = self._searcher
+        if searcher is None or stamp is None or stamp != self._stamp:
+            self.index.reload()
+            searcher = self._searcher = self.index.searcher()
+            self._stamp = stamp
+        return searcher
 
     @property
     def meta_path(self) -> Path:
@@ -106,8 +124,7 @@ class TantivyIndex:
 
     def _docs(self, shard: _Shard, keys: Sequence[str]) -> Iterator[Any]:
         """The shard's stored documents for ``keys``, as of its last commit."""
-        shard.index.reload()
-        searcher = shard.index.searcher()
+        searcher = shard.searcher()
         query = tantivy.Query.term_set_query(self.schema, "key", list(keys))
         for _score, address in searcher.search(query, limit=max(1, len(keys) * 2)).hits:
             yield searcher.doc(address)
@@ -200,8 +217,7 @@ class TantivyIndex:
         ranked: list[tuple[float, int, Any]] = []
         searchers: list[tantivy.Searcher] = []
         for shard in self._reader_shards():
-            shard.index.reload()
-            searcher = shard.index.searcher()
+            searcher = shard.searcher()
             field = "time_us" if order == "time" else None
             result = searcher.search(query, limit=limit, count=False, order_by_field=field)
             ranked += [(value, len(searchers), address) for value, address in result.hits]
@@ -280,8 +296,7 @@ class TantivyIndex:
         """Every (key → version, event_id); for verification and tests, not hot paths."""
         out: dict[str, tuple[int, str]] = {}
         for shard in self._reader_shards():
-            shard.index.reload()
-            searcher = shard.index.searcher()
+            searcher = shard.searcher()
             n = searcher.num_docs
             if not n:
                 continue

@@ -85,6 +85,17 @@ class SegmentInfo:
     bytes: int
     seq: int
     created_at: float
+    packed: bool = False  # one of several partitions in one file (a pack)
+
+
+@dataclass(frozen=True)
+class IngestFigures:
+    """What ingestion has stored, per the catalog (for dashboards and alerts)."""
+
+    offsets: Mapping[tuple[str, int], int]  # (topic, partition) → next offset committed
+    datasets: Mapping[str, tuple[int, int, int, int]]  # datasource → segments, rows, bytes, late
+    dead_letters: Mapping[str, tuple[int, int]]  # sink → (recorded, still unpublished)
+    newest_event_at: datetime | None
 
 
 @dataclass(frozen=True)
@@ -149,10 +160,12 @@ class OlapReader(Protocol):
         """A relation (sqlglot expression) over only the partitions overlapping the range."""
         ...
 
-    def partitions(
+    def partition_groups(
         self, name: str, start: datetime | None = None, end: datetime | None = None
-    ) -> list[str]:
-        """Keys of the partitions overlapping [start, end), ascending."""
+    ) -> list[list[str]]:
+        """Keys of the partitions overlapping [start, end), ascending, grouped by what
+        one read costs: partitions stored together (the embedded engine's packs) form
+        one group, so a caller reading newest-first widens its window by groups."""
         ...
 
     def rollup_state(
@@ -177,6 +190,11 @@ class OlapReader(Protocol):
     ) -> pa.Table: ...
 
     def freshness(self, datasource: str) -> datetime | None: ...
+
+    def ingest_figures(self, datasource: str) -> IngestFigures:
+        """Committed offsets, stored sizes (the datasource and its rollups) and dead
+        letters of ``datasource``, as the store's catalog has them."""
+        ...
 
     def refresh(self) -> object:
         """Bind to the store's newest committed state (queries also do this)."""

@@ -7,6 +7,7 @@ environment names, e.g. ``TALLY_STORE__GC_GRACE_S=60``.
 
 from __future__ import annotations
 
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -168,3 +169,25 @@ def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
         loc = ".".join(str(p) for p in first["loc"])
         where = str(path) if path else "environment"
         raise ConfigError(f"{where}: {loc}: {first['msg']}") from exc
+
+
+HANDOFF_ENV = "TALLY_RESOLVED_SETTINGS"
+
+
+def handoff(settings: Settings) -> str:
+    """``settings`` as JSON for a child process (``tally serve``'s workers), secrets
+    included: a child must run with exactly its parent's settings (config file and
+    command line too), not just what the environment says."""
+
+    def reveal(value: Any) -> Any:
+        if isinstance(value, SecretStr):
+            return value.get_secret_value()
+        if isinstance(value, Path):
+            return str(value)
+        raise TypeError(f"cannot hand over {type(value).__name__}")
+
+    return json.dumps(settings.model_dump(), default=reveal)
+
+
+def from_handoff(text: str) -> Settings:
+    return Settings(**json.loads(text))

@@ -8,6 +8,11 @@ what lets offsets be committed in the same transaction as the segments they cove
 ``seq`` numbers commits in order; a compacted segment takes the greatest seq of
 what it replaced, so "live segments with seq > N" is always a superset of what
 was committed after N — which is how a writer's key index catches up.
+
+A *pack* is one file holding several cold partitions (see ``compaction.policy``):
+it has one segment row per partition, all with the same path and ``packed`` set,
+and each partition reads only its own time range from it. A file is deleted once no
+segment row refers to it any more.
 """
 
 from __future__ import annotations
@@ -18,32 +23,40 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import orjson
 
 from storage.protocol import SegmentInfo
 from tally.errors import StoreBusy, StoreError, StoreUnavailable
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
-INSERT OR IGNORE INTO meta VALUES ('schema_version', 1), ('generation', 0), ('seq', 0);
+_SEGMENTS = """
 CREATE TABLE IF NOT EXISTS segments (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     datasource TEXT NOT NULL,
     partition TEXT NOT NULL,
-    path TEXT NOT NULL UNIQUE,
+    path TEXT NOT NULL,
     rows INTEGER NOT NULL,
     bytes INTEGER NOT NULL,
     seq INTEGER NOT NULL,
     created_at REAL NOT NULL,
-    replaced_at REAL
-);
+    replaced_at REAL,
+    packed INTEGER NOT NULL DEFAULT 0,
+    UNIQUE (path, partition)
+)"""
+
+_SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta VALUES ('schema_version', {SCHEMA_VERSION}), ('generation', 0),
+    ('seq', 0);
+{_SEGMENTS};
 CREATE INDEX IF NOT EXISTS segments_live ON segments (datasource, partition)
     WHERE replaced_at IS NULL;
 CREATE INDEX IF NOT EXISTS segments_replaced ON segments (replaced_at)
     WHERE replaced_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS segments_path ON segments (path);
 CREATE TABLE IF NOT EXISTS offsets (
     datasource TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,
     next_offset INTEGER NOT NULL, updated_at REAL NOT NULL,
@@ -64,7 +77,7 @@ CREATE TABLE IF NOT EXISTS partition_stats (
     last_write_at REAL, last_compacted_at REAL, newest_event_at REAL,
     PRIMARY KEY (datasource, partition)
 );
-"""
+"""  # noqa: S608 (constants only)
 
 
 @dataclass(frozen=True)
@@ -117,6 +130,7 @@ class Catalog:
             self._con.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
             if not readonly:
                 with self.write():
+                    _migrate(self._con)
                     for statement in _SCHEMA.split(";"):
                         if statement.strip():
                             self._con.execute(statement)
@@ -172,20 +186,20 @@ class Catalog:
 
     def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]:
         sql = (
-            "SELECT id, datasource, partition, path, rows, bytes, seq, created_at "
+            "SELECT id, datasource, partition, path, rows, bytes, seq, created_at, packed "
             "FROM segments WHERE replaced_at IS NULL"
         )
         args: tuple[str, ...] = ()
         if datasource is not None:
             sql += " AND datasource = ?"
             args = (datasource,)
-        return [SegmentInfo(*r) for r in self._con.execute(sql + " ORDER BY seq", args)]
+        return [_segment(r) for r in self._con.execute(sql + " ORDER BY seq", args)]
 
     def partition_segments(self, datasource: str, partition: str) -> list[SegmentInfo]:
         return [
-            SegmentInfo(*r)
+            _segment(r)
             for r in self._con.execute(
-                "SELECT id, datasource, partition, path, rows, bytes, seq, created_at "
+                "SELECT id, datasource, partition, path, rows, bytes, seq, created_at, packed "
                 "FROM segments WHERE replaced_at IS NULL AND datasource=? AND partition=? "
                 "ORDER BY seq",
                 (datasource, partition),
@@ -227,9 +241,9 @@ class Catalog:
     def segments_after(self, datasource: str, seq: int) -> list[SegmentInfo]:
         """Live segments whose seq is greater than ``seq`` (what a key index lacks)."""
         return [
-            SegmentInfo(*r)
+            _segment(r)
             for r in self._con.execute(
-                "SELECT id, datasource, partition, path, rows, bytes, seq, created_at "
+                "SELECT id, datasource, partition, path, rows, bytes, seq, created_at, packed "
                 "FROM segments WHERE replaced_at IS NULL AND datasource=? AND seq > ? ORDER BY seq",
                 (datasource, seq),
             )
@@ -242,15 +256,17 @@ class Catalog:
     def bump_generation(self) -> None:
         self._con.execute("UPDATE meta SET v = v + 1 WHERE k='generation'")
 
-    def add_segments(self, segments: Iterable[NewSegment], *, seq: int | None = None) -> list[int]:
+    def add_segments(
+        self, segments: Iterable[NewSegment], *, seq: int | None = None, packed: bool = False
+    ) -> list[int]:
         seq = self.next_seq() if seq is None else seq
         now = time.time()
         ids = []
         for seg in segments:
             cur = self._con.execute(
-                "INSERT INTO segments (datasource, partition, path, rows, bytes, seq, created_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (seg.datasource, seg.partition, seg.path, seg.rows, seg.bytes, seq, now),
+                "INSERT INTO segments (datasource, partition, path, rows, bytes, seq, created_at,"
+                " packed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (seg.datasource, seg.partition, seg.path, seg.rows, seg.bytes, seq, now, packed),
             )
             ids.append(int(cur.lastrowid or 0))
         return ids
@@ -340,6 +356,15 @@ class Catalog:
             ],
         )
 
+    def dead_letter_counts(self, datasource: str) -> dict[str, tuple[int, int]]:
+        """sink → (recorded, not yet published to the dead-letter topic)."""
+        rows = self._con.execute(
+            "SELECT sink, COUNT(*), SUM(published_at IS NULL) FROM dead_letters"
+            " WHERE datasource = ? GROUP BY sink",
+            (datasource,),
+        )
+        return {sink: (int(n), int(pending or 0)) for sink, n, pending in rows}
+
     def pending_dead_letters(self, datasource: str) -> list[DeadLetterRecord]:
         rows = self._con.execute(
             'SELECT id, datasource, sink, topic, partition, "offset", key, value, reason,'
@@ -357,6 +382,33 @@ class Catalog:
             [(now, part, off, ident) for ident, part, off in published],
         )
 
+    def add_pack(
+        self, datasource: str, old_ids: Sequence[int], path: str, rows: dict[str, int], size: int
+    ) -> list[int]:
+        """Atomically retire ``old_ids`` (one live segment per partition) and add one
+        packed row per partition of ``rows`` pointing at ``path``; raise if any was
+        already retired. Bytes are shared out by rows; the seq is the greatest replaced."""
+        placeholders = ",".join("?" * len(old_ids))
+        seq = self._con.execute(
+            f"SELECT MAX(seq) FROM segments WHERE id IN ({placeholders})",  # noqa: S608
+            tuple(old_ids),
+        ).fetchone()[0]
+        cur = self._con.execute(
+            f"UPDATE segments SET replaced_at = ? WHERE id IN ({placeholders})"  # noqa: S608
+            " AND replaced_at IS NULL AND datasource = ?",
+            (time.time(), *old_ids, datasource),
+        )
+        if cur.rowcount != len(old_ids) or seq is None:
+            raise _Conflict
+        total = max(1, sum(rows.values()))
+        ids = self.add_segments(
+            [NewSegment(datasource, p, path, n, size * n // total) for p, n in rows.items()],
+            seq=int(seq),
+            packed=True,
+        )
+        self.bump_generation()
+        return ids
+
     def expired_segments(self, older_than: float) -> list[tuple[int, str]]:
         return list(
             self._con.execute(
@@ -368,8 +420,47 @@ class Catalog:
     def forget_segments(self, ids: Sequence[int]) -> None:
         self._con.executemany("DELETE FROM segments WHERE id = ?", [(i,) for i in ids])
 
+    def unreferenced(self, paths: Iterable[str]) -> list[str]:
+        """Those of ``paths`` no segment row (live or awaiting GC) refers to."""
+        return [
+            p
+            for p in dict.fromkeys(paths)
+            if self._con.execute("SELECT 1 FROM segments WHERE path = ? LIMIT 1", (p,)).fetchone()
+            is None
+        ]
+
     def all_paths(self) -> set[str]:
         return {r[0] for r in self._con.execute("SELECT path FROM segments")}
+
+
+def _segment(row: Sequence[Any]) -> SegmentInfo:
+    ident, datasource, partition, path, rows, size, seq, created_at, packed = row
+    return SegmentInfo(
+        ident, datasource, partition, path, rows, size, seq, created_at, bool(packed)
+    )
+
+
+def _migrate(con: sqlite3.Connection) -> None:
+    """Bring a catalog written by an older Tally to ``SCHEMA_VERSION`` (inside the
+    caller's write transaction). v1 → v2: segment paths stop being unique (packs)."""
+    row = con.execute(
+        "SELECT v FROM meta WHERE k='schema_version'"
+        if con.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
+        else "SELECT NULL"
+    ).fetchone()
+    version = None if row is None else row[0]
+    if version is None or version >= SCHEMA_VERSION:
+        return
+    if version == 1:
+        con.execute("ALTER TABLE segments RENAME TO segments_v1")
+        con.execute(_SEGMENTS)
+        con.execute(
+            "INSERT INTO segments (id, datasource, partition, path, rows, bytes, seq,"
+            " created_at, replaced_at) SELECT id, datasource, partition, path, rows, bytes,"
+            " seq, created_at, replaced_at FROM segments_v1"
+        )
+        con.execute("DROP TABLE segments_v1")  # its indexes go with it
+    con.execute("UPDATE meta SET v = ? WHERE k='schema_version'", (SCHEMA_VERSION,))
 
 
 class _Conflict(Exception):

@@ -20,7 +20,7 @@ from typing import Any
 import duckdb
 from sqlglot import exp
 
-from storage.embedded.sqlgen import DIALECT, col, merged_base, subquery
+from storage.embedded.sqlgen import DIALECT, Read, col, merged_base, subquery
 from tally.specs import DatasourceSpec
 
 # (version, event_id, partition, tenant, state): a plain tuple, because building
@@ -46,19 +46,19 @@ class KeyIndex:
     def __len__(self) -> int:
         return len(self.entries)
 
-    def load(self, duck: duckdb.DuckDBPyConnection, segment_paths: Sequence[str], seq: int) -> None:
+    def load(self, duck: duckdb.DuckDBPyConnection, segments: Sequence[Read], seq: int) -> None:
         """(Re)build from base segments: the latest live row per key among them."""
         self.entries.clear()
-        self.apply_segments(duck, segment_paths)
+        self.apply_segments(duck, segments)
         self.seq = seq
 
-    def apply_segments(self, duck: duckdb.DuckDBPyConnection, paths: Sequence[str]) -> int:
-        """Fold rows of ``paths`` in, keeping the greater (version, event_id) per key."""
-        if not paths:
+    def apply_segments(self, duck: duckdb.DuckDBPyConnection, segments: Sequence[Read]) -> int:
+        """Fold rows of ``segments`` in, keeping the greater (version, event_id) per key."""
+        if not segments:
             return 0
         spec = self.spec
         ds = spec.datasource
-        relation = merged_base(spec, [], list(paths))
+        relation = merged_base(spec, [], list(segments))
         state_cols = spec.rollup_state_columns if spec.rollups else ()
         zone = exp.Literal.string(ds.timezone)
         local = exp.Anonymous(this="timezone", expressions=[zone, col(ds.time)])

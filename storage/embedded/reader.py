@@ -33,16 +33,19 @@ from storage.embedded.resident import ResidentRollups
 from storage.embedded.segments import DELETED
 from storage.embedded.sqlgen import (
     DIALECT,
+    Read,
     base_columns,
     col,
     merged_base,
     merged_rollup,
     raw_relation,
     rollup_columns,
+    scan,
+    split_reads,
     subquery,
 )
 from storage.embedded.store import CAPABILITIES
-from storage.protocol import QueryResult, SegmentInfo
+from storage.protocol import IngestFigures, QueryResult, SegmentInfo
 from tally.errors import QueryError, StoreUnavailable
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, Rollup, SpecRegistry
@@ -53,12 +56,15 @@ from tally.timeutil import Granularity, bucket_range
 class Snapshot:
     generation: int = -1
     files: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # ds → part → paths
+    packed: set[str] = field(default_factory=set)  # paths of packs (several partitions each)
 
     @classmethod
     def of(cls, generation: int, segments: Sequence[SegmentInfo]) -> Snapshot:
         snap = cls(generation)
         for seg in segments:
             snap.files.setdefault(seg.datasource, {}).setdefault(seg.partition, []).append(seg.path)
+            if seg.packed:
+                snap.packed.add(seg.path)
         return snap
 
     def paths(self, datasource: str) -> list[str]:
@@ -89,6 +95,10 @@ class EmbeddedReader:
         self._con.execute("SET GLOBAL TimeZone = 'UTC'")
         self._con.execute("CREATE SCHEMA IF NOT EXISTS raw")
         self.snapshot = Snapshot()
+        # Every pack path seen: a path is a pack (or not) for its whole life, so this
+        # only grows, and any thread may consult it without holding a snapshot.
+        self._packs: set[str] = set()
+        self._lookups: dict[tuple[Any, ...], str] = {}  # file set → lookup SQL
         self.resident = ResidentRollups(settings.store.resident_rollups_mb << 20)
         self._installed: dict[tuple[str, str], int] = {}  # view → generation it shows
         self._view_keys = [
@@ -134,15 +144,20 @@ class EmbeddedReader:
                 snap = Snapshot.of(generation, catalog.live_segments())
         except Exception as exc:  # sqlite errors are translated inside Catalog
             raise StoreUnavailable(f"cannot read catalog: {exc}") from exc
+        self._packs |= snap.packed
         self.snapshot = snap
         return snap
 
     def _body(self, snap: Snapshot, schema: str, name: str) -> exp.Expression:
         spec, rollup = self._owner(name)
         if rollup is None:
+            parts = snap.files.get(name, {})
             if schema == "raw":
-                return _raw([*base_columns(spec), (DELETED, "bool")], snap.paths(name))
-            return _merged(spec, snap.files.get(name, {}))
+                clean, dirty = self._reads(spec, parts)
+                if not parts:
+                    return _raw([*base_columns(spec), (DELETED, "bool")], [])
+                return scan([*clean, *dirty], spec.datasource.time, filename=True)
+            return self._merged(spec, parts)
         paths = snap.paths(name)
         if schema == "raw":
             return _raw(rollup_columns(spec, rollup), paths)
@@ -229,6 +244,29 @@ class EmbeddedReader:
             newest = catalog.newest_event_at(datasource)
         return None if newest is None else datetime.fromtimestamp(newest, UTC)
 
+    def ingest_figures(self, datasource: str) -> IngestFigures:
+        spec = self.registry.get(datasource)
+        names = [spec.name, *(r.name for r in spec.rollups)]
+        catalog = self._catalog_or_none()
+        if catalog is None:
+            return IngestFigures({}, {}, {}, None)
+        with self._lock, catalog.read():
+            offsets = catalog.offsets(datasource)
+            stats = catalog.stats_rows(names)
+            letters = catalog.dead_letter_counts(datasource)
+            newest = catalog.newest_event_at(datasource)
+        datasets: dict[str, list[int]] = {}
+        for name, _part, segments, rows, size, late, *_ in stats:
+            sums = datasets.setdefault(str(name), [0, 0, 0, 0])
+            for i, value in enumerate((segments, rows, size, late)):
+                sums[i] += int(value)  # type: ignore[call-overload]
+        return IngestFigures(
+            offsets,
+            {k: (v[0], v[1], v[2], v[3]) for k, v in datasets.items()},
+            letters,
+            None if newest is None else datetime.fromtimestamp(newest, UTC),
+        )
+
     def relation(
         self, name: str, start: datetime | None = None, end: datetime | None = None
     ) -> exp.Expression:
@@ -241,13 +279,24 @@ class EmbeddedReader:
             return raw_relation(
                 rollup_columns(spec, rollup), [p for ps in chosen.values() for p in ps]
             )
-        return _merged(spec, chosen)
+        return self._merged(spec, chosen)
 
-    def partitions(
+    def partition_groups(
         self, name: str, start: datetime | None = None, end: datetime | None = None
-    ) -> list[str]:
-        """Keys of the live partitions of ``name`` overlapping [start, end), ascending."""
-        return sorted(self._chosen(name, start, end)[2])
+    ) -> list[list[str]]:
+        """Live partitions of ``name`` overlapping [start, end), ascending; neighbours
+        read from the same pack share a group."""
+        chosen = self._chosen(name, start, end)[2]
+        groups: list[list[str]] = []
+        last: list[str] | None = None
+        for part in sorted(chosen):
+            files = chosen[part]
+            if groups and last == files and files[0] in self._packs:
+                groups[-1].append(part)
+            else:
+                groups.append([part])
+            last = files
+        return groups
 
     def rollup_state(
         self,
@@ -286,6 +335,17 @@ class EmbeddedReader:
         self.registry.get(name)
         raise AssertionError("unreachable")
 
+    def _reads(
+        self, spec: DatasourceSpec, parts: Mapping[str, list[str]]
+    ) -> tuple[list[Read], list[Read]]:
+        ds = spec.datasource
+        return split_reads(parts, self._packs, lambda p: _bounds(p, ds.granularity, spec.tz))
+
+    def _merged(self, spec: DatasourceSpec, parts: Mapping[str, list[str]]) -> exp.Expression:
+        """The merged view over ``parts`` (partition → files): a partition in one
+        segment is read as is, the others are deduplicated."""
+        return merged_base(spec, *self._reads(spec, parts))
+
     def lookup(
         self,
         datasource: str,
@@ -301,31 +361,31 @@ class EmbeddedReader:
         snap = self.refresh()
         files = snap.files.get(datasource, {})
         chosen = files if partitions is None else {p: files[p] for p in partitions if p in files}
-        relation = _merged(spec, chosen)
-        conditions: list[exp.Expression] = [
-            col(spec.datasource.key).isin(*(exp.Literal.string(k) for k in keys))
-            if keys
-            else exp.false()
-        ]
-        if tenant is not None:
-            conditions.append(
-                exp.EQ(this=col(spec.datasource.tenant), expression=exp.Literal.string(tenant))
-            )
-        query = exp.select(exp.Star()).from_(subquery(relation, "m")).where(*conditions)
-        return self.arrow(query.sql(dialect=DIALECT))
-
-
-def _merged(spec: DatasourceSpec, parts: Mapping[str, list[str]]) -> exp.Expression:
-    """The merged view over ``parts`` (partition → files): a partition in one segment
-    is read as is, the others are deduplicated."""
-    clean = [paths[0] for paths in parts.values() if len(paths) == 1]
-    dirty = [f for paths in parts.values() if len(paths) > 1 for f in paths]
-    return merged_base(spec, clean, dirty)
+        # The SQL depends only on the files read: built once per file set, with the keys
+        # and the tenant as parameters (a dashboard's lookups repeat the same few).
+        shape = (datasource, tuple(sorted((p, tuple(ps)) for p, ps in chosen.items())), tenant)
+        sql = self._lookups.get(shape)
+        if sql is None:
+            ds = spec.datasource
+            conditions: list[exp.Expression] = [
+                exp.Anonymous(this="list_contains", expressions=[exp.Placeholder(), col(ds.key)])
+            ]
+            if tenant is not None:
+                conditions.append(exp.EQ(this=col(ds.tenant), expression=exp.Placeholder()))
+            relation = subquery(self._merged(spec, chosen), "m")
+            sql = exp.select(exp.Star()).from_(relation).where(*conditions).sql(dialect=DIALECT)
+            with self._lock:
+                if len(self._lookups) >= 512:
+                    self._lookups.pop(next(iter(self._lookups)))
+                self._lookups[shape] = sql
+        params: list[Any] = [list(keys)] if tenant is None else [list(keys), tenant]
+        return self.arrow(sql, params)
 
 
 @lru_cache(maxsize=256)
 def _names(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(?<![\w$]){re.escape(name)}(?![\w$])", re.IGNORECASE)
+    # Not inside a path ("…/segments/payments/…"): inline file reads name no view.
+    return re.compile(rf"(?<![\w$/]){re.escape(name)}(?![\w$/])", re.IGNORECASE)
 
 
 @lru_cache(maxsize=1 << 16)

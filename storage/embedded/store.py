@@ -49,7 +49,7 @@ from storage.embedded.segments import (
     rollup_sort_keys,
     to_table,
 )
-from storage.embedded.sqlgen import compaction_query
+from storage.embedded.sqlgen import Read, compaction_query, pack_query
 from storage.protocol import (
     Capabilities,
     CommitResult,
@@ -131,11 +131,11 @@ class EmbeddedStore:
         if index is None:
             index = self._indexes[spec.name] = KeyIndex(spec)
             seq = self.catalog.current_seq()
-            index.load(self.duck, [s.path for s in self.catalog.live_segments(spec.name)], seq)
+            index.load(self.duck, self._reads(spec, self.catalog.live_segments(spec.name)), seq)
             return index
         newer = self.catalog.segments_after(spec.name, index.seq)
         if newer:
-            index.apply_segments(self.duck, [s.path for s in newer])
+            index.apply_segments(self.duck, self._reads(spec, newer))
             index.seq = max(s.seq for s in newer)
         return index
 
@@ -264,7 +264,7 @@ class EmbeddedStore:
         chosen_ids = {s.id for s in chosen}
         is_prefix = all(s.id in chosen_ids for s in live if s.seq <= max_seq)
         rollup = spec.rollup(rollup_name) if rollup_name else None
-        query = compaction_query(spec, rollup, [s.path for s in chosen], drop_tombstones=is_prefix)
+        query = compaction_query(spec, rollup, self._reads(spec, chosen), drop_tombstones=is_prefix)
         table = self.duck.sql(query).to_arrow_table()
         if rollup is None:
             schema, sort = base_schema(spec), base_sort_keys(spec)
@@ -302,18 +302,100 @@ class EmbeddedStore:
             segment_id=new_id,
         )
 
+    def _reads(self, spec: DatasourceSpec, segments: Sequence[SegmentInfo]) -> list[Read]:
+        """How to read ``segments``: whole, or a pack's rows of the segment's partition."""
+        granularity = spec.datasource.granularity
+        return [
+            Read(s.path, *_partition_bounds(s.partition, granularity, spec))
+            if s.packed
+            else Read(s.path)
+            for s in segments
+        ]
+
+    def pack(self, datasource: str, segment_ids: Sequence[int]) -> CompactionResult | None:
+        """Write the partitions of ``segment_ids`` — each must be a partition's only
+        live segment — into one file, atomically, one packed segment row each.
+
+        Why: a query pays a fixed cost per file it opens, and a year of daily
+        partitions is 365 files; cold partitions packed by month make it twelve (Druid
+        compacts old intervals into coarser segments for the same reason). Packs sort
+        by tenant then time like any segment, so one merchant's rows stay together.
+        Partitions keep their identity: a late write to one adds a segment to that
+        partition, whose compaction reads its own range of the pack.
+        """
+        spec, rollup_name = self._owner(datasource)
+        if rollup_name is not None:
+            raise InvalidArgument(f"{datasource} is a rollup: only base datasources are packed")
+        wanted = set(segment_ids)
+        with self.catalog.read():
+            live = self.catalog.live_segments(datasource)
+        chosen = [s for s in live if s.id in wanted]
+        per_partition: dict[str, int] = {}
+        for seg in live:
+            per_partition[seg.partition] = per_partition.get(seg.partition, 0) + 1
+        if len(chosen) != len(wanted) or any(per_partition[s.partition] != 1 for s in chosen):
+            raise CompactionConflict(
+                f"{datasource}: the segments to pack changed meanwhile; nothing changed"
+            )
+        if len(chosen) < 2:
+            return None
+        table = self.duck.sql(pack_query(spec, self._reads(spec, chosen))).to_arrow_table()
+        schema = base_schema(spec)
+        table = table.select(schema.names).cast(schema)
+        keys = partitions_of(
+            table.column(spec.datasource.time),
+            spec.datasource.granularity,
+            spec.datasource.timezone,
+        )
+        rows = {p: 0 for p in sorted({s.partition for s in chosen})}
+        for part in keys.to_pylist():
+            rows[part] += 1
+        first, last = min(rows), max(rows)
+        path, size = self.segments.write(
+            table, datasource, f"_packs/{first}_{last}", base_sort_keys(spec)
+        )
+        try:
+            with self.catalog.write():
+                self.catalog.add_pack(datasource, [s.id for s in chosen], str(path), rows, size)
+        except _Conflict:
+            path.unlink(missing_ok=True)
+            raise CompactionConflict(
+                f"{datasource}: the segments to pack were replaced meanwhile; nothing changed"
+            ) from None
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        return CompactionResult(
+            datasource=datasource,
+            partition=f"{first}..{last}",
+            replaced_segments=len(chosen),
+            rows_in=sum(s.rows for s in chosen),
+            rows_out=table.num_rows,
+            bytes_in=sum(s.bytes for s in chosen),
+            bytes_out=size,
+            segment_id=None,
+        )
+
+    @staticmethod
+    def _remove_files(paths: Sequence[str]) -> int:
+        for path in paths:
+            Path(path).unlink(missing_ok=True)
+        return len(paths)
+
     def collect_garbage(self, *, orphan_grace_s: float | None = None) -> int:
         """Delete replaced segments past the grace period and crash-orphaned files."""
         now = time.time()
         removed = 0
         with self.catalog.read():
             expired = self.catalog.expired_segments(now - self.settings.store.gc_grace_s)
-        for _, name in expired:
-            Path(name).unlink(missing_ok=True)
-            removed += 1
         if expired:
+            # A pack's file is shared by several segment rows: it goes with the last.
             with self.catalog.write():
                 self.catalog.forget_segments([i for i, _ in expired])
+                unused = self.catalog.unreferenced(name for _, name in expired)
+            # A crash from here on leaves files no row refers to: orphans, removed below
+            # by the next collection.
+            removed += self._remove_files(unused)
         grace = self.settings.store.orphan_grace_s if orphan_grace_s is None else orphan_grace_s
         root = self.segments.root
         if root.exists():
@@ -360,11 +442,11 @@ class EmbeddedStore:
         written: list[Path] = []
         try:
             with gc_paused(), self.catalog.write():
-                parts: dict[str, list[str]] = {}
+                parts: dict[str, list[SegmentInfo]] = {}
                 for seg in self.catalog.live_segments(spec.name):
-                    parts.setdefault(seg.partition, []).append(seg.path)
-                clean = [p[0] for p in parts.values() if len(p) == 1]
-                dirty = [f for p in parts.values() if len(p) > 1 for f in p]
+                    parts.setdefault(seg.partition, []).append(seg)
+                clean = [r for p in parts.values() if len(p) == 1 for r in self._reads(spec, p)]
+                dirty = [r for p in parts.values() if len(p) > 1 for r in self._reads(spec, p)]
                 new_segments: list[NewSegment] = []
                 for rollup in rollups:
                     paths = [s.path for s in self.catalog.live_segments(rollup.name)]

@@ -102,3 +102,45 @@ def test_a_partition_written_forever_keeps_logarithmically_many_segments(
     total = sum(sizes)
     levels = math.log(max(total, 2), 4) + 2  # tiers span a factor of 4 each
     assert len(live) <= (min_merge - 1) * levels + 1
+
+
+def _month(ds: str, part: str) -> str | None:
+    return part[:7] if ds == "payments" else None
+
+
+def test_cold_partitions_are_packed_by_month_until_one_file_holds_each_month() -> None:
+    def cold(i: int, part: str, *, path: str | None = None, age_s: float = 60) -> SegmentInfo:
+        s = seg(i, 100, part=part, age_s=age_s)
+        return SegmentInfo(s.id, s.datasource, s.partition, path or s.path, 100, 100, i,
+                           s.created_at, packed=path is not None)  # fmt: skip
+
+    segments = [
+        cold(1, "2026-01-30"),
+        cold(2, "2026-01-31"),
+        cold(3, "2026-02-01", path="/p.parquet"),  # February is one pack already
+        cold(4, "2026-02-02", path="/p.parquet"),
+        cold(5, "2026-03-01"),
+        cold(6, "2026-03-02", age_s=0.5),  # written a moment ago: not quiet yet
+        seg(7, 100, part="2026-04-01"),  # April: fragmented (late), compacted first
+        seg(8, 10, part="2026-04-01", age_s=30),
+        seg(9, 100, part="2026-04-02"),
+        seg(10, 100, part="2026-04-03"),
+        seg(11, 100, part="2026-01-01", ds="payments_daily"),  # rollups are never packed
+        seg(12, 100, part="2026-01-02", ds="payments_daily"),
+    ]
+    parts = sorted({(s.datasource, s.partition) for s in segments})
+    counts = {p: sum((s.datasource, s.partition) == p for s in segments) for p in parts}
+    st = [stats(p, counts[(ds, p)], ds=ds) for ds, p in parts]
+    tasks = plan(st, segments, NOW, lambda ds, p: True, CONFIG, _month)
+    assert [(t.kind, t.datasource, t.partition) for t in tasks] == [
+        ("late", "payments", "2026-04-01"),
+        ("pack", "payments", "2026-01"),
+        ("pack", "payments", "2026-04"),
+    ]
+    assert tasks[1].segment_ids == (1, 2) and tasks[2].segment_ids == (9, 10)
+    assert tasks[1].bytes == 200
+    # Nothing is packed without a unit, nor inside the active window.
+    assert [t.kind for t in plan(st, segments, NOW, lambda ds, p: True, CONFIG)] == ["late"]
+    assert all(
+        t.kind != "pack" for t in plan(st, segments, NOW, lambda ds, p: False, CONFIG, _month)
+    )

@@ -7,10 +7,14 @@ from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prometheus_client.parser import text_string_to_metric_families
 
+from storage import open_store
+from tally.specs import SpecRegistry
 from tally.timeutil import floor
 from tests.query_api.conftest import MERCHANTS, START, Api
 
@@ -40,15 +44,42 @@ def test_keys_are_required_and_scoped(api: Api) -> None:
         _error(admin.get("/v1/transactions"), 403, "forbidden")
 
 
-def test_health_and_metrics(api: Api) -> None:
+def _metrics(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = httpx.get(f"{url}/metrics").text
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_health_and_metrics(api: Api, registry: SpecRegistry) -> None:
     with api.client(None) as c:
         assert c.get("/healthz").json()["status"] == "ok"
         ready = c.get("/readyz").json()
         assert ready["checks"] == {"store": "ok", "search": "ok"}
-        c.get("/v1/sales")  # a 401, counted too
-        text = c.get("/metrics").text
-        assert 'tally_api_requests_total{method="GET",route="/v1/sales",status="401"}' in text
-        assert "tally_store_freshness_seconds" in text
+    counted = (
+        "tally_api_requests_total",
+        frozenset({"route": "/v1/sales", "method": "GET", "status": "401"}.items()),
+    )
+    before = _metrics(api.url).get(counted, 0.0)
+    for _ in range(6):  # a new connection each: both workers answer, a scrape sums them
+        assert httpx.get(f"{api.url}/v1/sales").status_code == 401
+    figures = _metrics(api.url)
+    assert figures[counted] - before == 6
+    store = open_store(api.settings, registry)
+    rows = sum(s.rows for s in store.live_segments("payments"))
+    store.close()
+    assert rows >= len(api.latest())
+    assert figures[("tally_store_rows", frozenset({"datasource": "payments"}.items()))] == rows
+    assert (
+        "tally_store_freshness_seconds",
+        frozenset({"datasource": "payments"}.items()),
+    ) in figures
+    assert (
+        "tally_search_freshness_seconds",
+        frozenset({"datasource": "payments"}.items()),
+    ) in figures
 
 
 def test_one_transaction_is_only_its_merchants(api: Api) -> None:

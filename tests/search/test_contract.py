@@ -420,6 +420,20 @@ def test_paging_newest_first_by_narrowing_end_finds_every_match_once(
     assert sorted(seen) == sorted(d.key for d in docs)
 
 
+def test_a_reader_opened_earlier_sees_every_later_commit(backend: Backend) -> None:
+    writer = backend.new()
+    put(writer, [doc("a")])
+    reader = backend.reopen(writer)
+    assert keys(reader.search("m1", "coffee")) == {"a"}
+    for n, key in enumerate(["b", "c", "d"], start=2):
+        writer.upsert(0, [doc(key)])
+        if backend.name == "tantivy":  # osmem makes writes searchable before a refresh
+            assert len(reader.search("m1", "coffee")) == n - 1
+        writer.commit(0, T0)
+        assert len(reader.search("m1", "coffee", order="time")) == n
+        assert set(reader.locate([key])) == {key}
+
+
 # --- freshness and verification --------------------------------------------------------
 
 

@@ -20,7 +20,8 @@ repository root. Two roles:
     ``catalog_updated`` (inside the catalog transaction, everything inserted, not
     committed), ``catalog_committed`` (right after any catalog write transaction
     committed), ``returned`` (commit/compact returned, not yet acknowledged) and
-    ``gc:forgetting`` (expired files unlinked, catalog rows not yet forgotten).
+    ``gc:removing`` (expired segment rows forgotten and committed, their files not
+    yet removed).
 
 ``read``
     Opens a reader and queries in a loop, printing one JSON line per observation
@@ -222,7 +223,8 @@ def compaction_round(
 ) -> int:
     """Compact every fragmented partition. On odd rounds a base partition of three or
     more segments compacts only its two newest (not a prefix, so its tombstones must
-    survive); otherwise the whole partition."""
+    survive); otherwise the whole partition. Every third round then packs the base
+    partitions held in one segment (earlier packs included) into one file."""
     done = 0
     for ds, part, ids in fragmented_partitions(store):
         chosen = ids[-2:] if round_no % 2 and ds == "payments" and len(ids) >= 3 else None
@@ -230,6 +232,15 @@ def compaction_round(
         started = time.perf_counter()
         store.compact(ds, part, chosen)
         after(ds, part, (time.perf_counter() - started) * 1000)
+        done += 1
+    live = store.live_segments("payments")
+    parts = Counter(s.partition for s in live)
+    single = [s.id for s in live if parts[s.partition] == 1]
+    if round_no % 3 == 2 and len(single) >= 2:
+        before("payments", "pack")
+        started = time.perf_counter()
+        store.pack("payments", single)
+        after("payments", "pack", (time.perf_counter() - started) * 1000)
         done += 1
     return done
 
@@ -501,7 +512,7 @@ class _Pauser:
         pauser = self
         wait = SegmentWrites.wait
         bump = Catalog.bump_generation
-        forget = Catalog.forget_segments
+        remove = EmbeddedStore._remove_files
         write = Catalog.write
 
         @contextmanager
@@ -519,13 +530,13 @@ class _Pauser:
             bump(self)
             pauser.point("catalog_updated")
 
-        def pause_then_forget(self: Catalog, ids: Any) -> None:
-            pauser.point("forgetting")
-            forget(self, ids)
+        def pause_then_remove(paths: Any) -> int:
+            pauser.point("removing")
+            return remove(paths)
 
         SegmentWrites.wait = wait_then_pause  # type: ignore[method-assign]
         Catalog.bump_generation = bump_then_pause  # type: ignore[method-assign]
-        Catalog.forget_segments = pause_then_forget  # type: ignore[method-assign]
+        EmbeddedStore._remove_files = staticmethod(pause_then_remove)  # type: ignore[method-assign]
         Catalog.write = write_then_pause  # type: ignore[method-assign]
 
 

@@ -150,7 +150,20 @@ def test_merged_view_and_rollups_match_reference(
             reader.close()
 
 
+def _maybe_pack(store: EmbeddedStore, rng: random.Random) -> None:
+    """Pack a random set of single-segment partitions into one file (packs and
+    partitions already in other packs included)."""
+    live = store.live_segments("payments")
+    counts: dict[str, int] = {}
+    for seg in live:
+        counts[seg.partition] = counts.get(seg.partition, 0) + 1
+    single = [s for s in live if counts[s.partition] == 1]
+    if len(single) >= 2 and rng.random() < 0.5:
+        store.pack("payments", [s.id for s in rng.sample(single, rng.randint(2, len(single)))])
+
+
 def _maybe_compact(store: EmbeddedStore, rng: random.Random) -> None:
+    _maybe_pack(store, rng)
     live = store.live_segments()
     if not live or rng.random() < 0.4:
         return

@@ -3,9 +3,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from tally.errors import ConfigError
-from tally.settings import load_settings
+from tally.settings import Settings, from_handoff, handoff, load_settings
 
 
 def test_file_then_environment_then_overrides(
@@ -40,3 +41,15 @@ def test_bad_config_names_where_and_what(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("TALLY_STORE__DUCKDB_THREADS", "many")
     with pytest.raises(ConfigError, match=r"environment: store.duckdb_threads"):
         load_settings(None)
+
+
+def test_a_handoff_carries_every_setting_and_secret(tmp_path: Path) -> None:
+    settings = Settings(
+        data_dir=tmp_path,
+        kafka_password=SecretStr("s3cret"),
+        api={"page_max": 7, "workers": 3},
+        specs=(tmp_path / "a.toml",),
+    )
+    text = handoff(settings)
+    assert from_handoff(text) == settings
+    assert from_handoff(text).kafka_password.get_secret_value() == "s3cret"  # type: ignore[union-attr]
