@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from tally.cli import FormatOption, state
+from tally.errors import InvalidArgument
 from tally.output import Format, emit_json, emit_table
 
 compaction_app = typer.Typer(
@@ -138,6 +139,10 @@ def watch(
         float | None,
         typer.Option(min=0.05, help="poll interval in seconds (compaction.interval_s)"),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="serve Prometheus metrics here (127.0.0.1)"),
+    ] = None,
 ) -> None:
     """The daemon: poll partition statistics and compact late-written old partitions,
     then size-tiered merges of hot ones, then pack cold days into one file a month,
@@ -156,6 +161,14 @@ def watch(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    port = metrics_port if metrics_port is not None else settings.compaction.metrics_port
+    if port is not None:
+        from compaction.metrics import serve
+
+        try:
+            serve(port)
+        except OSError as exc:
+            raise InvalidArgument(f"cannot serve metrics on port {port}: {exc.strerror}") from exc
     store = open_store(settings, c.registry)
     assert isinstance(store, EmbeddedStore)
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
+from compaction import metrics
 from compaction.policy import PolicyConfig, Task, ended_before, plan
 from storage.embedded.store import EmbeddedStore
 from storage.protocol import CompactionResult
@@ -118,9 +119,11 @@ class Watcher:
         now = self.clock()
         stats = self.store.partition_stats(datasource)
         segments = self.store.live_segments(datasource)
-        return plan(
+        tasks = plan(
             stats, segments, now, lambda d, p: self._old(d, p, now), self.config, self._unit_of
         )
+        metrics.record_due(tasks, self.store.datasource_names(datasource))
+        return tasks
 
     def tick(self, datasource: str | None = None) -> list[Done]:
         """One poll: run due tasks in order until the byte budget is spent, then GC."""
@@ -134,10 +137,20 @@ class Watcher:
             if done is not None:
                 finished.append(done)
                 budget -= task.bytes
-        self.report.files_removed += self.store.collect_garbage()
+        removed = self.store.collect_garbage()
+        self.report.files_removed += removed
+        metrics.removed.inc(removed)
         return finished
 
     def run_task(self, task: Task) -> Done | None:
+        log.info(
+            "compacting %s/%s (%s): %d segments, %d bytes",
+            task.datasource,
+            task.partition,
+            task.kind,
+            len(task.segment_ids),
+            task.bytes,
+        )
         try:
             if task.kind == "pack":
                 result = self.store.pack(task.datasource, task.segment_ids)
@@ -145,9 +158,11 @@ class Watcher:
                 result = self.store.compact(task.datasource, task.partition, task.segment_ids)
         except CompactionConflict as exc:
             self.report.conflicts += 1
+            metrics.conflicts.inc()
             log.info("compaction skipped, planned afresh next poll: %s", exc)
             return None
         done = Done(task, result, self.clock())
+        metrics.record_done(done)
         self.report.compactions += 1
         self.report.bytes_rewritten += result.bytes_in if result else 0
         self.report.done.append(done)

@@ -68,6 +68,9 @@ class CompactionSettings(BaseModel):
     min_merge: int = Field(4, ge=2, description="segments of one size tier before a merge")
     max_merge: int = Field(32, ge=2, description="segments merged at once")
     tier_ratio: float = Field(4.0, gt=1, description="largest/smallest segment within a tier")
+    metrics_port: int | None = Field(
+        None, ge=0, le=65535, description="the watcher serves Prometheus metrics on this port"
+    )
     max_bytes_per_tick: int = Field(
         1 << 30, gt=0, description="bytes the watcher rewrites per poll at most (bounded work)"
     )

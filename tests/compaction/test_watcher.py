@@ -178,3 +178,35 @@ def test_watch_daemon_compacts_and_stops_on_sigterm(store: EmbeddedStore, data_d
         out, err = daemon.communicate(timeout=30)
     assert daemon.returncode == 0, err
     assert "watcher stopped: 3 compactions" in out  # base day + both rollup months
+
+
+def test_the_watcher_reports_what_is_due_and_done(
+    store: EmbeddedStore, settings: Settings, registry: SpecRegistry
+) -> None:
+    from prometheus_client import REGISTRY
+
+    def value(name: str, **labels: str) -> float:
+        return REGISTRY.get_sample_value(name, labels) or 0.0
+
+    _fragment_old_day(store)
+    runs = value("tally_compaction_runs_total", datasource="payments", kind="late")
+    rewritten = value("tally_compaction_bytes_rewritten_total", datasource="payments", kind="late")
+    timed = value("tally_compaction_detect_to_done_seconds_count", datasource="payments")
+    later = datetime.now(UTC) + timedelta(seconds=settings.compaction.max_delay_s + 1)
+    watcher = Watcher(settings, registry, store, clock=lambda: later)
+    watcher.due()
+    assert value("tally_compaction_partitions_due", datasource="payments", kind="late") == 1
+    assert value("tally_compaction_partitions_due", datasource="payments", kind="tiered") == 0
+    watcher.tick()
+    assert value("tally_compaction_runs_total", datasource="payments", kind="late") == runs + 1
+    grown = value("tally_compaction_bytes_rewritten_total", datasource="payments", kind="late")
+    assert grown - rewritten == sum(
+        d.result.bytes_in
+        for d in watcher.report.done
+        if d.result and d.task.datasource == "payments"
+    )
+    assert (
+        value("tally_compaction_detect_to_done_seconds_count", datasource="payments") == timed + 1
+    )
+    watcher.due()
+    assert value("tally_compaction_partitions_due", datasource="payments", kind="late") == 0
