@@ -10,6 +10,7 @@ from __future__ import annotations
 from search.protocol import (
     Doc,
     Hit,
+    ReplaceResult,
     SearchCapabilities,
     SearchIndex,
     SearchOrder,
@@ -32,6 +33,7 @@ def open_index(settings: Settings, spec: DatasourceSpec, *, readonly: bool = Fal
 __all__ = [
     "Doc",
     "Hit",
+    "ReplaceResult",
     "SearchCapabilities",
     "SearchIndex",
     "SearchOrder",

@@ -33,7 +33,15 @@ from elastic_transport import ConnectionError as TransportConnectionError
 from elasticsearch import ApiError, Elasticsearch, SerializationError
 
 from search.analysis import CHARS_FIELD, grams, letters, single_letter
-from search.protocol import Doc, Hit, SearchCapabilities, SearchOrder, UpsertResult
+from search.protocol import (
+    Doc,
+    Hit,
+    ReplaceResult,
+    SearchCapabilities,
+    SearchOrder,
+    UpsertResult,
+    newest_per_key,
+)
 from tally.errors import ConfigError, SearchError, SearchUnavailable
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
@@ -181,25 +189,75 @@ class ElasticIndex:
 
         ``shard`` is accepted for the protocol; Elasticsearch routes by ``_id`` itself.
         """
-        latest: dict[str, Doc] = {}
-        for doc in docs:
-            have = latest.get(doc.key)
-            if have is None or (doc.version, doc.event_id) > (have.version, have.event_id):
-                latest[doc.key] = doc
+        latest = newest_per_key(docs)
         if not latest:
             return UpsertResult(0, len(docs))
         self._ensure_indices()
         written = 0
         batch = list(latest.values())
         for i in range(0, len(batch), _BULK_DOCS):
-            written += self._bulk(batch[i : i + _BULK_DOCS])
+            chunk = batch[i : i + _BULK_DOCS]
+            written += len(chunk) - len(self._bulk(chunk))
         return UpsertResult(written, len(docs) - written)
 
-    def _bulk(self, docs: Sequence[Doc]) -> int:
+    def replace(self, shard: int, docs: Sequence[Doc]) -> ReplaceResult:
+        """``external_gte`` takes an equal or newer version (a damaged or stale doc). A
+        stored *newer* version cannot be lowered in place: the doc is deleted, then
+        indexed again — which Elasticsearch refuses until ``index.gc_deletes`` (60 s by
+        default) has forgotten the deleted version. Such keys come back in ``refused``
+        (their wrong doc is gone already); repairing again later completes them."""
+        latest = list(newest_per_key(docs).values())
+        if not latest:
+            return ReplaceResult(0, {})
+        self._ensure_indices()
+        newer = set(self._bulk(latest, "external_gte"))
+        refused: dict[str, str] = {}
+        if newer:
+            self.delete(sorted(newer))
+            again = [d for d in latest if d.key in newer]
+            refused = {
+                key: "a newer version was deleted; Elasticsearch takes an older one only after"
+                " index.gc_deletes (60 s by default): repair again then"
+                for key in self._bulk(again, "external")
+            }
+        self._refresh()
+        return ReplaceResult(len(latest) - len(refused), refused)
+
+    def delete(self, keys: Sequence[str]) -> int:
+        unique = list(dict.fromkeys(keys))
+        if not unique:
+            return 0
+        self._ensure_indices()
+        removed = 0
+        for i in range(0, len(unique), _BULK_DOCS):
+            operations = [{"delete": {"_id": key}} for key in unique[i : i + _BULK_DOCS]]
+            self._dirty = True
+            with _translate(f"bulk delete in {self.index}"):
+                response = self.client.bulk(index=self.index, operations=operations).body
+            for item in response.get("items", []):
+                result = next(iter(item.values()))
+                status = int(result.get("status", 500))
+                if 200 <= status < 300:
+                    removed += 1
+                elif status != 404:  # 404: nothing stored under that key
+                    cls = SearchUnavailable if status == 429 or status >= 500 else SearchError
+                    reason = _reason(result.get("error"), status)
+                    raise cls(f"Elasticsearch could not remove documents of {self.index}: {reason}")
+        self._refresh()
+        return removed
+
+    def _refresh(self) -> None:
+        if self._dirty:
+            with _translate(f"refresh {self.index}"):
+                self.client.indices.refresh(index=self.index)
+            self._dirty = False
+
+    def _bulk(self, docs: Sequence[Doc], version_type: str = "external") -> list[str]:
+        """Index ``docs``; return the keys refused by the version guard (409)."""
         operations: list[dict[str, Any]] = []
         for doc in docs:
             operations.append(
-                {"index": {"_id": doc.key, "version": doc.version, "version_type": "external"}}
+                {"index": {"_id": doc.key, "version": doc.version, "version_type": version_type}}
             )
             source: dict[str, Any] = {
                 "key": doc.key,
@@ -218,16 +276,16 @@ class ElasticIndex:
         self._dirty = True  # even a failed bulk may have written some items
         with _translate(f"bulk write to {self.index}"):
             response = self.client.bulk(index=self.index, operations=operations).body
-        written = 0
+        conflicts: list[str] = []
         transient: str | None = None
         terminal: str | None = None
         for item in response.get("items", []):
             result = next(iter(item.values()))
             status = int(result.get("status", 500))
             if 200 <= status < 300:
-                written += 1
+                continue
             elif status == 409:
-                continue  # version guard: stored version is newer or equal
+                conflicts.append(str(result.get("_id")))  # version guard: stored is newer
             elif status == 429 or status >= 500:
                 transient = transient or _reason(result.get("error"), status)
             else:
@@ -237,15 +295,12 @@ class ElasticIndex:
         if transient is not None:
             # Retrying the batch is safe: what was written is refused as stale (409).
             raise SearchUnavailable(f"Elasticsearch could not write to {self.index}: {transient}")
-        return written
+        return conflicts
 
     def commit(self, shard: int, newest: datetime | None) -> None:
         """Refresh (writes become searchable), then raise the freshness watermark."""
         self._ensure_indices()
-        if self._dirty:
-            with _translate(f"refresh {self.index}"):
-                self.client.indices.refresh(index=self.index)
-            self._dirty = False
+        self._refresh()
         if newest is None or (self._recorded is not None and newest <= self._recorded):
             return
         micros = max(0, to_micros(newest))

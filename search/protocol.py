@@ -34,10 +34,26 @@ class UpsertResult:
 
 
 @dataclass(frozen=True)
+class ReplaceResult:
+    replaced: int
+    refused: Mapping[str, str]  # key → why the backend would not take its doc (yet)
+
+
+@dataclass(frozen=True)
 class Hit:
     key: str
     time: datetime
     score: float
+
+
+def newest_per_key(docs: Sequence[Doc]) -> dict[str, Doc]:
+    """The greatest (version, event_id) per key among ``docs``."""
+    latest: dict[str, Doc] = {}
+    for doc in docs:
+        have = latest.get(doc.key)
+        if have is None or (doc.version, doc.event_id) > (have.version, have.event_id):
+            latest[doc.key] = doc
+    return latest
 
 
 class SearchIndex(Protocol):
@@ -78,6 +94,20 @@ class SearchIndex(Protocol):
 
     def versions(self, keys: Sequence[str]) -> dict[str, int]:
         """Stored version per key (for verification and tests)."""
+        ...
+
+    def all_versions(self) -> dict[str, tuple[int, str]]:
+        """Every key → stored (version, event_id); for verification, not hot paths."""
+        ...
+
+    def replace(self, shard: int, docs: Sequence[Doc]) -> ReplaceResult:
+        """Write ``docs`` as given and make them durable and searchable, bypassing the
+        version guard: whatever is stored for their keys — an older, an equal or a newer
+        version — is replaced. For repair (``tally verify --repair``), never ingestion."""
+        ...
+
+    def delete(self, keys: Sequence[str]) -> int:
+        """Remove the documents of ``keys``, durably; return how many there were."""
         ...
 
     def freshness(self) -> datetime | None: ...

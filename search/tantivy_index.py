@@ -25,7 +25,15 @@ import msgspec
 import tantivy
 
 from search.analysis import CHARS_FIELD, analyzer, grams, letters, single_letter
-from search.protocol import Doc, Hit, SearchCapabilities, SearchOrder, UpsertResult
+from search.protocol import (
+    Doc,
+    Hit,
+    ReplaceResult,
+    SearchCapabilities,
+    SearchOrder,
+    UpsertResult,
+    newest_per_key,
+)
 from tally.errors import SearchError, SearchUnavailable
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
@@ -137,11 +145,7 @@ class TantivyIndex:
 
     def upsert(self, shard: int, docs: Sequence[Doc]) -> UpsertResult:
         target = self._shard(shard)
-        latest: dict[str, Doc] = {}
-        for doc in docs:
-            have = latest.get(doc.key)
-            if have is None or (doc.version, doc.event_id) > (have.version, have.event_id):
-                latest[doc.key] = doc
+        latest = newest_per_key(docs)
         stored = self._stored(target, list(latest))
         written = 0
         try:
@@ -151,25 +155,54 @@ class TantivyIndex:
                     continue
                 if old is not None:
                     target.writer.delete_documents_by_term("key", key)
-                fields: dict[str, Any] = {
-                    "key": key,
-                    "tenant": doc.tenant,
-                    "event_id": doc.event_id,
-                    "version": doc.version,
-                    "time_us": to_micros(doc.time),
-                }
-                for name, value in doc.text.items():
-                    if value:
-                        fields[name] = value
-                if chars := letters(doc.text.values()):
-                    fields[CHARS_FIELD] = " ".join(chars)
-                # JSON is the cheapest way in: msgspec writes it in C, and tantivy parses
-                # it in Rust; Document(**fields) costs twice that.
-                target.writer.add_json(_JSON.encode(fields).decode())
+                _add(target, doc)
                 written += 1
         except ValueError as exc:
             raise SearchError(f"tantivy rejected a document: {exc}") from exc
         return UpsertResult(written, len(docs) - written)
+
+    def replace(self, shard: int, docs: Sequence[Doc]) -> ReplaceResult:
+        """Delete the keys' documents from every shard holding them, add ``docs`` to
+        ``shard``, commit. Shard writers opened for this are released afterwards; one a
+        running search ingester holds is refused (SearchUnavailable: stop it first)."""
+        latest = newest_per_key(docs)
+        opened = set(self._writers)
+        touched = self._forget(list(latest))[1] | {shard}
+        try:
+            for doc in latest.values():
+                _add(self._shard(shard), doc)
+        except ValueError as exc:
+            raise SearchError(f"tantivy rejected a document: {exc}") from exc
+        self._commit_release(touched, opened)
+        return ReplaceResult(len(latest), {})
+
+    def delete(self, keys: Sequence[str]) -> int:
+        opened = set(self._writers)
+        removed, touched = self._forget(keys)
+        self._commit_release(touched, opened)
+        return removed
+
+    def _forget(self, keys: Sequence[str]) -> tuple[int, set[int]]:
+        """Delete (uncommitted) ``keys`` in every shard that holds them."""
+        removed = 0
+        touched: set[int] = set()
+        for reader in self._reader_shards():
+            found = self._stored(reader, keys)
+            if not found:
+                continue
+            number = int(reader.path.name.removeprefix("p"))
+            writer = self._shard(number).writer
+            for key in found:
+                writer.delete_documents_by_term("key", key)
+            removed += len(found)
+            touched.add(number)
+        return removed, touched
+
+    def _commit_release(self, shards: set[int], keep: set[int]) -> None:
+        for number in sorted(shards):
+            self.commit(number, None)
+            if number not in keep:
+                self.release(number)
 
     def commit(self, shard: int, newest: datetime | None) -> None:
         target = self._shard(shard)
@@ -313,6 +346,24 @@ class TantivyIndex:
         for shard in list(self._writers):
             self.release(shard)
         self._readers.clear()
+
+
+def _add(shard: _Shard, doc: Doc) -> None:
+    fields: dict[str, Any] = {
+        "key": doc.key,
+        "tenant": doc.tenant,
+        "event_id": doc.event_id,
+        "version": doc.version,
+        "time_us": to_micros(doc.time),
+    }
+    for name, value in doc.text.items():
+        if value:
+            fields[name] = value
+    if chars := letters(doc.text.values()):
+        fields[CHARS_FIELD] = " ".join(chars)
+    # JSON is the cheapest way in: msgspec writes it in C, and tantivy parses it in
+    # Rust; Document(**fields) costs twice that.
+    shard.writer.add_json(_JSON.encode(fields).decode())
 
 
 def _get(doc: Any, name: str) -> Any:

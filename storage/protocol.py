@@ -70,6 +70,17 @@ class CompactionResult:
 
 
 @dataclass(frozen=True)
+class RepairResult:
+    """What :meth:`OlapStore.repair` changed."""
+
+    datasource: str
+    rows_written: int  # keys now holding the row they were given
+    keys_removed: int  # keys removed that had a live row
+    partitions: tuple[str, ...]  # base partitions rewritten (rebuild their rollups next)
+    skipped: tuple[str, ...] = ()  # keys whose stored state changed since the caller looked
+
+
+@dataclass(frozen=True)
 class QueryResult:
     columns: list[str]
     rows: list[list[Any]] = field(default_factory=list)
@@ -139,6 +150,19 @@ class OlapStore(Protocol):
     def rebuild_rollups(
         self, datasource: str, partition: str | None = None, rollup_name: str | None = None
     ) -> list[RebuildReport]: ...
+
+    def repair(
+        self,
+        datasource: str,
+        rows: Sequence[Mapping[str, Any]] | pa.Table,
+        remove_keys: Sequence[str] = (),
+        *,
+        expect: Mapping[str, tuple[int, str] | None] | None = None,
+        partitions: Sequence[str] = (),
+    ) -> RepairResult:
+        """Make the merged view hold exactly ``rows`` for their keys and nothing for
+        ``remove_keys``, bypassing the version guard (``tally verify --repair``)."""
+        ...
 
     def close(self) -> None: ...
 

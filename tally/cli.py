@@ -7,8 +7,10 @@ stderr: ``error: <reason>`` — never a traceback.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -91,6 +93,11 @@ def sql_command(
         emit_table(result.columns, result.rows)
 
 
+_DEMO_SQL = json.dumps(
+    {"sql": "SELECT status, COUNT(*) FROM payments GROUP BY status", "dialect": "mysql"}
+)
+
+
 @app.command("demo")
 def demo_command(
     ctx: typer.Context,
@@ -98,19 +105,44 @@ def demo_command(
     duration: Annotated[
         float | None, typer.Option(min=1, help="stop after this many seconds (default: Ctrl-C)")
     ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="API port (default api.port, or a free one)"),
+    ] = None,
     seed: Annotated[int, typer.Option()] = 0,
     fmt: FormatOption = Format.table,
 ) -> None:
     """Everything on the embedded default: broker, topics, a live stream of payments
-    (late cancellations, duplicates, malformed messages), both sinks, live sales."""
-    from tally.demo import run_demo
+    (late cancellations, duplicates, malformed messages), both sinks, the compaction
+    watcher and the query API with a demo key. With --format json it prints one line,
+    {"url", "api_key"}, once everything answers."""
+    from tally.demo import Ready, run_demo
 
     c = state(ctx)
 
+    def ready(info: Ready) -> None:
+        if fmt is Format.json:
+            emit_json({"url": info.url, "api_key": info.api_key})
+            return
+        auth = f'-H "Authorization: Bearer {info.api_key}"'
+        today = datetime.now(c.registry.get("payments").tz).date()
+        start = (today - timedelta(days=29)).isoformat()
+        end = (today + timedelta(days=1)).isoformat()
+        typer.echo(
+            f"\nThe query API is at {info.url} (OpenAPI: {info.url}/docs); demo key for"
+            f" merchant {info.merchant_id}:\n  {info.api_key}\n\nTry:\n"
+            f'  curl {auth} "{info.url}/v1/sales?from={start}T00:00:00%2B09:00'
+            f'&to={end}T00:00:00%2B09:00&granularity=day&group_by=method"\n'
+            f'  curl {auth} "{info.url}/v1/transactions?limit=5"\n'
+            f'  curl {auth} "{info.url}/v1/transactions?q=%EA%B9%80&limit=5"   # q=김\n'
+            f"  curl {auth} -H 'Content-Type: application/json' {info.url}/v1/sql"
+            f" -d '{_DEMO_SQL}'\n"
+            f"  tally compaction status   # late cancellations land in old days; watch them heal\n"
+        )
+
     def report(status: dict[str, Any]) -> None:
         if fmt is Format.json:
-            emit_json(status)
-            return
+            return  # scripts get the one ready line; they ask the API for the rest
         sales = ", ".join(
             f"{s['currency']} net {s['net_amount']:,} ({s['count']:,} payments)"
             for s in status["sales_30d"]
@@ -121,22 +153,34 @@ def demo_command(
         )
 
     if fmt is Format.table:
-        hint = "tally sql 'select * from payments_daily limit 5'"
         typer.echo(
             f"data in {c.settings.data_dir}, broker {c.settings.kafka_bootstrap};"
-            f" Ctrl-C stops. Meanwhile try: {hint}"
+            " starting (Ctrl-C stops everything) ..."
         )
-    run_demo(c.settings, c.registry, rate=rate, duration=duration, seed=seed, report=report)
+    run_demo(
+        c.settings,
+        c.registry,
+        rate=rate,
+        duration=duration,
+        seed=seed,
+        report=report,
+        ready=ready,
+        port=port,
+    )
+    if fmt is Format.table:
+        typer.echo("demo stopped")
 
 
 def _register_subcommands() -> None:
     from compaction.cli import compaction_app
+    from compaction.verify_cli import verify_command
     from ingest.cli import register
     from query_api.cli import register as register_api
     from rollups.cli import rollups_app
 
     app.add_typer(rollups_app, name="rollups")
     app.add_typer(compaction_app, name="compaction")
+    app.command("verify")(verify_command)
     register(app)
     register_api(app)
 

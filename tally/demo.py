@@ -2,39 +2,61 @@
 
 Starts the development broker (unless one already answers), creates the topics,
 streams realistic payments — late cancellations into old partitions, duplicates,
-out-of-order versions, malformed messages — runs both sinks, and reports what a
-merchant dashboard would see, straight from the rollup router. Ctrl-C (or
-``--duration``) stops everything cleanly. The HTTP API, the compaction watcher and
-API keys join the demo as they land (see the README's status table).
+out-of-order versions, malformed messages — runs both sinks and the compaction
+watcher, serves the query API (``tally serve`` in a child process), creates an API
+key for the busiest merchant and hands over the URL and key once everything answers.
+Ctrl-C (or ``--duration``) stops everything cleanly, the broker it started included.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from tally.errors import InvalidArgument, StoreUnavailable
 from tally.settings import Settings
 from tally.specs import SpecRegistry
 
 
-def _stream(
-    settings: Settings, registry: SpecRegistry, rate: float, stop: threading.Event, seed: int
-) -> None:
-    from ingest.generate import GeneratorConfig, generate_events
-    from ingest.malformed import with_malformed
-    from ingest.publish import Publisher
+def _config(rate: float, seed: int) -> Any:
+    from ingest.generate import GeneratorConfig
 
-    spec = registry.get("payments")
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-    config = GeneratorConfig(
+    return GeneratorConfig(
         transactions=int(rate * 3600),
         merchants=50,
         days=30,
         start=today - timedelta(days=29),
         seed=seed,
     )
+
+
+def busiest_merchant(rate: float, seed: int) -> str:
+    """The merchant the stream favours most (the demo key's merchant)."""
+    from ingest.generate import PaymentGenerator
+
+    gen = PaymentGenerator(_config(rate, seed))
+    return str(gen.merchant_ids[int(gen.merchant_p.argmax())])
+
+
+def _stream(
+    settings: Settings, registry: SpecRegistry, rate: float, stop: threading.Event, seed: int
+) -> None:
+    from ingest.generate import generate_events
+    from ingest.malformed import with_malformed
+    from ingest.publish import Publisher
+
+    spec = registry.get("payments")
+    config = _config(rate, seed)
     wires = with_malformed(generate_events(config), 0.002, seed)
 
     def until_stopped() -> Any:
@@ -90,6 +112,75 @@ def summary(settings: Settings, registry: SpecRegistry) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Ready:
+    """What the demo hands over once everything answers."""
+
+    url: str
+    api_key: str
+    merchant_id: str
+
+
+def _watch(settings: Settings, registry: SpecRegistry, stop: threading.Event) -> None:
+    from compaction.watcher import Watcher
+    from storage import open_store
+    from storage.embedded.store import EmbeddedStore
+
+    store = open_store(settings, registry)
+    assert isinstance(store, EmbeddedStore)
+    try:
+        Watcher(settings, registry, store).run(stop)
+    finally:
+        store.close()
+
+
+def _serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+    """``tally serve`` in a child process, with exactly this process's settings."""
+    from tally.settings import HANDOFF_ENV, handoff
+
+    return subprocess.Popen(
+        [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "1"],
+        env={**os.environ, HANDOFF_ENV: handoff(settings)},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,  # Ctrl-C reaches the demo, which stops the server itself
+    )
+
+
+def _wait_ready(url: str, server: subprocess.Popen[bytes], stop: threading.Event) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while not stop.is_set() and time.monotonic() < deadline:
+        if server.poll() is not None:
+            err = server.stderr.read().decode(errors="replace") if server.stderr else ""
+            last = err.strip().splitlines()[-1] if err.strip() else f"exit {server.returncode}"
+            raise StoreUnavailable(f"the query API did not start: {last}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        stop.wait(0.2)
+    if not stop.is_set():
+        raise StoreUnavailable(f"the query API at {url} did not become ready within 60 s")
+
+
+def _port(settings: Settings, wanted: int | None) -> int:
+    """``wanted`` (or api.port) if free, else any free port: a demo should not fail
+    because something else uses 8000."""
+    for port in (wanted if wanted is not None else settings.api.port, 0):
+        with socket.socket() as sock:
+            try:
+                sock.bind((settings.api.host, port))
+            except OSError:
+                if wanted is not None:
+                    raise InvalidArgument(f"port {wanted} is in use") from None
+                continue
+            return int(sock.getsockname()[1])
+    raise AssertionError("unreachable")
+
+
 def run_demo(
     settings: Settings,
     registry: SpecRegistry,
@@ -97,36 +188,50 @@ def run_demo(
     rate: float,
     duration: float | None,
     seed: int,
-    report: Any,
+    report: Callable[[dict[str, Any]], None],
+    ready: Callable[[Ready], None],
+    port: int | None = None,
 ) -> dict[str, Any]:
     from ingest.broker import DevBroker, reachable
     from ingest.kafka import ensure_topics
     from ingest.service import run_ingest
+    from query_api.keys import KeyStore
 
+    stop = threading.Event()
+    # Ctrl-C and SIGTERM (docker stop, systemd) only ask everything to stop; the
+    # cleanup below then always runs, whatever the main thread was doing.
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
     broker = DevBroker(settings)
     started_broker = not reachable(settings.kafka_bootstrap)
-    if started_broker:
-        broker.up()
-    stop = threading.Event()
     threads: list[threading.Thread] = []
+    server: subprocess.Popen[bytes] | None = None
     try:
+        if started_broker:
+            broker.up()
         ensure_topics(settings, registry)
+        workers: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
+            "demo-publisher": (_stream, (settings, registry, rate, stop, seed)),
+            "demo-ingest": (run_ingest, (settings, list(registry), ["olap", "search"], stop)),
+            "demo-watcher": (_watch, (settings, registry, stop)),
+        }
         threads = [
-            threading.Thread(
-                target=_stream,
-                args=(settings, registry, rate, stop, seed),
-                name="demo-publisher",
-                daemon=True,
-            ),
-            threading.Thread(
-                target=run_ingest,
-                args=(settings, list(registry), ["olap", "search"], stop),
-                name="demo-ingest",
-                daemon=True,
-            ),
+            threading.Thread(target=target, args=args, name=name, daemon=True)
+            for name, (target, args) in workers.items()
         ]
         for t in threads:
             t.start()
+        merchant = busiest_merchant(rate, seed)
+        with KeyStore(settings.keys_path) as keys:
+            _, key = keys.create(merchant)
+        chosen = _port(settings, port)
+        url = f"http://{settings.api.host}:{chosen}"
+        server = _serve(settings, chosen)
+        _wait_ready(url, server, stop)
+        if stop.is_set():
+            return {}
+        ready(Ready(url, key, merchant))
         deadline = None if duration is None else time.monotonic() + duration
         last: dict[str, Any] = {}
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):
@@ -138,7 +243,15 @@ def run_demo(
         return {}
     finally:
         stop.set()
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(30)
+            except subprocess.TimeoutExpired:
+                server.kill()
         for t in threads:
             t.join(60)
         if started_broker:
             broker.down()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

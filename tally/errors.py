@@ -146,3 +146,9 @@ class NotFound(TallyError):
     """Nothing with that id — or nothing the caller's tenant may see (never says which)."""
 
     code = "not_found"
+
+
+class DifferencesFound(TallyError):
+    """``tally verify`` found sinks that differ from the log and did not repair them."""
+
+    code = "differences_found"

@@ -256,6 +256,17 @@ class Catalog:
     def bump_generation(self) -> None:
         self._con.execute("UPDATE meta SET v = v + 1 WHERE k='generation'")
 
+    def repairs(self) -> int:
+        """How many repairs rewrote base rows; a writer's key index built under another
+        count is stale (a repair may lower or remove a key's version), so it reloads."""
+        row = self._con.execute("SELECT v FROM meta WHERE k='repairs'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    def bump_repairs(self) -> None:
+        self._con.execute(
+            "INSERT INTO meta VALUES ('repairs', 1) ON CONFLICT (k) DO UPDATE SET v = v + 1"
+        )
+
     def add_segments(
         self, segments: Iterable[NewSegment], *, seq: int | None = None, packed: bool = False
     ) -> list[int]:

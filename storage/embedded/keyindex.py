@@ -34,6 +34,7 @@ class KeyIndex:
         self.spec = spec
         self.entries: dict[str, Entry] = {}
         self.seq = -1  # the catalog seq this index reflects
+        self.repairs = 0  # the catalog's repair count it was loaded under
         self._intern: dict[str, str] = {}
 
     def intern(self, value: str) -> str:
