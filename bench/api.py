@@ -49,6 +49,7 @@ from bench.common import Figures, Log, format_table, parser, percentile, write_r
 from compaction.watcher import Watcher
 from ingest.generate import GeneratorConfig, approval_tables, cancellations_for
 from query_api.keys import KeyStore
+from query_api.ready import wait_ready
 from search import Doc
 from search.tantivy_index import TantivyIndex
 from storage import open_reader, open_store
@@ -164,18 +165,6 @@ def serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
     )
 
 
-def wait_ready(url: str) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit("the API did not become ready")
-
-
 def measure(
     url: str,
     key: str,
@@ -258,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         server = serve(settings, port)
         url = f"http://127.0.0.1:{port}"
         try:
-            wait_ready(url)
+            wait_ready(url, server, timeout_s=120)
             end = START + timedelta(days=DAYS)
             sales = {
                 "from": (end - timedelta(days=90)).isoformat(),

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from tally.errors import InvalidArgument, StoreUnavailable
+from tally.errors import InvalidArgument
 from tally.settings import Settings
 from tally.specs import SpecRegistry
 
@@ -147,25 +147,6 @@ def _serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
     )
 
 
-def _wait_ready(url: str, server: subprocess.Popen[bytes], stop: threading.Event) -> None:
-    import httpx
-
-    deadline = time.monotonic() + 60
-    while not stop.is_set() and time.monotonic() < deadline:
-        if server.poll() is not None:
-            err = server.stderr.read().decode(errors="replace") if server.stderr else ""
-            last = err.strip().splitlines()[-1] if err.strip() else f"exit {server.returncode}"
-            raise StoreUnavailable(f"the query API did not start: {last}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        stop.wait(0.2)
-    if not stop.is_set():
-        raise StoreUnavailable(f"the query API at {url} did not become ready within 60 s")
-
-
 def _port(settings: Settings, wanted: int | None) -> int:
     """``wanted`` (or api.port) if free, else any free port: a demo should not fail
     because something else uses 8000."""
@@ -196,6 +177,7 @@ def run_demo(
     from ingest.kafka import ensure_topics
     from ingest.service import run_ingest
     from query_api.keys import KeyStore
+    from query_api.ready import wait_ready
 
     stop = threading.Event()
     # Ctrl-C and SIGTERM (docker stop, systemd) only ask everything to stop; the
@@ -228,7 +210,7 @@ def run_demo(
         chosen = _port(settings, port)
         url = f"http://{settings.api.host}:{chosen}"
         server = _serve(settings, chosen)
-        _wait_ready(url, server, stop)
+        wait_ready(url, server, stop=stop)
         if stop.is_set():
             return {}
         ready(Ready(url, key, merchant))

@@ -11,7 +11,6 @@ import os
 import random
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from query_api.keys import KeyStore
+from query_api.ready import wait_ready
 from search import Doc
 from search.tantivy_index import TantivyIndex
 from storage import open_store
@@ -127,24 +127,8 @@ def api(tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry) -> Ite
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, server)
+        wait_ready(url, server)
         yield Api(url, issued, events, spec, settings)
     finally:
         server.terminate()
         server.wait(30)
-
-
-def _wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(
-                f"server exited: {server.stderr.read().decode() if server.stderr else ''}"
-            )
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError("server did not become ready")

@@ -17,11 +17,11 @@ from ingest.generate import GeneratorConfig, generate_events
 from ingest.malformed import Wire, with_malformed
 from ingest.publish import Publisher
 from query_api.keys import KeyStore
+from query_api.ready import wait_ready
 from tally.settings import Settings
 from tally.specs import SpecRegistry
 from tests.factories import latest_by_key
 from tests.ingest.conftest import broker, env_for, free_port, kafka_settings, topics  # noqa: F401
-from tests.query_api.conftest import _wait_ready
 
 SEOUL_OCT = datetime(2026, 9, 30, 15, tzinfo=UTC)
 
@@ -72,7 +72,7 @@ def test_through_the_broker_and_ingestion(topics: Settings, registry: SpecRegist
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, server)
+        wait_ready(url, server)
         for m in merchants:
             client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {issued[m]}"})
             mine = [r for r in latest.values() if r["merchant_id"] == m]

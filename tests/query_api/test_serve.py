@@ -10,8 +10,9 @@ from pathlib import Path
 
 import httpx
 
+from query_api.ready import wait_ready
 from tests.ingest.conftest import free_port
-from tests.query_api.conftest import Api, _wait_ready
+from tests.query_api.conftest import Api
 
 
 def test_workers_run_with_the_config_file_settings(api: Api, tmp_path: Path) -> None:
@@ -38,7 +39,7 @@ def test_workers_run_with_the_config_file_settings(api: Api, tmp_path: Path) -> 
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready(url, server)
+        wait_ready(url, server)
         headers = {"Authorization": f"Bearer {api.keys['m1']}"}
         for _ in range(4):  # new connections: both workers answer
             resp = httpx.get(f"{url}/v1/transactions", params={"limit": 50}, headers=headers)
