@@ -14,11 +14,14 @@ Two kinds of work, in this order:
   ``min_merge`` segments is merged, up to ``max_merge`` at a time, smallest tier first.
   A merge's cost is proportional to what it merges, never the partition, and a
   partition written N times holds O(log N) segments.
-* **Pack** — last, cold base partitions (ended before the window, one segment each,
-  quiet for the debounce interval) are packed into one file per calendar unit (the
-  month of day partitions): every query pays a fixed cost per file it opens, so a
-  year of days should not cost 365 opens. A unit is packed again when it holds more
-  than one file (a newly cold day, or a day a late write re-compacted out of it).
+* **Pack** — last, cold base partitions (ended before the window, one segment each)
+  are packed into one file per calendar unit (the month of day partitions): every
+  query pays a fixed cost per file it opens, so a year of days should not cost 365
+  opens. A unit is packed again when it holds more than one file (a newly cold day,
+  or a day a late write re-compacted out of it) — but packing rewrites the whole
+  month, so only once the unit has been quiet for ``pack_delay_s`` (late writes into
+  it come in bursts; one repack follows the burst), or when it has come apart into
+  ``pack_max_files`` files, whichever comes first.
 
 Rollup datasources follow the same rules with their own partition granularity (and
 are not packed: their readers keep them summed in memory).
@@ -43,6 +46,8 @@ class PolicyConfig:
     min_merge: int = 4  # segments in one tier before it is merged
     max_merge: int = 32  # segments merged at once
     tier_ratio: float = 4.0  # largest / smallest segment size within one tier
+    pack_delay_s: float = 600.0  # a unit is repacked once no file of it is younger
+    pack_max_files: int = 8  # ...or once it spans this many files
 
 
 @dataclass(frozen=True)
@@ -119,14 +124,18 @@ def packs(
     units: dict[tuple[str, str], list[SegmentInfo]] = {}
     for datasource, partition, seg in cold:
         unit = unit_of(datasource, partition)
-        quiet = (now - datetime.fromtimestamp(seg.created_at, UTC)).total_seconds()
-        if unit is not None and quiet >= config.debounce_s:
+        if unit is not None:
             units.setdefault((datasource, unit), []).append(seg)
-    tasks = [
-        Task(ds, unit, "pack", tuple(sorted(s.id for s in segs)), sum(s.bytes for s in segs), None)
-        for (ds, unit), segs in sorted(units.items())
-        if len({s.path for s in segs}) > 1
-    ]
+    tasks = []
+    for (ds, unit), segs in sorted(units.items()):
+        files = len({s.path for s in segs})
+        newest = max(datetime.fromtimestamp(s.created_at, UTC) for s in segs)
+        quiet = (now - newest).total_seconds()
+        if files > 1 and quiet >= config.debounce_s and (
+            quiet >= config.pack_delay_s or files >= config.pack_max_files
+        ):
+            ids = tuple(sorted(s.id for s in segs))
+            tasks.append(Task(ds, unit, "pack", ids, sum(s.bytes for s in segs), None))
     return tasks
 
 

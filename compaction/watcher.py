@@ -54,6 +54,8 @@ def policy_config(settings: Settings) -> PolicyConfig:
     c = settings.compaction
     return PolicyConfig(
         debounce_s=c.debounce_s,
+        pack_delay_s=c.pack_delay_s,
+        pack_max_files=c.pack_max_files,
         max_delay_s=c.max_delay_s,
         min_merge=c.min_merge,
         max_merge=c.max_merge,

@@ -68,6 +68,12 @@ class CompactionSettings(BaseModel):
     min_merge: int = Field(4, ge=2, description="segments of one size tier before a merge")
     max_merge: int = Field(32, ge=2, description="segments merged at once")
     tier_ratio: float = Field(4.0, gt=1, description="largest/smallest segment within a tier")
+    pack_delay_s: float = Field(
+        600.0, ge=0, description="cold days of a month are repacked once it was quiet this long"
+    )
+    pack_max_files: int = Field(
+        8, ge=2, description="...or once the month spans this many files"
+    )
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="the watcher serves Prometheus metrics on this port"
     )

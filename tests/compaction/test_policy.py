@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +14,9 @@ from compaction.policy import PolicyConfig, late_ready, plan, tiered_merge, tier
 from storage.protocol import PartitionStats, SegmentInfo
 
 NOW = datetime(2026, 11, 30, 12, tzinfo=UTC)
-CONFIG = PolicyConfig(debounce_s=1.0, max_delay_s=5.0, min_merge=4, max_merge=32, tier_ratio=4)
+CONFIG = PolicyConfig(
+    debounce_s=1.0, max_delay_s=5.0, min_merge=4, max_merge=32, tier_ratio=4, pack_delay_s=300
+)
 
 
 def seg(
@@ -108,30 +111,35 @@ def _month(ds: str, part: str) -> str | None:
     return part[:7] if ds == "payments" else None
 
 
-def test_cold_partitions_are_packed_by_month_until_one_file_holds_each_month() -> None:
-    def cold(i: int, part: str, *, path: str | None = None, age_s: float = 60) -> SegmentInfo:
-        s = seg(i, 100, part=part, age_s=age_s)
-        return SegmentInfo(s.id, s.datasource, s.partition, path or s.path, 100, 100, i,
-                           s.created_at, packed=path is not None)  # fmt: skip
+def _cold(i: int, part: str, *, path: str | None = None, age_s: float = 1000) -> SegmentInfo:
+    s = seg(i, 100, part=part, age_s=age_s)
+    return SegmentInfo(s.id, s.datasource, s.partition, path or s.path, 100, 100, i,
+                       s.created_at, packed=path is not None)  # fmt: skip
 
-    segments = [
-        cold(1, "2026-01-30"),
-        cold(2, "2026-01-31"),
-        cold(3, "2026-02-01", path="/p.parquet"),  # February is one pack already
-        cold(4, "2026-02-02", path="/p.parquet"),
-        cold(5, "2026-03-01"),
-        cold(6, "2026-03-02", age_s=0.5),  # written a moment ago: not quiet yet
-        seg(7, 100, part="2026-04-01"),  # April: fragmented (late), compacted first
-        seg(8, 10, part="2026-04-01", age_s=30),
-        seg(9, 100, part="2026-04-02"),
-        seg(10, 100, part="2026-04-03"),
-        seg(11, 100, part="2026-01-01", ds="payments_daily"),  # rollups are never packed
-        seg(12, 100, part="2026-01-02", ds="payments_daily"),
-    ]
+
+def _plan_all(segments: list[SegmentInfo], config: PolicyConfig = CONFIG) -> list[Any]:
     parts = sorted({(s.datasource, s.partition) for s in segments})
     counts = {p: sum((s.datasource, s.partition) == p for s in segments) for p in parts}
     st = [stats(p, counts[(ds, p)], ds=ds) for ds, p in parts]
-    tasks = plan(st, segments, NOW, lambda ds, p: True, CONFIG, _month)
+    return plan(st, segments, NOW, lambda ds, p: True, config, _month)
+
+
+def test_cold_partitions_are_packed_by_month_until_one_file_holds_each_month() -> None:
+    segments = [
+        _cold(1, "2026-01-30"),
+        _cold(2, "2026-01-31"),
+        _cold(3, "2026-02-01", path="/p.parquet"),  # February is one pack already
+        _cold(4, "2026-02-02", path="/p.parquet"),
+        _cold(5, "2026-03-01"),
+        _cold(6, "2026-03-02", age_s=20),  # written 20 s ago: March is not quiet yet
+        seg(7, 100, part="2026-04-01"),  # April: fragmented (late), compacted first
+        seg(8, 10, part="2026-04-01", age_s=30),
+        seg(9, 100, part="2026-04-02", age_s=1000),
+        seg(10, 100, part="2026-04-03", age_s=1000),
+        seg(11, 100, part="2026-01-01", ds="payments_daily"),  # rollups are never packed
+        seg(12, 100, part="2026-01-02", ds="payments_daily"),
+    ]
+    tasks = _plan_all(segments)
     assert [(t.kind, t.datasource, t.partition) for t in tasks] == [
         ("late", "payments", "2026-04-01"),
         ("pack", "payments", "2026-01"),
@@ -140,7 +148,26 @@ def test_cold_partitions_are_packed_by_month_until_one_file_holds_each_month() -
     assert tasks[1].segment_ids == (1, 2) and tasks[2].segment_ids == (9, 10)
     assert tasks[1].bytes == 200
     # Nothing is packed without a unit, nor inside the active window.
+    parts = sorted({(s.datasource, s.partition) for s in segments})
+    counts = {p: sum((s.datasource, s.partition) == p for s in segments) for p in parts}
+    st = [stats(p, counts[(ds, p)], ds=ds) for ds, p in parts]
     assert [t.kind for t in plan(st, segments, NOW, lambda ds, p: True, CONFIG)] == ["late"]
     assert all(
         t.kind != "pack" for t in plan(st, segments, NOW, lambda ds, p: False, CONFIG, _month)
     )
+
+
+def test_a_month_is_repacked_after_a_quiet_spell_or_once_it_came_apart() -> None:
+    """Repacking rewrites the month: a burst of late writes is followed by one repack,
+    not one per written day."""
+    pack = [_cold(i, f"2026-01-{i:02d}", path="/p.parquet", age_s=3600) for i in range(1, 20)]
+    written = [_cold(i, f"2026-01-{i:02d}", age_s=30) for i in range(20, 23)]  # re-compacted
+    assert _plan_all(pack + written) == []  # still in its burst
+    quiet = [_cold(i, f"2026-01-{i:02d}", age_s=CONFIG.pack_delay_s + 1) for i in range(20, 23)]
+    (task,) = _plan_all(pack + quiet)
+    assert (task.kind, task.partition, len(task.segment_ids)) == ("pack", "2026-01", 22)
+    apart = [_cold(i, f"2026-01-{i:02d}", age_s=30) for i in range(20, 27)]  # 7 files + pack
+    (task,) = _plan_all(pack + apart)
+    assert len(task.segment_ids) == 26
+    loud = [_cold(i, f"2026-01-{i:02d}", age_s=0.2) for i in range(20, 27)]
+    assert _plan_all(pack + loud) == []  # even then, not while it is being written
