@@ -131,8 +131,10 @@ def packs(
         files = len({s.path for s in segs})
         newest = max(datetime.fromtimestamp(s.created_at, UTC) for s in segs)
         quiet = (now - newest).total_seconds()
-        if files > 1 and quiet >= config.debounce_s and (
-            quiet >= config.pack_delay_s or files >= config.pack_max_files
+        if (
+            files > 1
+            and quiet >= config.debounce_s
+            and (quiet >= config.pack_delay_s or files >= config.pack_max_files)
         ):
             ids = tuple(sorted(s.id for s in segs))
             tasks.append(Task(ds, unit, "pack", ids, sum(s.bytes for s in segs), None))

@@ -71,9 +71,7 @@ class CompactionSettings(BaseModel):
     pack_delay_s: float = Field(
         600.0, ge=0, description="cold days of a month are repacked once it was quiet this long"
     )
-    pack_max_files: int = Field(
-        8, ge=2, description="...or once the month spans this many files"
-    )
+    pack_max_files: int = Field(8, ge=2, description="...or once the month spans this many files")
     metrics_port: int | None = Field(
         None, ge=0, le=65535, description="the watcher serves Prometheus metrics on this port"
     )
