@@ -354,7 +354,9 @@ class Bench:
         compacted_ms = percentile([b for _, b in pairs], 50)
         self.figures.add("unfragmented_query_ms", unfragmented_ms, "ms")
         self.figures.add("compacted_query_ms", compacted_ms, "ms")
-        self.figures.add("compacted_vs_unfragmented_ratio", compacted_ms / unfragmented_ms, "x")
+        self.figures.add(
+            "store_compacted_vs_unfragmented_ratio", compacted_ms / unfragmented_ms, "x"
+        )
         if fragmented != compacted:
             raise SystemExit("fragmentation: compaction changed the answer")
 
