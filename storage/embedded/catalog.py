@@ -105,9 +105,14 @@ class NewSegment:
     bytes: int
 
 
+def _locked(exc: sqlite3.Error) -> bool:
+    text = str(exc)
+    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+
+
 def _translate(exc: sqlite3.Error, what: str) -> StoreError:
     text = str(exc)
-    if isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text):
+    if _locked(exc):
         return StoreBusy(f"catalog is busy ({what}): {text}")
     if isinstance(exc, sqlite3.OperationalError):
         return StoreUnavailable(f"catalog unavailable ({what}): {text}")
@@ -124,21 +129,40 @@ class Catalog:
             self._con = sqlite3.connect(
                 path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
             )
-            self._con.execute("PRAGMA journal_mode=WAL")
-            self._con.execute("PRAGMA synchronous=FULL")
-            self._con.execute("PRAGMA cache_size=-262144")  # 256 MiB for the key index
-            self._con.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
-            if not readonly:
-                with self.write():
-                    _migrate(self._con)
-                    for statement in _SCHEMA.split(";"):
-                        if statement.strip():
-                            self._con.execute(statement)
-            else:
-                self._con.execute("PRAGMA query_only=ON")
+            # Opening beside a busy process once failed at once with "database is
+            # locked" (an ingest process starting next to another, in CI) although the
+            # busy timeout should have waited: retry within that timeout.
+            deadline = time.monotonic() + busy_timeout_s
+            while True:
+                try:
+                    self._setup(busy_timeout_s, readonly)
+                    break
+                except sqlite3.OperationalError as exc:
+                    if not _locked(exc) or time.monotonic() >= deadline:
+                        raise
+                    time.sleep(0.05)
         except sqlite3.Error as exc:
             raise _translate(exc, f"opening {path}") from exc
         self._in_txn = False
+
+    def _setup(self, busy_timeout_s: float, readonly: bool) -> None:
+        self._con.execute("PRAGMA journal_mode=WAL")
+        self._con.execute("PRAGMA synchronous=FULL")
+        self._con.execute("PRAGMA cache_size=-262144")  # 256 MiB for the key index
+        self._con.execute(f"PRAGMA busy_timeout={int(busy_timeout_s * 1000)}")
+        if readonly:
+            self._con.execute("PRAGMA query_only=ON")
+            return
+        self._con.execute("BEGIN IMMEDIATE")
+        try:
+            _migrate(self._con)
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._con.execute(statement)
+            self._con.execute("COMMIT")
+        except BaseException:
+            self._con.execute("ROLLBACK")
+            raise
 
     def close(self) -> None:
         self._con.close()
