@@ -79,12 +79,30 @@ def env_for(settings: Settings) -> dict[str, str]:
     }
 
 
+_STARTED: list[subprocess.Popen[bytes]] = []
+
+
 def start_ingest(settings: Settings, *args: str, log: Path) -> subprocess.Popen[bytes]:
     """`tally ingest` in its own process, as an operator or supervisor would run it."""
     with log.open("ab") as fh:
-        return subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "tally", "ingest", "--format", "json", *args],
             env=env_for(settings),
             stdout=subprocess.PIPE,
             stderr=fh,
         )
+    _STARTED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def _reap_ingest_processes() -> Iterator[None]:
+    """A test that fails half-way must not leave its ingest processes running."""
+    yield
+    while _STARTED:
+        proc = _STARTED.pop()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(30)
+        if proc.stdout is not None:
+            proc.stdout.close()
