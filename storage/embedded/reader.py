@@ -363,7 +363,8 @@ class EmbeddedReader:
         chosen = files if partitions is None else {p: files[p] for p in partitions if p in files}
         # The SQL depends only on the files read: built once per file set, with the keys
         # and the tenant as parameters (a dashboard's lookups repeat the same few).
-        shape = (datasource, tuple(sorted((p, tuple(ps)) for p, ps in chosen.items())), tenant)
+        files_key = tuple(sorted((p, tuple(ps)) for p, ps in chosen.items()))
+        shape = (datasource, files_key, tenant is not None)  # the tenant is a parameter
         sql = self._lookups.get(shape)
         if sql is None:
             ds = spec.datasource
