@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 
 from bench.common import Figures, Log, format_table, parser, percentile, write_results
 from compaction.watcher import Watcher
-from ingest.generate import GeneratorConfig, approval_tables, cancellations_for
+from producers.generate import GeneratorConfig, approval_tables, cancellations_for
 from query_api.keys import KeyStore
 from query_api.ready import wait_ready
 from search import Doc

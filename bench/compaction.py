@@ -61,9 +61,10 @@ import pyarrow.compute as pc
 
 from bench.common import Figures, Log, format_table, parser, percentile, stopwatch, write_results
 from compaction.watcher import Watcher
-from ingest.generate import TS, GeneratorConfig, approval_tables, cancellations_for
-from rollups.router import AggregateRequest, run
-from storage.embedded.calendar import partitions_of
+from producers.generate import TS, GeneratorConfig, approval_tables, cancellations_for
+from rollups.request import AggregateRequest
+from rollups.router import run
+from storage.calendar import partitions_of
 from storage.embedded.catalog import Catalog
 from storage.embedded.reader import EmbeddedReader
 from storage.embedded.store import EmbeddedStore
@@ -261,7 +262,7 @@ class Bench:
         with stopwatch() as t:
             while watcher.tick():
                 pass
-        self.store.collect_garbage()
+        self.store.compactor.collect_garbage()
         report = watcher.report
         self.log(f"settled: {report.compactions} compactions and packs in {t[0]:.1f}s")
 

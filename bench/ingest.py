@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.common import Figures, Log, format_table, parser, percentile, write_results  # noqa: E402
-from ingest.broker import start_tansu, wait_reachable  # noqa: E402
-from ingest.generate import GeneratorConfig, generate_events  # noqa: E402
+from engines.devbroker import start_tansu, wait_reachable  # noqa: E402
 from ingest.kafka import ensure_topics  # noqa: E402
-from ingest.malformed import Wire, encode, with_malformed  # noqa: E402
-from ingest.publish import Publisher  # noqa: E402
+from producers.generate import GeneratorConfig, generate_events  # noqa: E402
+from producers.malformed import Wire, encode, with_malformed  # noqa: E402
+from producers.publish import Publisher  # noqa: E402
 from tally.settings import IngestSettings, Settings  # noqa: E402
 from tally.specs import SpecRegistry, builtin_spec_paths  # noqa: E402
 
@@ -319,7 +319,7 @@ def probe_reader(seen_file: Path) -> None:
     from sqlglot import exp
 
     from storage import open_reader
-    from storage.embedded.sqlgen import subquery
+    from storage.sql import subquery
     from tally.settings import load_settings
 
     settings = load_settings(None)

@@ -50,10 +50,11 @@ from bench.common import (
     stopwatch,
     write_results,
 )
-from ingest.generate import GeneratorConfig, approval_tables, cancellations_for
-from rollups.router import AggregateRequest, route, run
+from producers.generate import GeneratorConfig, approval_tables, cancellations_for
+from rollups.request import AggregateRequest
+from rollups.router import route, run
 from storage import open_reader, open_store
-from storage.embedded.calendar import partitions_of
+from storage.calendar import partitions_of
 from storage.embedded.store import EmbeddedStore
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
@@ -224,7 +225,7 @@ class Bench:
         stats = [s for s in self.store.partition_stats() if s.segments > 1]
         with stopwatch() as t:
             for s in stats:
-                self.store.compact(s.datasource, s.partition)
+                self.store.compactor.compact(s.datasource, s.partition)
         self.log(f"compacted {len(stats)} partitions in {t[0]:.1f}s")
         self.figures.add("compact_all_s", t[0], "s")
         self.figures.add("compacted_partitions", len(stats), "partitions")
@@ -342,7 +343,7 @@ class Bench:
         ms, fragmented = self.timed_query(sql)
         self.figures.add("fragmented_query_ms", ms, "ms")
         with stopwatch() as t:
-            self.store.compact(DATASOURCE, part)
+            self.store.compactor.compact(DATASOURCE, part)
         self.figures.add("compact_fragmented_s", t[0], "s")
         # The unfragmented twin and the compacted day, timed alternately in one reader
         # state so drift (caches, background I/O) hits both alike.

@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from tally.cli import FormatOption, state
+from tally.clikit import FormatOption, state
 from tally.errors import InvalidArgument
 from tally.output import Format, emit_json, emit_table
 
@@ -85,17 +85,15 @@ def run(
     ingestion runs (segments committed meanwhile stay live)."""
     from compaction.watcher import Watcher
     from storage import open_store
-    from storage.embedded.store import EmbeddedStore
 
     c = state(ctx)
     if partition is not None and datasource is None:
         raise typer.BadParameter("--partition needs --datasource", param_hint="--partition")
     store = open_store(c.settings, c.registry)
-    assert isinstance(store, EmbeddedStore)
     try:
         if partition is not None:
             assert datasource is not None
-            results = [store.compact(datasource, partition)]
+            results = [store.compactor.compact(datasource, partition)]
         else:
             watcher = Watcher(c.settings, c.registry, store)
             results = []
@@ -109,7 +107,7 @@ def run(
                         done = watcher.run_task(task)
                         if done is not None:
                             results.append(done.result)
-        store.collect_garbage()
+        store.compactor.collect_garbage()
     finally:
         store.close()
     done_rows = [
@@ -147,9 +145,9 @@ def watch(
     """The daemon: poll partition statistics and compact late-written old partitions,
     then size-tiered merges of hot ones, then pack cold days into one file a month,
     until SIGTERM or Ctrl-C."""
-    from compaction.watcher import Done, Watcher
+    from compaction.policy import Done
+    from compaction.watcher import Watcher
     from storage import open_store
-    from storage.embedded.store import EmbeddedStore
 
     c = state(ctx)
     settings = c.settings
@@ -170,7 +168,6 @@ def watch(
         except OSError as exc:
             raise InvalidArgument(f"cannot serve metrics on port {port}: {exc.strerror}") from exc
     store = open_store(settings, c.registry)
-    assert isinstance(store, EmbeddedStore)
 
     def note(done: Sequence[Done]) -> None:
         for d in done:

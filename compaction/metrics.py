@@ -10,8 +10,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 if TYPE_CHECKING:
-    from compaction.policy import Task
-    from compaction.watcher import Done
+    from compaction.policy import Done, Task
 
 LABELS = ("datasource", "kind")
 

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Literal
 
-from storage.protocol import PartitionStats, SegmentInfo
+from storage.protocol import CompactionResult, PartitionStats, SegmentInfo
 
 Kind = Literal["late", "tiered", "pack"]
 
@@ -184,3 +184,15 @@ def _task(
 
 def ended_before(end: datetime, now: datetime, window: timedelta) -> bool:
     return end <= now - window
+
+
+@dataclass
+class Done:
+    task: Task
+    result: CompactionResult | None
+    finished_at: datetime
+
+    @property
+    def detect_to_done_s(self) -> float | None:
+        since = self.task.due_since
+        return None if since is None else (self.finished_at - since).total_seconds()

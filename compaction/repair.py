@@ -9,17 +9,14 @@ store's ``expect`` check) — the next verification sees its new state.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 
+from compaction.check import Check
 from compaction.differences import Difference, table_rows
-from storage.embedded.calendar import partitions_of
-from storage.embedded.store import EmbeddedStore
+from storage.calendar import partitions_of
 from tally.timeutil import coarser_or_equal
-
-if TYPE_CHECKING:
-    from compaction.verify import Check
 
 Done = dict[tuple[Any, ...], str]
 
@@ -34,7 +31,6 @@ def repair_olap(
     done: Done = {}
     notes: list[str] = []
     store = open_store(check.settings, check.registry)
-    assert isinstance(store, EmbeddedStore)
     try:
         partitions: set[str] = set()
         if olap:
@@ -98,4 +94,23 @@ def repair_search(check: Check, diffs: list[Difference]) -> tuple[Done, list[str
     done = {
         d.ident: "deleted" if d.key in remove else "replaced" for d in diffs if d.key not in refused
     }
+    return done, notes
+
+
+def repair_all(check: Check, diffs: list[Difference]) -> tuple[Done, list[str]]:
+    """Fix ``diffs`` in stages; return what was done per difference (the caller
+    re-reads to confirm) and notes on what could not be done."""
+    done: Done = {}
+    notes: list[str] = []
+    olap = [d for d in diffs if d.sink == "olap"]
+    rollup = [d for d in diffs if d.sink == "rollup"]
+    if olap or rollup:
+        fixed, said = repair_olap(check, olap, rollup)
+        done |= fixed
+        notes += said
+    search = [d for d in diffs if d.sink == "search"]
+    if search:
+        fixed, said = repair_search(check, search)
+        done |= fixed
+        notes += said
     return done, notes

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tally.cli import FormatOption, state
+from tally.clikit import FormatOption, state
 from tally.errors import DifferencesFound, InvalidArgument
 from tally.output import Format, emit_json, emit_table
 

@@ -17,27 +17,14 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from compaction import metrics
-from compaction.policy import PolicyConfig, Task, ended_before, plan
-from storage.embedded.store import EmbeddedStore
-from storage.protocol import CompactionResult
+from compaction.policy import Done, PolicyConfig, Task, ended_before, plan
+from storage.protocol import OlapStore
 from tally.errors import CompactionConflict, TallyError
 from tally.settings import Settings
 from tally.specs import SpecRegistry
 from tally.timeutil import Granularity, bucket_key, bucket_range, parse_duration
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Done:
-    task: Task
-    result: CompactionResult | None
-    finished_at: datetime
-
-    @property
-    def detect_to_done_s(self) -> float | None:
-        since = self.task.due_since
-        return None if since is None else (self.finished_at - since).total_seconds()
 
 
 @dataclass
@@ -106,7 +93,7 @@ class Watcher:
         self,
         settings: Settings,
         registry: SpecRegistry,
-        store: EmbeddedStore,
+        store: OlapStore,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.settings = settings
@@ -139,7 +126,7 @@ class Watcher:
             if done is not None:
                 finished.append(done)
                 budget -= task.bytes
-        removed = self.store.collect_garbage()
+        removed = self.store.compactor.collect_garbage()
         self.report.files_removed += removed
         metrics.removed.inc(removed)
         return finished
@@ -155,9 +142,11 @@ class Watcher:
         )
         try:
             if task.kind == "pack":
-                result = self.store.pack(task.datasource, task.segment_ids)
+                result = self.store.compactor.pack(task.datasource, task.segment_ids)
             else:
-                result = self.store.compact(task.datasource, task.partition, task.segment_ids)
+                result = self.store.compactor.compact(
+                    task.datasource, task.partition, task.segment_ids
+                )
         except CompactionConflict as exc:
             self.report.conflicts += 1
             metrics.conflicts.inc()

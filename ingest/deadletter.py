@@ -26,7 +26,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 
 from ingest.decode import Rejected
 from ingest.kafka import base_config, flush, producer, translate
-from storage.embedded.catalog import DeadLetterRecord
+from storage.protocol import DeadLetterOutbox, DeadLetterRecord
 from tally.errors import BrokerUnavailable
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
@@ -122,19 +122,19 @@ def read_topic(
 
 
 class Publisher:
-    """Empties the catalog's dead-letter outbox into the dead-letter topic."""
+    """Empties the store's dead-letter outbox into the dead-letter topic."""
 
-    def __init__(self, settings: Settings, spec: DatasourceSpec, store: Any) -> None:
+    def __init__(self, settings: Settings, spec: DatasourceSpec, outbox: DeadLetterOutbox) -> None:
         self.settings = settings
         self.spec = spec
-        self.store = store
+        self.outbox = outbox
         self.topic = settings.topic(spec.dead_letter_topic)
         self._producer = producer(settings)
         self._recovered = False
 
     def recover(self) -> int:
         """Mark pending letters a crashed predecessor already published."""
-        pending = {d.id for d in self.store.pending_dead_letters(self.spec.name)}
+        pending = {d.id for d in self.outbox.pending(self.spec.name)}
         if not pending:
             return 0
         found = []
@@ -142,14 +142,14 @@ class Publisher:
             if seen.meta.get("id") in pending:
                 found.append((seen.meta["id"], seen.partition, seen.offset))
         if found:
-            self.store.mark_dead_letters_published(found)
+            self.outbox.mark_published(found)
         return len(found)
 
     def publish(self) -> int:
         if not self._recovered:
             self.recover()
             self._recovered = True
-        pending = self.store.pending_dead_letters(self.spec.name)
+        pending = self.outbox.pending(self.spec.name)
         if not pending:
             return 0
         acked: list[tuple[str, int, int]] = []
@@ -170,7 +170,7 @@ class Publisher:
             flush(self._producer, f"publishing dead letters to {self.topic}")
         finally:
             if acked:
-                self.store.mark_dead_letters_published(acked)
+                self.outbox.mark_published(acked)
         if len(acked) != len(pending):
             raise BrokerUnavailable(f"{len(pending) - len(acked)} dead letter(s) not acknowledged")
         return len(acked)

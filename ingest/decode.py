@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 import pyarrow as pa
 
-from storage.embedded.segments import base_schema
+from storage.schema import row_schema
 from tally.specs import DatasourceSpec
 
 
@@ -92,8 +92,7 @@ def event_struct(spec: DatasourceSpec) -> type[msgspec.Struct]:
 class Decoder:
     def __init__(self, spec: DatasourceSpec) -> None:
         self.spec = spec
-        full = base_schema(spec)
-        self.schema = pa.schema([f for f in full if f.name != "_deleted"])
+        self.schema = row_schema(spec)
         self._decoder = msgspec.json.Decoder(event_struct(spec))
         self._key_index = list(spec.columns).index(spec.datasource.key)
         self._ints = {n for n, c in spec.columns.items() if c.type == "int"}

@@ -13,18 +13,14 @@ from collections.abc import Sequence
 from ingest.runner import Runner, RunReport
 from ingest.sinks import OlapSink, SearchSink, Sink
 from search import open_index
-from storage.embedded.store import EmbeddedStore
+from storage import open_store
 from tally.settings import Settings
-from tally.specs import DatasourceSpec
+from tally.specs import DatasourceSpec, SpecRegistry
 
 
-def make_sink(settings: Settings, spec: DatasourceSpec, name: str, registry: object) -> Sink:
+def make_sink(settings: Settings, spec: DatasourceSpec, name: str, registry: SpecRegistry) -> Sink:
     if name == "olap":
-        from storage import open_store
-
-        store = open_store(settings, registry)  # type: ignore[arg-type]
-        assert isinstance(store, EmbeddedStore)
-        return OlapSink(settings, spec, store)
+        return OlapSink(settings, spec, open_store(settings, registry))
     return SearchSink(spec, open_index(settings, spec), settings.ingest.search_refresh_s)
 
 
@@ -36,8 +32,6 @@ def run_ingest(
     until_idle: float | None = None,
     metrics_port: int | None = None,
 ) -> list[RunReport]:
-    from tally.specs import SpecRegistry
-
     registry = SpecRegistry(specs)
     if metrics_port is not None:
         from ingest.metrics import serve

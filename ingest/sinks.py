@@ -14,8 +14,7 @@ import pyarrow as pa
 from ingest.deadletter import Publisher, record
 from ingest.decode import Decoded
 from search import Doc, SearchIndex
-from storage import OffsetRange
-from storage.embedded.store import EmbeddedStore
+from storage import OffsetRange, OlapStore
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
 from tally.timeutil import utc_datetimes
@@ -51,13 +50,15 @@ class Sink(Protocol):
 
 class OlapSink:
     name = "olap"
-    uses_kafka_offsets = False
 
-    def __init__(self, settings: Settings, spec: DatasourceSpec, store: EmbeddedStore) -> None:
+    def __init__(self, settings: Settings, spec: DatasourceSpec, store: OlapStore) -> None:
         self.linger_s = settings.ingest.batch_max_wait_s
         self.spec = spec
         self.store = store
-        self.publisher = Publisher(settings, spec, store)
+        # An engine that commits offsets with the rows resumes from them (Kafka's are
+        # advisory); any other resumes from Kafka's, committed after the write.
+        self.uses_kafka_offsets = not store.capabilities.transactional_offsets
+        self.publisher = Publisher(settings, spec, store.outbox)
         self._newest: datetime | None = None
 
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:

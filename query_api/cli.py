@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from tally.cli import FormatOption, state
+from tally.clikit import FormatOption, state
 from tally.errors import InvalidArgument
 from tally.output import Format, emit_json, emit_table
 

@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from tally.cli import FormatOption, state
+from tally.clikit import FormatOption, state
 from tally.output import Format, emit_json, emit_table
 
 rollups_app = typer.Typer(help="Inspect and rebuild ingestion-time rollups.", no_args_is_help=True)

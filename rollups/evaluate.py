@@ -13,17 +13,15 @@ to the same answers.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from rollups.request import AggregateRequest
 from storage.protocol import QueryResult
 from tally.specs import DatasourceSpec, Rollup
 from tally.timeutil import utc_datetimes
-
-if TYPE_CHECKING:
-    from rollups.router import AggregateRequest
 
 
 def evaluate(

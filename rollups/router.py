@@ -10,30 +10,20 @@ the same shape and the route says where it came from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass
 from functools import cached_property
 
 from sqlglot import exp
 
 from rollups.evaluate import evaluate
-from storage.embedded.sqlgen import bucket_expr, col, subquery, timestamp
+from rollups.request import AggregateRequest
 from storage.protocol import OlapReader, QueryResult
+from storage.sql import bucket_expr, col, subquery, timestamp
 from tally.errors import RoutingError
 from tally.specs import DatasourceSpec, Rollup
-from tally.timeutil import GRANULARITIES, Granularity, coarser_or_equal, is_aligned
+from tally.timeutil import GRANULARITIES, coarser_or_equal, is_aligned
 
 BASE = "base"
-
-
-@dataclass(frozen=True)
-class AggregateRequest:
-    start: datetime  # inclusive, aware
-    end: datetime  # exclusive, aware
-    granularity: Granularity
-    group_by: tuple[str, ...] = ()
-    filters: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

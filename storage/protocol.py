@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pyarrow as pa
 
 if TYPE_CHECKING:
-    from rollups.rebuild import RebuildReport
+    from tally.settings import Settings
+    from tally.specs import SpecRegistry
 
 
 @dataclass(frozen=True)
@@ -18,10 +19,14 @@ class Capabilities:
     """What an engine does natively; callers branch on these, never on engine names."""
 
     name: str
-    sql_dialect: str  # sqlglot dialect queries are transpiled to
-    merge_on_read: bool  # latest-version-per-key happens at query time
-    transactional_offsets: bool  # offsets commit atomically with data
-    manual_compaction: bool  # compaction is driven by Tally, not the engine
+    sql_dialect: str  # sqlglot dialect the backend renders query trees in
+    # Consumer offsets commit in the same transaction as the rows they cover, so the
+    # OLAP sink resumes from ``stored_offsets`` (else from Kafka's committed offsets).
+    transactional_offsets: bool
+    # Tally decides when a partition is compacted (the watcher runs ``store.compactor``);
+    # without it the engine compacts by itself and the watcher has nothing to do.
+    manual_compaction: bool
+    packs: bool = False  # ``compactor.pack``: cold partitions share one file
     resident_rollups: bool = False  # rollup state is served from memory (``rollup_state``)
 
 
@@ -80,6 +85,40 @@ class RepairResult:
     skipped: tuple[str, ...] = ()  # keys whose stored state changed since the caller looked
 
 
+@dataclass
+class RebuildReport:
+    """What :meth:`OlapStore.rebuild_rollups` found different and repaired."""
+
+    rollup: str
+    partition: str | None
+    groups_repaired: int = 0
+    differences: list[dict[str, Any]] = field(default_factory=list)  # first few, for humans
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "rollup": self.rollup,
+            "partition": self.partition,
+            "groups_repaired": self.groups_repaired,
+            "differences": self.differences,
+        }
+
+
+@dataclass(frozen=True)
+class DeadLetterRecord:
+    """A message a sink could not use, recorded with the batch that skipped it."""
+
+    id: str  # "<datasource>:<topic>:<partition>:<offset>", unique per source message
+    datasource: str
+    sink: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    reason: str
+    failed_at: float
+
+
 @dataclass(frozen=True)
 class QueryResult:
     columns: list[str]
@@ -121,31 +160,77 @@ class PartitionStats:
     last_compacted_at: datetime | None
 
 
+class Compactor(Protocol):
+    """Rewrites stored segments: what the compaction watcher and operators drive.
+
+    Present on every store; where ``capabilities.manual_compaction`` is false the
+    engine compacts by itself and nothing calls it.
+    """
+
+    def compact(
+        self, datasource: str, partition: str, segment_ids: Sequence[int] | None = None
+    ) -> CompactionResult | None:
+        """Replace segments of one partition (all live ones by default) with one
+        deduplicated segment, atomically; segments committed meanwhile stay live."""
+        ...
+
+    def pack(self, datasource: str, segment_ids: Sequence[int]) -> CompactionResult | None:
+        """Put partitions held in one segment each into one file (``capabilities.packs``)."""
+        ...
+
+    def collect_garbage(self, *, orphan_grace_s: float | None = None) -> int:
+        """Remove what no live segment needs any more; returns how many files went."""
+        ...
+
+
+class DeadLetterOutbox(Protocol):
+    """Dead letters committed with their batch (``OlapStore.commit(dead_letters=)``),
+    waiting to be published to the dead-letter topic."""
+
+    def pending(self, datasource: str) -> list[DeadLetterRecord]: ...
+
+    def mark_published(self, published: Sequence[tuple[str, int, int]]) -> None:
+        """(id, dead-letter topic partition, offset) of letters the broker acknowledged."""
+        ...
+
+
 class OlapStore(Protocol):
     """Writer side. Safe to use from several processes at once."""
 
     capabilities: Capabilities
 
+    @property
+    def compactor(self) -> Compactor: ...
+
+    @property
+    def outbox(self) -> DeadLetterOutbox: ...
+
     def commit(
         self,
         datasource: str,
-        rows: Sequence[Mapping[str, Any]],
+        rows: pa.Table | Sequence[Mapping[str, Any]],
         offsets: Mapping[TopicPartition, OffsetRange] | None = None,
         *,
         now: datetime | None = None,
-    ) -> CommitResult: ...
+        dead_letters: Sequence[DeadLetterRecord] = (),
+    ) -> CommitResult:
+        """Commit a batch exactly once: rows, rollup deltas, ``offsets`` (fenced: their
+        starts must equal the stored ones) and the batch's ``dead_letters`` together."""
+        ...
 
     def stored_offsets(self, datasource: str) -> dict[TopicPartition, int]: ...
 
-    def compact(
-        self, datasource: str, partition: str, segment_ids: Sequence[int] | None = None
-    ) -> CompactionResult | None: ...
-
-    def collect_garbage(self, *, orphan_grace_s: float | None = None) -> int: ...
+    def datasource_names(self, datasource: str | None = None) -> list[str]:
+        """Stored datasources: ``datasource`` (a base: with its rollups), or all."""
+        ...
 
     def partition_stats(self, datasource: str | None = None) -> list[PartitionStats]: ...
 
     def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]: ...
+
+    def partition_range(self, datasource: str, partition: str) -> tuple[datetime, datetime]:
+        """The instants [start, end) a partition key of a base or rollup covers."""
+        ...
 
     def rebuild_rollups(
         self, datasource: str, partition: str | None = None, rollup_name: str | None = None
@@ -225,3 +310,13 @@ class OlapReader(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+class Backend(Protocol):
+    """An OLAP backend package (``storage/<name>/__init__.py``), as the factory sees it."""
+
+    capabilities: Capabilities
+
+    def open_store(self, settings: Settings, registry: SpecRegistry) -> OlapStore: ...
+
+    def open_reader(self, settings: Settings, registry: SpecRegistry) -> OlapReader: ...

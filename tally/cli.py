@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -17,10 +16,10 @@ from typing import Annotated, Any
 import typer
 from typer.exceptions import Abort, Exit, TyperException
 
+from tally.clikit import Context, FormatOption, state
 from tally.errors import TallyError
 from tally.output import Format, emit_json, emit_table
-from tally.settings import Settings, load_settings
-from tally.specs import SpecRegistry, builtin_spec_paths
+from tally.settings import load_settings
 
 app = typer.Typer(
     name="tally",
@@ -30,26 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-
-@dataclass
-class Context:
-    """Per-invocation state: settings are loaded once, heavy objects lazily."""
-
-    settings: Settings
-    _registry: SpecRegistry | None = field(default=None, repr=False)
-
-    @property
-    def registry(self) -> SpecRegistry:
-        if self._registry is None:
-            paths = list(self.settings.specs) or builtin_spec_paths()
-            self._registry = SpecRegistry.load(paths)
-        return self._registry
-
-
-FormatOption = Annotated[
-    Format, typer.Option("--format", help="table for people, json for scripts")
-]
 
 
 @app.callback()
@@ -63,12 +42,6 @@ def root(
     ] = None,
 ) -> None:
     ctx.obj = Context(load_settings(config, data_dir=data_dir))
-
-
-def state(ctx: typer.Context) -> Context:
-    obj = ctx.find_root().obj
-    assert isinstance(obj, Context)
-    return obj
 
 
 @app.command("sql")
@@ -174,14 +147,18 @@ def demo_command(
 def _register_subcommands() -> None:
     from compaction.cli import compaction_app
     from compaction.verify_cli import verify_command
-    from ingest.cli import register
+    from engines.broker_cli import broker_app
+    from ingest.cli import register as register_ingest
+    from producers.cli import register as register_producers
     from query_api.cli import register as register_api
     from rollups.cli import rollups_app
 
+    app.add_typer(broker_app, name="broker")
     app.add_typer(rollups_app, name="rollups")
     app.add_typer(compaction_app, name="compaction")
     app.command("verify")(verify_command)
-    register(app)
+    register_ingest(app)
+    register_producers(app)
     register_api(app)
 
 

@@ -28,7 +28,7 @@ from tally.specs import SpecRegistry
 
 
 def _config(rate: float, seed: int) -> Any:
-    from ingest.generate import GeneratorConfig
+    from producers.generate import GeneratorConfig
 
     today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
     return GeneratorConfig(
@@ -42,7 +42,7 @@ def _config(rate: float, seed: int) -> Any:
 
 def busiest_merchant(rate: float, seed: int) -> str:
     """The merchant the stream favours most (the demo key's merchant)."""
-    from ingest.generate import PaymentGenerator
+    from producers.generate import PaymentGenerator
 
     gen = PaymentGenerator(_config(rate, seed))
     return str(gen.merchant_ids[int(gen.merchant_p.argmax())])
@@ -51,9 +51,9 @@ def busiest_merchant(rate: float, seed: int) -> str:
 def _stream(
     settings: Settings, registry: SpecRegistry, rate: float, stop: threading.Event, seed: int
 ) -> None:
-    from ingest.generate import generate_events
-    from ingest.malformed import with_malformed
-    from ingest.publish import Publisher
+    from producers.generate import generate_events
+    from producers.malformed import with_malformed
+    from producers.publish import Publisher
 
     spec = registry.get("payments")
     config = _config(rate, seed)
@@ -69,7 +69,8 @@ def _stream(
 
 
 def summary(settings: Settings, registry: SpecRegistry) -> dict[str, Any]:
-    from rollups.router import AggregateRequest, run
+    from rollups.request import AggregateRequest
+    from rollups.router import run
     from storage import open_reader
 
     spec = registry.get("payments")
@@ -124,10 +125,8 @@ class Ready:
 def _watch(settings: Settings, registry: SpecRegistry, stop: threading.Event) -> None:
     from compaction.watcher import Watcher
     from storage import open_store
-    from storage.embedded.store import EmbeddedStore
 
     store = open_store(settings, registry)
-    assert isinstance(store, EmbeddedStore)
     try:
         Watcher(settings, registry, store).run(stop)
     finally:
@@ -173,7 +172,7 @@ def run_demo(
     ready: Callable[[Ready], None],
     port: int | None = None,
 ) -> dict[str, Any]:
-    from ingest.broker import DevBroker, reachable
+    from engines.devbroker import DevBroker, reachable
     from ingest.kafka import ensure_topics
     from ingest.service import run_ingest
     from query_api.keys import KeyStore

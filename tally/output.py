@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from decimal import Decimal
 from enum import StrEnum
@@ -52,3 +52,11 @@ def emit_table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     out += ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in cells]
     out.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
     sys.stdout.write("\n".join(out) + "\n")
+
+
+def emit_record(record: Mapping[str, Any], fmt: Format) -> None:
+    """One record: a one-row table for people, the object itself with ``--format json``."""
+    if fmt is Format.json:
+        emit_json(record)
+    else:
+        emit_table(list(record), [list(record.values())])

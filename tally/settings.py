@@ -21,7 +21,9 @@ from tally.errors import ConfigError
 class StoreSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    backend: Literal["embedded"] = "embedded"
+    backend: str = Field(
+        "embedded", description="OLAP backend: a package under storage/ (embedded)"
+    )
     gc_grace_s: float = Field(300.0, ge=0, description="keep replaced segment files this long")
     orphan_grace_s: float = Field(
         3600.0, ge=0, description="an unreferenced file older than this is a crash leftover"

@@ -6,11 +6,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings as hypothesis_settings
 
 from storage import OlapReader, open_reader, open_store
 from storage.embedded.store import EmbeddedStore
 from tally.settings import Settings, StoreSettings
 from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
+
+# Speed is measured in bench/, never asserted here: no per-example deadline, which a
+# loaded CI machine would trip on a correct implementation.
+hypothesis_settings.register_profile("tally", deadline=None)
+hypothesis_settings.load_profile("tally")
 
 
 @pytest.fixture(scope="session")

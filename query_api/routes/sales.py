@@ -10,7 +10,8 @@ from fastapi import APIRouter, Query
 from query_api.deps import MerchantDep, ServicesDep
 from query_api.models import ErrorBody, SalesBucket, SalesResponse
 from query_api.params import time_range
-from rollups.router import AggregateRequest, run
+from rollups.request import AggregateRequest
+from rollups.router import run
 from tally.errors import InvalidArgument
 
 router = APIRouter(tags=["sales"])

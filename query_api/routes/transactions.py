@@ -29,7 +29,7 @@ from query_api.params import time_range
 from query_api.services import Services
 from search import Hit, SearchOrder
 from search.analysis import MIN_GRAM, indexed
-from storage.embedded.sqlgen import col, subquery, timestamp
+from storage.sql import col, subquery, timestamp
 from tally.errors import InvalidArgument, NotFound
 from tally.specs import DatasourceSpec
 from tally.timeutil import bucket_key, bucket_range, from_micros, to_micros, utc_datetimes

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from storage.protocol import SegmentInfo
+from storage.protocol import DeadLetterRecord, SegmentInfo
 from tally.errors import StoreBusy, StoreError, StoreUnavailable
 
 SCHEMA_VERSION = 2
@@ -78,22 +78,6 @@ CREATE TABLE IF NOT EXISTS partition_stats (
     PRIMARY KEY (datasource, partition)
 );
 """  # noqa: S608 (constants only)
-
-
-@dataclass(frozen=True)
-class DeadLetterRecord:
-    """A message a sink could not use, recorded with the batch that skipped it."""
-
-    id: str  # "<datasource>:<topic>:<partition>:<offset>", unique per source message
-    datasource: str
-    sink: str
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    reason: str
-    failed_at: float
 
 
 @dataclass(frozen=True)

@@ -19,18 +19,18 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from rollups.deltas import SIGN, signed_deltas
-from storage.embedded.calendar import partitions_of
+from storage.calendar import partitions_of
+from storage.deltas import SIGN, signed_deltas
 from storage.embedded.keyindex import Entry, KeyIndex
 from storage.embedded.segments import (
     DELETED,
     PendingSegment,
     base_schema,
     base_sort_keys,
-    rollup_schema,
     rollup_sort_keys,
     to_table,
 )
+from storage.schema import rollup_schema
 from tally.specs import DatasourceSpec
 from tally.timeutil import bucket_range
 

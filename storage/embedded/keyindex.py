@@ -20,7 +20,8 @@ from typing import Any
 import duckdb
 from sqlglot import exp
 
-from storage.embedded.sqlgen import DIALECT, Read, col, merged_base, subquery
+from storage.embedded.sqlgen import DIALECT, Read, merged_base
+from storage.sql import col, subquery
 from tally.specs import DatasourceSpec
 
 # (version, event_id, partition, tenant, state): a plain tuple, because building

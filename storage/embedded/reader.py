@@ -28,6 +28,7 @@ import duckdb
 import pyarrow as pa
 from sqlglot import exp
 
+from storage.embedded.capabilities import CAPABILITIES
 from storage.embedded.catalog import Catalog
 from storage.embedded.resident import ResidentRollups
 from storage.embedded.segments import DELETED
@@ -35,17 +36,15 @@ from storage.embedded.sqlgen import (
     DIALECT,
     Read,
     base_columns,
-    col,
     merged_base,
     merged_rollup,
     raw_relation,
     rollup_columns,
     scan,
     split_reads,
-    subquery,
 )
-from storage.embedded.store import CAPABILITIES
 from storage.protocol import IngestFigures, QueryResult, SegmentInfo
+from storage.sql import col, subquery
 from tally.errors import QueryError, StoreUnavailable
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, Rollup, SpecRegistry

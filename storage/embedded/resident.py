@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.embedded.segments import BUCKET
+from storage.schema import BUCKET
 from tally.errors import StoreUnavailable
 from tally.specs import DatasourceSpec, Rollup
 

@@ -1,4 +1,4 @@
-"""Parquet segment files: schemas derived from the spec, durable writes.
+"""Parquet segment files of the embedded engine: tombstones, sort order, durable writes.
 
 A base segment holds full rows (plus ``_deleted`` for tombstones) sorted by tenant,
 partition time and key so that per-tenant and time-range scans prune row groups by
@@ -14,37 +14,23 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tally.errors import InvalidRow, StoreUnavailable
+from storage.schema import BUCKET, row_schema, rows_to_table
+from tally.errors import StoreUnavailable
 from tally.specs import DatasourceSpec, Rollup
 
-DELETED = "_deleted"
-BUCKET = "bucket"
-_ARROW_TYPES = {
-    "string": pa.string(),
-    "int": pa.int64(),
-    "timestamp": pa.timestamp("us", tz="UTC"),
-    "bool": pa.bool_(),
-}
+DELETED = "_deleted"  # tombstone flag: a key that moved partition or tenant
 _ROW_GROUP_ROWS = 8 * 1024  # small enough for per-tenant pruning of a day
 
 
 def base_schema(spec: DatasourceSpec) -> pa.Schema:
-    fields = [pa.field(name, _ARROW_TYPES[col.type]) for name, col in spec.columns.items()]
-    return pa.schema([*fields, pa.field(DELETED, pa.bool_())])
-
-
-def rollup_schema(spec: DatasourceSpec, rollup: Rollup) -> pa.Schema:
-    fields = [pa.field(BUCKET, _ARROW_TYPES["timestamp"])]
-    fields += [pa.field(d, _ARROW_TYPES[spec.columns[d].type]) for d in rollup.dimensions]
-    fields += [pa.field(m.name, pa.int64()) for m in spec.parsed_metrics]
-    return pa.schema(fields)
+    """A base segment's schema: the datasource's rows plus the tombstone flag."""
+    return pa.schema([*row_schema(spec), pa.field(DELETED, pa.bool_())])
 
 
 def base_sort_keys(spec: DatasourceSpec) -> list[tuple[str, str]]:
@@ -59,18 +45,8 @@ def rollup_sort_keys(spec: DatasourceSpec, rollup: Rollup) -> list[tuple[str, st
 
 
 def to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Rows → Arrow in ``schema``. Naive datetimes are refused: Arrow would silently
-    read them as UTC, and a wrong zone moves a payment into another day."""
-    time_columns = [f.name for f in schema if pa.types.is_timestamp(f.type)]
-    for row in rows:
-        for name in time_columns:
-            value = row.get(name)
-            if isinstance(value, datetime) and value.utcoffset() is None:
-                raise InvalidRow(f"column {name!r} must be timezone-aware, got {value.isoformat()}")
-    try:
-        table = pa.Table.from_pylist(list(rows), schema=schema)
-    except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, OverflowError) as exc:
-        raise InvalidRow(f"row does not match the datasource schema: {exc}") from exc
+    """Rows → Arrow in ``schema``; a missing tombstone flag means a live row."""
+    table = rows_to_table(rows, schema)
     if DELETED in schema.names:
         index = schema.get_field_index(DELETED)
         table = table.set_column(index, DELETED, table[DELETED].fill_null(False))

@@ -13,34 +13,13 @@ from datetime import datetime
 
 from sqlglot import exp
 
-from storage.embedded.segments import BUCKET, DELETED
+from storage.embedded.segments import DELETED
+from storage.schema import BUCKET
+from storage.sql import col, subquery, timestamp
 from tally.specs import DatasourceSpec, Rollup
 
-DIALECT = "duckdb"
+DIALECT = "duckdb"  # the embedded engine renders every tree for DuckDB
 _DUCK_TYPES = {"string": "VARCHAR", "int": "BIGINT", "timestamp": "TIMESTAMPTZ", "bool": "BOOLEAN"}
-
-
-def col(name: str) -> exp.Column:
-    return exp.column(exp.to_identifier(name, quoted=True))
-
-
-def bucket_expr(column: exp.Expression, granularity: str, timezone: str) -> exp.Expression:
-    """Start of the calendar bucket in ``timezone`` containing ``column``, as an instant."""
-    zone = exp.Literal.string(timezone)
-    local = exp.Anonymous(this="timezone", expressions=[zone, column])
-    truncated = exp.Anonymous(
-        this="date_trunc", expressions=[exp.Literal.string(granularity), local]
-    )
-    return exp.Anonymous(this="timezone", expressions=[zone.copy(), truncated])
-
-
-def timestamp(value: datetime) -> exp.Expression:
-    """An aware instant as a TIMESTAMPTZ literal (its offset kept)."""
-    return exp.cast(exp.Literal.string(value.isoformat()), "TIMESTAMPTZ")
-
-
-def subquery(relation: exp.Expression, alias: str) -> exp.Subquery:
-    return exp.Subquery(this=relation, alias=exp.TableAlias(this=exp.to_identifier(alias)))
 
 
 def read_parquet(paths: Sequence[str]) -> exp.Expression:

@@ -62,12 +62,12 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from compaction.policy import Task
-from compaction.watcher import Done, Watcher, window_test
-from ingest.generate import rfc3339
+from compaction.policy import Done, Task
+from compaction.watcher import Watcher, window_test
 from ingest.kafka import ensure_topics, flush, producer
 from ingest.runner import RunReport
 from ingest.service import run_ingest
+from producers.generate import rfc3339
 from storage.embedded.catalog import Catalog
 from storage.embedded.reader import EmbeddedReader
 from storage.embedded.store import EmbeddedStore
@@ -436,7 +436,7 @@ def test_late_cancellations_are_compacted_within_10s_during_ingestion(
         # The history itself was written late: start from one segment per old partition.
         for s in store.partition_stats():
             if s.segments > 1:
-                store.compact(s.datasource, s.partition)
+                store.compactor.compact(s.datasource, s.partition)
         ended_before_window = window_test(registry)
         now = datetime.now(UTC)
         base_parts: list[Part] = [("payments", day) for day in old_days]

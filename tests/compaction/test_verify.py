@@ -30,18 +30,19 @@ from hypothesis import strategies as st
 
 from compaction.differences import compare_rows, compare_search
 from compaction.logstate import SOURCE_OFFSET, latest_rows
-from ingest.generate import GeneratorConfig, rfc3339
 from ingest.kafka import ensure_topics
-from ingest.malformed import Wire
-from ingest.publish import Publisher
 from ingest.service import run_ingest
+from producers.generate import GeneratorConfig, rfc3339
+from producers.malformed import Wire
+from producers.publish import Publisher
 from search.elastic_index import ElasticIndex
 from search.protocol import Doc
 from search.tantivy_index import TantivyIndex
 from storage import OlapReader, open_reader, open_store
 from storage.embedded.catalog import NewSegment
-from storage.embedded.segments import rollup_schema, to_table
+from storage.embedded.segments import to_table
 from storage.embedded.store import EmbeddedStore
+from storage.schema import rollup_schema
 from tally.settings import IngestSettings, Settings, StoreSettings
 from tally.specs import DatasourceSpec, SpecRegistry
 from tally.timeutil import bucket_key
@@ -140,10 +141,10 @@ def _corrupt_rollup(store: EmbeddedStore, spec: DatasourceSpec, group: list[Any]
     }
     part = bucket_key(bucket, "month", SEOUL)
     table = to_table([bogus], rollup_schema(spec, rollup))
-    path, size = store.segments.write(table, rollup.name, part, [("bucket", "ascending")])
-    with store.catalog.write():
-        store.catalog.add_segments([NewSegment(rollup.name, part, str(path), 1, size)])
-        store.catalog.bump_generation()
+    path, size = store.core.segments.write(table, rollup.name, part, [("bucket", "ascending")])
+    with store.core.catalog.write():
+        store.core.catalog.add_segments([NewSegment(rollup.name, part, str(path), 1, size)])
+        store.core.catalog.bump_generation()
 
 
 def _doc(row: dict[str, Any], **changes: Any) -> Doc:
@@ -345,7 +346,7 @@ def test_repair_rewrites_packed_and_moved_rows_and_running_writers_follow(
     ]
     store.commit("payments", truth)
     live = store.live_segments("payments")
-    assert store.pack("payments", [s.id for s in live]) is not None  # 4 days in one file
+    assert store.compactor.pack("payments", [s.id for s in live]) is not None  # 4 days in one file
     running = open_store(settings, registry)  # another writer, its key index loaded
     assert isinstance(running, EmbeddedStore)
     try:

@@ -49,7 +49,7 @@ import pyarrow as pa
 import pytest
 
 from compaction.watcher import Watcher, window_test
-from ingest.generate import GeneratorConfig, approval_tables, cancellations_for
+from producers.generate import GeneratorConfig, approval_tables, cancellations_for
 from storage.embedded.reader import EmbeddedReader
 from storage.embedded.store import EmbeddedStore
 from tally.settings import Settings, StoreSettings
@@ -287,19 +287,19 @@ def test_sigkill_mid_compaction_then_the_next_run_completes(
         # Consistent as the crash left it: every live file there, every answer exact.
         live = {s.path for s in store.live_segments()}
         assert all(Path(p).exists() for p in live)
-        with store.catalog.read():
-            known = store.catalog.all_paths()
+        with store.core.catalog.read():
+            known = store.core.catalog.all_paths()
         orphans = _parquet(segments_dir) - known
         if mode == "file":
             assert orphans, "the kill was meant to leave the half-written segment behind"
         _assert_answers(settings, registry, workload)
 
         # Garbage collection removes what the crash left and what was replaced, only that.
-        removed = store.collect_garbage(orphan_grace_s=0)
+        removed = store.compactor.collect_garbage(orphan_grace_s=0)
         assert removed >= len(orphans)
         live = {s.path for s in store.live_segments()}
-        with store.catalog.read():
-            assert store.catalog.all_paths() == live
+        with store.core.catalog.read():
+            assert store.core.catalog.all_paths() == live
         assert _parquet(segments_dir) == live
         _assert_answers(settings, registry, workload)
     finally:
@@ -317,7 +317,7 @@ def test_sigkill_mid_compaction_then_the_next_run_completes(
         # Nothing left but packing the compacted days once they have been quiet.
         assert {t.kind for t in Watcher(settings, registry, store).due()} <= {"pack"}
         assert all(Path(s.path).exists() for s in store.live_segments())
-        store.collect_garbage(orphan_grace_s=0)
+        store.compactor.collect_garbage(orphan_grace_s=0)
         assert _parquet(segments_dir) == {s.path for s in store.live_segments()}
     finally:
         store.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ingest.broker import start_tansu, wait_reachable
+from engines.devbroker import start_tansu, wait_reachable
 from ingest.kafka import ensure_topics
 from tally.settings import IngestSettings, Settings, StoreSettings
 from tally.specs import SpecRegistry

@@ -9,8 +9,8 @@ from typing import Any
 
 import orjson
 
-from ingest.generate import GeneratorConfig, generate_events
-from ingest.malformed import Wire, with_malformed
+from producers.generate import GeneratorConfig, generate_events
+from producers.malformed import Wire, with_malformed
 from tally.specs import DatasourceSpec
 from tests.factories import latest_by_key
 

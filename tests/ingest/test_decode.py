@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ingest.decode import Decoded, Decoder, Message
-from ingest.generate import GeneratorConfig, generate_events
-from ingest.malformed import KINDS, Wire, corrupt, with_malformed
+from producers.generate import GeneratorConfig, generate_events
+from producers.malformed import KINDS, Wire, corrupt, with_malformed
 from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
 
 TOPIC = "payments.v1"

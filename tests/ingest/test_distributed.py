@@ -11,10 +11,10 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from ingest.decode import Decoder, Message
-from ingest.generate import GeneratorConfig
 from ingest.kafka import consumer_config, ensure_topics
-from ingest.publish import Publisher
 from ingest.sinks import OlapSink
+from producers.generate import GeneratorConfig
+from producers.publish import Publisher
 from storage import OffsetRange, open_store
 from storage.embedded.store import EmbeddedStore
 from tally.errors import OffsetMismatch

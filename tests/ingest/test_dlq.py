@@ -11,8 +11,8 @@ import orjson
 import pytest
 
 from ingest.deadletter import raw_value
-from ingest.malformed import Wire
-from ingest.publish import Publisher
+from producers.malformed import Wire
+from producers.publish import Publisher
 from tally.settings import Settings
 from tally.specs import builtin_spec_paths
 from tests.cli import tally

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from ingest.generate import GeneratorConfig
-from ingest.publish import Publisher
+from producers.generate import GeneratorConfig
+from producers.publish import Publisher
 from storage import open_store
 from tally.settings import Settings
 from tally.specs import SpecRegistry

@@ -13,9 +13,9 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ingest.generate import GeneratorConfig, generate_events
-from ingest.malformed import with_malformed
-from ingest.publish import Publisher
+from producers.generate import GeneratorConfig, generate_events
+from producers.malformed import with_malformed
+from producers.publish import Publisher
 from tally.settings import Settings
 from tests.ingest.conftest import free_port, start_ingest
 

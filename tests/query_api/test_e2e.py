@@ -13,9 +13,9 @@ from typing import Any
 import httpx
 import orjson
 
-from ingest.generate import GeneratorConfig, generate_events
-from ingest.malformed import Wire, with_malformed
-from ingest.publish import Publisher
+from producers.generate import GeneratorConfig, generate_events
+from producers.malformed import Wire, with_malformed
+from producers.publish import Publisher
 from query_api.keys import KeyStore
 from query_api.ready import wait_ready
 from tally.settings import Settings

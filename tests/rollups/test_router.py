@@ -15,7 +15,8 @@ import sqlglot
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollups.router import BASE, AggregateRequest, bind, choose, route, run
+from rollups.request import AggregateRequest
+from rollups.router import BASE, bind, choose, route, run
 from storage import OlapReader, open_reader, open_store
 from tally.errors import RoutingError
 from tally.settings import Settings

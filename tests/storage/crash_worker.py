@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.embedded.catalog import Catalog
+from storage.embedded.compactor import EmbeddedCompactor
 from storage.embedded.reader import EmbeddedReader
 from storage.embedded.segments import SegmentWrites
 from storage.embedded.store import EmbeddedStore
@@ -230,7 +231,7 @@ def compaction_round(
         chosen = ids[-2:] if round_no % 2 and ds == "payments" and len(ids) >= 3 else None
         before(ds, part)
         started = time.perf_counter()
-        store.compact(ds, part, chosen)
+        store.compactor.compact(ds, part, chosen)
         after(ds, part, (time.perf_counter() - started) * 1000)
         done += 1
     live = store.live_segments("payments")
@@ -239,7 +240,7 @@ def compaction_round(
     if round_no % 3 == 2 and len(single) >= 2:
         before("payments", "pack")
         started = time.perf_counter()
-        store.pack("payments", single)
+        store.compactor.pack("payments", single)
         after("payments", "pack", (time.perf_counter() - started) * 1000)
         done += 1
     return done
@@ -512,7 +513,7 @@ class _Pauser:
         pauser = self
         wait = SegmentWrites.wait
         bump = Catalog.bump_generation
-        remove = EmbeddedStore._remove_files
+        remove = EmbeddedCompactor._remove_files
         write = Catalog.write
 
         @contextmanager
@@ -536,7 +537,7 @@ class _Pauser:
 
         SegmentWrites.wait = wait_then_pause  # type: ignore[method-assign]
         Catalog.bump_generation = bump_then_pause  # type: ignore[method-assign]
-        EmbeddedStore._remove_files = staticmethod(pause_then_remove)  # type: ignore[method-assign]
+        EmbeddedCompactor._remove_files = staticmethod(pause_then_remove)  # type: ignore[method-assign]
         Catalog.write = write_then_pause  # type: ignore[method-assign]
 
 
@@ -572,7 +573,7 @@ def run_writer(data_dir: Path, pause_at: str | None, pause_nth: int) -> None:
         compaction_round(store, i, before, after)
         pauser.phase = "gc"
         _say("GC_BEGIN")
-        store.collect_garbage()
+        store.compactor.collect_garbage()
         pauser.phase = "idle"
         _say("GC_DONE")
         i += 1

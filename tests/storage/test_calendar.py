@@ -9,7 +9,7 @@ import pyarrow as pa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storage.embedded.calendar import buckets_of, partitions_of
+from storage.calendar import buckets_of, partitions_of
 from tally.timeutil import GRANULARITIES, Granularity, bucket_key, floor
 
 ZONES = [

@@ -50,13 +50,13 @@ def test_compaction_replaces_a_fragmented_partition_with_one_deduplicated_segmen
     _fragment(store, 12)
     before = _snapshot(reader)
     assert len(store.live_segments("payments")) == 12
-    result = store.compact("payments", DAY)
+    result = store.compactor.compact("payments", DAY)
     assert result is not None
     assert (result.replaced_segments, result.rows_in, result.rows_out) == (12, 23, 12)
     assert len(store.live_segments("payments")) == 1
     assert reader.query("SELECT count(*) FROM raw.payments").rows == [[12]]
     for rollup in ("payments_hourly", "payments_daily"):
-        store.compact(rollup, "2026-01")
+        store.compactor.compact(rollup, "2026-01")
         assert len(store.live_segments(rollup)) == 1
     assert _snapshot(reader) == before
     stats = {s.datasource: s for s in store.partition_stats("payments")}
@@ -71,7 +71,7 @@ def test_segments_committed_meanwhile_stay_live(store: EmbeddedStore, reader: Ol
         "t3", 3, approved_at=T0 + timedelta(hours=3), canceled_amount=10_000, merchant_id="m1"
     )
     store.commit("payments", [_fragment_more])  # lands while the compactor works
-    result = store.compact("payments", DAY, chosen)
+    result = store.compactor.compact("payments", DAY, chosen)
     assert result is not None and result.replaced_segments == 4
     live = store.live_segments("payments")
     assert len(live) == 2
@@ -85,10 +85,10 @@ def test_overlapping_compactions_conflict_and_leave_nothing_behind(
 ) -> None:
     _fragment(store, 3)
     ids = [s.id for s in store.live_segments("payments")]
-    store.compact("payments", DAY, ids[:2])
+    store.compactor.compact("payments", DAY, ids[:2])
     files = set(data_dir.rglob("*.parquet"))
     with pytest.raises(CompactionConflict) as caught:
-        store.compact("payments", DAY, ids[1:])
+        store.compactor.compact("payments", DAY, ids[1:])
     assert caught.value.transient
     assert set(data_dir.rglob("*.parquet")) == files
 
@@ -103,12 +103,12 @@ def test_replaced_files_outlive_the_grace_period_only(
     _fragment(store, 3)
     old_files = [Path(s.path) for s in store.live_segments("payments")]
     reader.refresh()
-    store.compact("payments", DAY)
-    assert store.collect_garbage() == 0
+    store.compactor.compact("payments", DAY)
+    assert store.compactor.collect_garbage() == 0
     assert all(p.exists() for p in old_files)  # a query bound to them still works
     eager = open_store(Settings(data_dir=data_dir, store=StoreSettings(gc_grace_s=0)), registry)
     time.sleep(0.01)  # replaced_at must be strictly in the past for a zero grace
-    assert eager.collect_garbage() >= 3
+    assert eager.compactor.collect_garbage() >= 3
     assert not any(p.exists() for p in old_files)
     assert reader.query("SELECT count(*) FROM payments").rows == [[3]]
     for closer in (store, eager, reader):
@@ -119,11 +119,11 @@ def test_orphans_are_removed_only_past_their_grace(store: EmbeddedStore, data_di
     store.commit("payments", [payment("a")])
     orphan = data_dir / "segments" / "payments" / DAY / "crashed-before-commit.parquet"
     orphan.write_bytes(b"PAR1 half a file")
-    assert store.collect_garbage(orphan_grace_s=3600) == 0
+    assert store.compactor.collect_garbage(orphan_grace_s=3600) == 0
     assert orphan.exists()
     old = time.time() - 7200
     os.utime(orphan, (old, old))
-    assert store.collect_garbage(orphan_grace_s=3600) == 1
+    assert store.compactor.collect_garbage(orphan_grace_s=3600) == 1
     assert not orphan.exists()
     assert all(Path(s.path).exists() for s in store.live_segments())
 
@@ -136,7 +136,7 @@ def test_rollup_compaction_sums_deltas_and_drops_groups_that_net_to_zero(
     store.commit("payments", [payment("a", 2, approved_at=at, method="TRANSFER")])
     # payments_hourly now holds +CARD, then -CARD +TRANSFER: CARD nets to zero.
     assert reader.query("SELECT count(*) FROM raw.payments_hourly").rows == [[3]]
-    store.compact("payments_hourly", "2026-01")
+    store.compactor.compact("payments_hourly", "2026-01")
     rows = reader.query("SELECT method, count FROM raw.payments_hourly").rows
     assert rows == [["TRANSFER", 1]]
 
@@ -145,7 +145,7 @@ def test_compacting_a_subset_reads_only_that_subset(store: EmbeddedStore) -> Non
     _fragment(store, 6)
     live = store.live_segments("payments")
     chosen = live[:2]
-    result = store.compact("payments", DAY, [s.id for s in chosen])
+    result = store.compactor.compact("payments", DAY, [s.id for s in chosen])
     assert result is not None
     assert result.rows_in == sum(s.rows for s in chosen)
     assert result.bytes_in == sum(s.bytes for s in chosen)

@@ -40,8 +40,8 @@ GC_GRACE_S = 2.0  # far longer than one observation query (tens of milliseconds)
 
 
 def _generation(store: EmbeddedStore) -> int:
-    with store.catalog.read():
-        return store.catalog.generation()
+    with store.core.catalog.read():
+        return store.core.catalog.generation()
 
 
 def _shows_generation(target: int, line: str) -> bool:
@@ -80,7 +80,7 @@ def test_reader_process_sees_only_whole_commits_while_writer_commits_and_compact
             commit_batch(store, i)
             if i % 2:
                 compaction_round(store, i // 2)
-                gc_removed += store.collect_garbage()
+                gc_removed += store.compactor.collect_garbage()
             if i in CHECKPOINTS:
                 # Let the reader catch up once in a while, so it provably observes
                 # several generations however the scheduler treats the two processes.

@@ -152,8 +152,8 @@ def recover_and_verify(
             assert stored == (killed.inflight_end if expect_durable else killed.acked_end)
         batches = stored // ROWS_PER_BATCH
 
-        with store.catalog.read():
-            known = store.catalog.all_paths()
+        with store.core.catalog.read():
+            known = store.core.catalog.all_paths()
         live = {s.path for s in store.live_segments()}
         missing_live = sorted(p for p in live if not Path(p).exists())
         assert not missing_live, f"live segments without a file: {missing_live}"
@@ -163,12 +163,12 @@ def recover_and_verify(
         assert_store_holds(store, reader, spec, batches)
 
         # GC removes crash leftovers (and replaced files, grace 0 here) and nothing live.
-        removed = store.collect_garbage(orphan_grace_s=0)
+        removed = store.compactor.collect_garbage(orphan_grace_s=0)
         assert removed >= len(orphans)
         assert not any(Path(p).exists() for p in orphans)
         live = {s.path for s in store.live_segments()}
-        with store.catalog.read():
-            assert store.catalog.all_paths() == live
+        with store.core.catalog.read():
+            assert store.core.catalog.all_paths() == live
         assert parquet_files(settings) == live
         assert_store_holds(store, reader, spec, batches)
 

@@ -159,7 +159,9 @@ def _maybe_pack(store: EmbeddedStore, rng: random.Random) -> None:
         counts[seg.partition] = counts.get(seg.partition, 0) + 1
     single = [s for s in live if counts[s.partition] == 1]
     if len(single) >= 2 and rng.random() < 0.5:
-        store.pack("payments", [s.id for s in rng.sample(single, rng.randint(2, len(single)))])
+        store.compactor.pack(
+            "payments", [s.id for s in rng.sample(single, rng.randint(2, len(single)))]
+        )
 
 
 def _maybe_compact(store: EmbeddedStore, rng: random.Random) -> None:
@@ -173,6 +175,6 @@ def _maybe_compact(store: EmbeddedStore, rng: random.Random) -> None:
         chosen = None  # the whole partition
     else:
         chosen = [s.id for s in rng.sample(same, rng.randint(1, len(same)))]
-    store.compact(target.datasource, target.partition, chosen)
+    store.compactor.compact(target.datasource, target.partition, chosen)
     if rng.random() < 0.5:
-        store.collect_garbage()
+        store.compactor.collect_garbage()

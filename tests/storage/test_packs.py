@@ -64,7 +64,7 @@ def _pack_all(store: EmbeddedStore) -> None:
     counts: dict[str, int] = {}
     for seg in live:
         counts[seg.partition] = counts.get(seg.partition, 0) + 1
-    store.pack("payments", [s.id for s in live if counts[s.partition] == 1])
+    store.compactor.pack("payments", [s.id for s in live if counts[s.partition] == 1])
 
 
 def _files(settings: Settings) -> set[Path]:
@@ -78,11 +78,11 @@ def test_a_pack_changes_no_answer(
     for i in range(0, len(rows), 25):
         store.commit("payments", rows[i : i + 25])
     for part in {s.partition for s in store.live_segments("payments")}:
-        store.compact("payments", part)
+        store.compactor.compact("payments", part)
     before = _state(reader)
     assert before["lookup"] == ["t051", "t052"]
     _pack_all(store)
-    store.collect_garbage()
+    store.compactor.collect_garbage()
     live = store.live_segments("payments")
     assert len(live) == 40 and all(s.packed for s in live)
     assert len({s.path for s in live}) == 1 and len(_files(settings)) == 1
@@ -100,9 +100,9 @@ def test_a_late_write_into_a_packed_day_then_its_compaction_and_a_repack(
     rows = _history()
     store.commit("payments", rows)
     for part in {s.partition for s in store.live_segments("payments")}:
-        store.compact("payments", part)
+        store.compactor.compact("payments", part)
     _pack_all(store)
-    store.collect_garbage()
+    store.compactor.collect_garbage()
     (pack,) = _files(settings)
     days = [p for group in reader.partition_groups("payments") for p in group]
     assert reader.partition_groups("payments") == [days]  # one pack: one read
@@ -116,13 +116,13 @@ def test_a_late_write_into_a_packed_day_then_its_compaction_and_a_repack(
     got = reader.query("SELECT status, canceled_amount FROM payments WHERE txn_id = 't051'").rows
     assert got == [["PARTIAL_CANCELED", 500]]
     assert reader.query("SELECT count(*) FROM payments").rows == [[120]]
-    result = store.compact("payments", day)
+    result = store.compactor.compact("payments", day)
     assert result is not None and result.rows_out == 3  # that day's rows only
-    store.collect_garbage()
+    store.compactor.collect_garbage()
     assert pack in _files(settings)  # still read by the 39 other days
     assert reader.query("SELECT count(*) FROM payments").rows == [[120]]
     _pack_all(store)  # the month again, now with the re-compacted day
-    store.collect_garbage()
+    store.compactor.collect_garbage()
     assert pack not in _files(settings)  # no partition reads the old pack any more
     assert len(_files(settings)) == 1
     assert reader.query("SELECT canceled_amount FROM payments WHERE txn_id = 't051'").rows == [
@@ -138,9 +138,11 @@ def test_only_single_segment_base_partitions_are_packed(store: EmbeddedStore) ->
     store.commit("payments", [payment("a", 2, approved_at=T0, canceled_amount=10_000)])
     live = store.live_segments("payments")
     with pytest.raises(CompactionConflict):
-        store.pack("payments", [s.id for s in live])  # one day holds two segments
+        store.compactor.pack("payments", [s.id for s in live])  # one day holds two segments
     with pytest.raises(InvalidArgument):
-        store.pack("payments_daily", [s.id for s in store.live_segments("payments_daily")])
+        store.compactor.pack(
+            "payments_daily", [s.id for s in store.live_segments("payments_daily")]
+        )
 
 
 def test_a_version_1_catalog_is_migrated_in_place(tmp_path: Path) -> None:

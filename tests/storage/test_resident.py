@@ -9,7 +9,8 @@ from typing import Any
 
 import pytest
 
-from rollups.router import AggregateRequest, bind, route, run
+from rollups.request import AggregateRequest
+from rollups.router import bind, route, run
 from storage import OlapReader, open_reader
 from storage.embedded import resident
 from storage.embedded.reader import EmbeddedReader
@@ -91,7 +92,7 @@ def test_tails_and_compaction_keep_the_answer_exact(
 
     for stats in store.partition_stats():
         if stats.segments > 1:
-            store.compact(stats.datasource, stats.partition)
+            store.compactor.compact(stats.datasource, stats.partition)
     for req in requests:
         assert _resident(reader, payments_spec, req) == _files_answer(reader, payments_spec, req)
     assert reader.resident.loads > loads  # replaced files: rebuilt, not patched

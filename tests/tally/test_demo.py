@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import httpx
 import pytest
 
-from ingest.broker import reachable
+from engines.devbroker import reachable
 from tests.ingest.conftest import free_port
 
 pytestmark = pytest.mark.slow

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from storage import OlapReader
 from storage.embedded.catalog import NewSegment
-from storage.embedded.segments import rollup_schema, to_table
+from storage.embedded.segments import to_table
 from storage.embedded.store import EmbeddedStore
+from storage.schema import rollup_schema
 from tally.specs import DatasourceSpec
 from tests.cli import tally
 from tests.factories import latest_by_key, normalise, payment, reference_rollup
@@ -28,15 +29,15 @@ def _corrupt(store: EmbeddedStore, spec: DatasourceSpec, at: datetime) -> None:
         "canceled_amount": 0,
         "net_amount": 999,
     }
-    path, size = store.segments.write(
+    path, size = store.core.segments.write(
         to_table([bogus], rollup_schema(spec, rollup)),
         rollup.name,
         "2026-01",
         [("bucket", "ascending")],
     )
-    with store.catalog.write():
-        store.catalog.add_segments([NewSegment(rollup.name, "2026-01", str(path), 1, size)])
-        store.catalog.bump_generation()
+    with store.core.catalog.write():
+        store.core.catalog.add_segments([NewSegment(rollup.name, "2026-01", str(path), 1, size)])
+        store.core.catalog.bump_generation()
 
 
 def _hourly(reader: OlapReader) -> dict[tuple[object, ...], tuple[int, ...]]:

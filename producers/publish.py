@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 
 from ingest.kafka import flush, producer
-from ingest.malformed import Wire
+from producers.malformed import Wire
 from tally.errors import BrokerUnavailable
 from tally.settings import Settings
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rollups.deltas import SIGN, signed_deltas
+from storage.deltas import SIGN, signed_deltas
 from storage.embedded.segments import base_schema
 from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
 from tests.factories import METHODS, T0, latest_by_key, normalise, payment, reference_rollup

@@ -530,11 +530,10 @@ def payments_spec() -> DatasourceSpec:
 
 
 def arrow_schema(spec: DatasourceSpec) -> pa.Schema:
-    """The store's base schema without the internal ``_deleted`` column."""
-    from storage.embedded.segments import DELETED, base_schema
+    """The rows of ``spec`` as every backend stores them."""
+    from storage.schema import row_schema
 
-    schema = base_schema(spec)
-    return schema.remove(schema.get_field_index(DELETED))
+    return row_schema(spec)
 
 
 def rfc3339(value: datetime) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from storage.embedded.calendar import buckets_of
+from storage.calendar import buckets_of
 from tally.specs import DatasourceSpec, Rollup
 
 SIGN = "_sign"

@@ -10,7 +10,7 @@ from typing import Any
 import pyarrow as pa
 import pytest
 
-from ingest.generate import (
+from producers.generate import (
     CARD_COMPANIES,
     METHODS,
     GeneratorConfig,
