@@ -8,13 +8,16 @@ import sys
 import threading
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tally.cli import FormatOption, state
 from tally.errors import TallyError
 from tally.output import Format, emit_json, emit_table
+
+if TYPE_CHECKING:
+    from ingest.broker import BrokerStatus
 
 broker_app = typer.Typer(
     help="A local Kafka-protocol broker for development (tansu, in memory).", no_args_is_help=True
@@ -27,7 +30,10 @@ dlq_app = typer.Typer(
 )
 
 
-def _status_out(status: dict[str, object], fmt: Format) -> None:
+def _status_out(broker: BrokerStatus, fmt: Format) -> None:
+    if broker.stale is not None:
+        sys.stderr.write(f"warning: {broker.stale}\n")
+    status = broker.as_dict()
     if fmt is Format.json:
         emit_json(status)
     else:
@@ -39,7 +45,7 @@ def broker_up(ctx: typer.Context, fmt: FormatOption = Format.table) -> None:
     """Start the broker on TALLY_KAFKA_BOOTSTRAP (keeps nothing across restarts)."""
     from ingest.broker import DevBroker
 
-    _status_out(DevBroker(state(ctx).settings).up().as_dict(), fmt)
+    _status_out(DevBroker(state(ctx).settings).up(), fmt)
 
 
 @broker_app.command("down")
@@ -47,7 +53,7 @@ def broker_down(ctx: typer.Context, fmt: FormatOption = Format.table) -> None:
     """Stop the broker; every topic and message is gone."""
     from ingest.broker import DevBroker
 
-    _status_out(DevBroker(state(ctx).settings).down().as_dict(), fmt)
+    _status_out(DevBroker(state(ctx).settings).down(), fmt)
 
 
 @broker_app.command("status")
@@ -55,7 +61,7 @@ def broker_status(ctx: typer.Context, fmt: FormatOption = Format.table) -> None:
     """Bootstrap address, pid, and whether the broker is reachable."""
     from ingest.broker import DevBroker
 
-    _status_out(DevBroker(state(ctx).settings).status().as_dict(), fmt)
+    _status_out(DevBroker(state(ctx).settings).status(), fmt)
 
 
 @topics_app.command("create")
