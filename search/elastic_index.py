@@ -8,7 +8,7 @@ shards, so the Kafka partition (``shard``) is accepted and ignored.
 
 Searchable fields use the same analyzer as the embedded backend: 2–3-grams over every
 character (whitespace and punctuation included, like tantivy's ngram tokenizer), then
-lowercase. Queries are built from the same :func:`~search.tantivy_index.grams` as
+lowercase. Queries are built from the same :func:`~search.analysis.grams` as
 exact ``term`` queries, so both backends find the same documents for the same text.
 
 ``time_us`` (epoch microseconds, a ``long``) is what range filters and newest-first

@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import tantivy
 
-from search.analysis import CHARS_FIELD, analyzer, grams, letters, single_letter
+from search.analysis import CHARS_FIELD, MAX_GRAM, MIN_GRAM, grams, letters, single_letter
 from search.protocol import (
     Doc,
     Hit,
@@ -49,6 +49,17 @@ CAPABILITIES = SearchCapabilities(
 _WRITER_HEAP = 64 * 1024 * 1024
 _JSON = msgspec.json.Encoder()
 _MIN_I64, _MAX_I64 = -(2**63), 2**63 - 1
+
+
+def analyzer() -> Any:
+    """The analyzer for searchable fields (Elasticsearch mirrors it in its mapping)."""
+    return (
+        tantivy.TextAnalyzerBuilder(
+            tantivy.Tokenizer.ngram(min_gram=MIN_GRAM, max_gram=MAX_GRAM, prefix_only=False)
+        )
+        .filter(tantivy.Filter.lowercase())
+        .build()
+    )
 
 
 def _schema(spec: DatasourceSpec) -> tantivy.Schema:
