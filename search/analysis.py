@@ -10,28 +10,17 @@ One character is a word in Korean (a surname: 김, 박) but not in English, so e
 document also lists its distinct non-ASCII letters in one ``chars`` field: a single
 Hangul (or other non-ASCII) letter is found through the index too. A single ASCII
 character matches nearly everything and is left to the store.
+
+Plain Python, no engine imported: the Elasticsearch backend and the query API must
+work where tantivy is not installed (tantivy's analyzer lives in tantivy_index).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
-
-import tantivy
 
 MIN_GRAM, MAX_GRAM = 2, 3
 CHARS_FIELD = "chars"
-
-
-def analyzer() -> Any:
-    """tantivy's analyzer for searchable fields (Elasticsearch mirrors it in its mapping)."""
-    return (
-        tantivy.TextAnalyzerBuilder(
-            tantivy.Tokenizer.ngram(min_gram=MIN_GRAM, max_gram=MAX_GRAM, prefix_only=False)
-        )
-        .filter(tantivy.Filter.lowercase())
-        .build()
-    )
 
 
 def grams(text: str) -> list[str]:

@@ -8,7 +8,7 @@ shards, so the Kafka partition (``shard``) is accepted and ignored.
 
 Searchable fields use the same analyzer as the embedded backend: 2–3-grams over every
 character (whitespace and punctuation included, like tantivy's ngram tokenizer), then
-lowercase. Queries are built from the same :func:`~search.tantivy_index.grams` as
+lowercase. Queries are built from the same :func:`~search.analysis.grams` as
 exact ``term`` queries, so both backends find the same documents for the same text.
 
 ``time_us`` (epoch microseconds, a ``long``) is what range filters and newest-first
@@ -41,6 +41,9 @@ from search.protocol import (
     SearchOrder,
     UpsertResult,
     newest_per_key,
+    require_aware_bounds,
+    require_aware_docs,
+    require_aware_time,
 )
 from tally.errors import ConfigError, SearchError, SearchUnavailable
 from tally.settings import Settings
@@ -189,6 +192,7 @@ class ElasticIndex:
 
         ``shard`` is accepted for the protocol; Elasticsearch routes by ``_id`` itself.
         """
+        require_aware_docs(docs)
         latest = newest_per_key(docs)
         if not latest:
             return UpsertResult(0, len(docs))
@@ -206,6 +210,7 @@ class ElasticIndex:
         indexed again — which Elasticsearch refuses until ``index.gc_deletes`` (60 s by
         default) has forgotten the deleted version. Such keys come back in ``refused``
         (their wrong doc is gone already); repairing again later completes them."""
+        require_aware_docs(docs)
         latest = list(newest_per_key(docs).values())
         if not latest:
             return ReplaceResult(0, {})
@@ -299,6 +304,8 @@ class ElasticIndex:
 
     def commit(self, shard: int, newest: datetime | None) -> None:
         """Refresh (writes become searchable), then raise the freshness watermark."""
+        if newest is not None:
+            require_aware_time(newest, "freshness watermark")
         self._ensure_indices()
         self._refresh()
         if newest is None or (self._recorded is not None and newest <= self._recorded):
@@ -333,6 +340,7 @@ class ElasticIndex:
         limit: int = 1000,
         order: SearchOrder = "score",
     ) -> list[Hit]:
+        require_aware_bounds(start, end)
         if limit <= 0:
             return []
         filters: list[dict[str, Any]] = [{"term": {"tenant": tenant}}]
@@ -461,7 +469,7 @@ class ElasticIndex:
             if isinstance(exc.__cause__, ApiError) and exc.__cause__.meta.status == 404:
                 return None  # no commit yet (missing document or index)
             raise
-        return _parse_time(doc["_source"]["newest"])
+        return _parse_time(doc["_source"]["newest"], f"freshness in {self.meta_index}")
 
     def close(self) -> None:
         self.client.close()
@@ -510,13 +518,13 @@ def _missing_index(exc: SearchError) -> bool:
 
 
 def _iso(value: datetime) -> str:
-    if value.tzinfo is None:
-        value = value.replace(tzinfo=UTC)
+    """``value`` (aware: checked on the way in) as RFC 3339 in UTC."""
     return value.astimezone(UTC).isoformat()
 
 
-def _parse_time(value: str) -> datetime:
+def _parse_time(value: str, what: str) -> datetime:
+    """A stored time; one without a zone is broken data, never assumed UTC."""
     parsed = datetime.fromisoformat(value)
     if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
+        raise SearchError(f"{what}: stored time {value!r} has no timezone")
     return parsed.astimezone(UTC)

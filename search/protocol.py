@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal, Protocol
 
+from tally.errors import InvalidArgument, InvalidRow
+from tally.timeutil import require_aware
+
 SearchOrder = Literal["score", "time"]
 
 
@@ -56,7 +59,36 @@ def newest_per_key(docs: Sequence[Doc]) -> dict[str, Doc]:
     return latest
 
 
+def require_aware_time(value: datetime, what: str) -> None:
+    """Refuse a naive time (a search bound, a watermark): which instant it means is
+    unknowable, so no backend guesses UTC."""
+    try:
+        require_aware(value, what)
+    except ValueError as exc:
+        raise InvalidArgument(str(exc)) from exc
+
+
+def require_aware_bounds(start: datetime | None, end: datetime | None) -> None:
+    """Refuse a naive search bound (InvalidArgument)."""
+    for name, bound in (("start", start), ("end", end)):
+        if bound is not None:
+            require_aware_time(bound, f"search {name}")
+
+
+def require_aware_docs(docs: Sequence[Doc]) -> None:
+    """Refuse a batch holding a doc with a naive time, before any of it is written."""
+    for doc in docs:
+        try:
+            require_aware(doc.time, f"time of search document {doc.key!r}")
+        except ValueError as exc:
+            raise InvalidRow(str(exc)) from exc
+
+
 class SearchIndex(Protocol):
+    """Times are timezone-aware: a doc with a naive time refuses its whole batch in
+    upsert and replace (InvalidRow); a naive search bound or commit watermark is
+    refused (InvalidArgument). None is ever taken to be UTC."""
+
     capabilities: SearchCapabilities
 
     def upsert(self, shard: int, docs: Sequence[Doc]) -> UpsertResult:

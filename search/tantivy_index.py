@@ -24,7 +24,7 @@ from typing import Any
 import msgspec
 import tantivy
 
-from search.analysis import CHARS_FIELD, analyzer, grams, letters, single_letter
+from search.analysis import CHARS_FIELD, MAX_GRAM, MIN_GRAM, grams, letters, single_letter
 from search.protocol import (
     Doc,
     Hit,
@@ -33,6 +33,9 @@ from search.protocol import (
     SearchOrder,
     UpsertResult,
     newest_per_key,
+    require_aware_bounds,
+    require_aware_docs,
+    require_aware_time,
 )
 from tally.errors import SearchError, SearchUnavailable
 from tally.settings import Settings
@@ -46,6 +49,17 @@ CAPABILITIES = SearchCapabilities(
 _WRITER_HEAP = 64 * 1024 * 1024
 _JSON = msgspec.json.Encoder()
 _MIN_I64, _MAX_I64 = -(2**63), 2**63 - 1
+
+
+def analyzer() -> Any:
+    """The analyzer for searchable fields (Elasticsearch mirrors it in its mapping)."""
+    return (
+        tantivy.TextAnalyzerBuilder(
+            tantivy.Tokenizer.ngram(min_gram=MIN_GRAM, max_gram=MAX_GRAM, prefix_only=False)
+        )
+        .filter(tantivy.Filter.lowercase())
+        .build()
+    )
 
 
 def _schema(spec: DatasourceSpec) -> tantivy.Schema:
@@ -106,7 +120,12 @@ class _Shard:
             value = json.loads(self.meta_path.read_text())["newest"]
         except (OSError, ValueError, KeyError):
             return None
-        return None if value is None else datetime.fromisoformat(value)
+        if value is None:
+            return None
+        newest = datetime.fromisoformat(value)
+        if newest.tzinfo is None:  # broken data, never assumed UTC
+            raise SearchError(f"{self.meta_path}: stored time {value!r} has no timezone")
+        return newest
 
 
 class TantivyIndex:
@@ -144,6 +163,7 @@ class TantivyIndex:
         }
 
     def upsert(self, shard: int, docs: Sequence[Doc]) -> UpsertResult:
+        require_aware_docs(docs)
         target = self._shard(shard)
         latest = newest_per_key(docs)
         stored = self._stored(target, list(latest))
@@ -165,6 +185,7 @@ class TantivyIndex:
         """Delete the keys' documents from every shard holding them, add ``docs`` to
         ``shard``, commit. Shard writers opened for this are released afterwards; one a
         running search ingester holds is refused (SearchUnavailable: stop it first)."""
+        require_aware_docs(docs)
         latest = newest_per_key(docs)
         opened = set(self._writers)
         touched = self._forget(list(latest))[1] | {shard}
@@ -205,6 +226,8 @@ class TantivyIndex:
                 self.release(number)
 
     def commit(self, shard: int, newest: datetime | None) -> None:
+        if newest is not None:
+            require_aware_time(newest, "freshness watermark")
         target = self._shard(shard)
         try:
             target.writer.commit()
@@ -242,6 +265,7 @@ class TantivyIndex:
         limit: int = 1000,
         order: SearchOrder = "score",
     ) -> list[Hit]:
+        require_aware_bounds(start, end)
         if limit <= 0:
             return []
         query = self._query(tenant, text, start, end)

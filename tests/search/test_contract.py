@@ -11,6 +11,7 @@ from osmem's own BM25, so only score *order* is asserted, never values.
 from __future__ import annotations
 
 import itertools
+import json
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -22,10 +23,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from search.protocol import Doc, Hit, SearchIndex, UpsertResult
+from search.elastic_index import ElasticIndex
+from search.protocol import Doc, Hit, SearchIndex, SearchOrder, UpsertResult
 from search.tantivy_index import TantivyIndex
+from tally.errors import InvalidArgument, InvalidRow, SearchError
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
+from tally.timeutil import to_micros
 from tests.search.conftest import MakeElastic
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
@@ -474,6 +478,71 @@ def test_versions_and_all_versions_report_what_is_stored(backend: Backend) -> No
     expected = {"k1": (3, "k1-v3"), "k2": (1, "k2-v1"), "k3": (7, "late"), "k4": (2, "k4-v2")}
     assert index.all_versions() == expected
     assert backend.reopen(index).all_versions() == expected
+
+
+# --- times are timezone-aware ----------------------------------------------------------
+
+NAIVE = datetime(2026, 3, 1, 10, 0)  # no zone: which instant it means is unknowable
+
+
+def test_a_doc_with_a_naive_time_is_refused_with_its_whole_batch(backend: Backend) -> None:
+    index = backend.new()
+    put(index, [doc("k0")])
+    with pytest.raises(InvalidRow, match=r"'k2'.*timezone-aware"):
+        index.upsert(0, [doc("k1"), doc("k2", time=NAIVE)])
+    with pytest.raises(InvalidRow, match="timezone-aware"):
+        index.replace(0, [doc("k0", 9, time=NAIVE)])
+    index.commit(0, None)  # nothing of either batch was written, not even k1
+    assert index.all_versions() == {"k0": (1, "k0-v1")}
+    assert find(index, "coffee") == {"k0"}
+
+
+@pytest.mark.parametrize("order", ["score", "time"])
+@pytest.mark.parametrize("bound", ["start", "end"])
+def test_a_naive_search_bound_is_refused(backend: Backend, bound: str, order: SearchOrder) -> None:
+    index = backend.new()
+    put(index, [doc("k1")])  # at T0, an hour before NAIVE read as UTC
+    start, end = (NAIVE, None) if bound == "start" else (None, NAIVE)
+    for limit in (10, 0):
+        with pytest.raises(InvalidArgument, match=f"{bound}.*timezone-aware"):
+            index.search("m1", "coffee", start, end, limit=limit, order=order)
+    aware = NAIVE.replace(tzinfo=UTC)
+    assert find(index, "coffee", start=aware) == set()
+    assert find(index, "coffee", end=aware) == {"k1"}
+
+
+def test_a_naive_watermark_is_refused(backend: Backend) -> None:
+    index = backend.new()
+    index.commit(0, T0)
+    with pytest.raises(InvalidArgument, match="timezone-aware"):
+        index.commit(0, NAIVE)
+    with pytest.raises(InvalidArgument, match="timezone-aware"):
+        index.commit(1, NAIVE)  # a shard never committed before
+    assert index.freshness() == T0
+    assert backend.reopen(index).freshness() == T0
+
+
+def test_a_stored_naive_watermark_is_an_error_not_utc(backend: Backend) -> None:
+    """A watermark stored without a zone (written by hand or by an older Tally) is
+    reported as broken, never read as UTC."""
+    index = backend.new()
+    index.commit(0, T0)
+    if isinstance(index, TantivyIndex):
+        (index.root / "p0" / "tally-meta.json").write_text(
+            json.dumps({"newest": NAIVE.isoformat()})
+        )
+    else:
+        assert isinstance(index, ElasticIndex)
+        index.client.index(
+            index=index.meta_index,
+            id=index.spec.name,
+            document={"datasource": index.spec.name, "newest": NAIVE.isoformat()},
+            version=to_micros(T0) + 1,
+            version_type="external",
+            refresh=True,
+        )
+    with pytest.raises(SearchError, match="timezone"):
+        backend.reopen(index).freshness()
 
 
 # --- property: any history, any delivery ------------------------------------------------

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -23,9 +25,9 @@ from elastic_transport._node import NodeApiResponse
 from elastic_transport.client_utils import DEFAULT, DefaultType
 
 import search.elastic_index as elastic_index
-from search.analysis import analyzer
 from search.elastic_index import ElasticIndex
 from search.protocol import Doc, UpsertResult
+from search.tantivy_index import analyzer
 from tally.errors import SearchError, SearchUnavailable, TallyError
 from tally.specs import DatasourceSpec
 from tests.search.conftest import (
@@ -366,3 +368,66 @@ def test_a_newly_searchable_field_is_added_to_an_existing_index(
     index.commit(0, T0)
     assert [h.key for h in index.search("m1", "shinhan")] == ["k2"]
     assert {h.key for h in index.search("m1", "first")} == {"k1"}
+
+
+_WITHOUT_TANTIVY = """
+import sys
+from importlib.abc import MetaPathFinder
+
+
+class NoTantivy(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "tantivy" or name.startswith("tantivy."):
+            raise ImportError(f"{name} is not installed (blocked by the test)")
+        return None
+
+
+sys.meta_path.insert(0, NoTantivy())
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+from search import Doc, open_index
+from search.elastic_index import ElasticIndex
+from tally.settings import SearchSettings, Settings
+from tally.specs import SpecRegistry, builtin_spec_paths
+from tests.search.conftest import PlainJsonNode
+
+url, prefix, data_dir = sys.argv[1:]
+spec = SpecRegistry.load(builtin_spec_paths()).get("payments")
+settings = Settings(
+    data_dir=Path(data_dir),
+    search=SearchSettings(
+        backend="elasticsearch", elasticsearch_url=url, elasticsearch_index_prefix=prefix
+    ),
+)
+opened = open_index(settings, spec)  # the factory path; the client connects lazily
+assert isinstance(opened, ElasticIndex), type(opened)
+opened.close()
+index = ElasticIndex(settings, spec, node_class=PlainJsonNode)
+t0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+doc = Doc("k1", "m1", t0, 1, "e1", {"order_name": "Coffee beans"})
+assert index.upsert(0, [doc]).written == 1
+index.commit(0, t0)
+assert [h.key for h in index.search("m1", "coffee")] == ["k1"]
+index.client.indices.delete(index=[index.index, index.meta_index])
+index.close()
+assert sys.modules.get("tantivy") is None
+print("ok")
+"""
+
+
+def test_the_elasticsearch_backend_works_without_tantivy_installed(
+    es_url: str, tmp_path: Path
+) -> None:
+    """Production search on Elasticsearch must not need the embedded engine's package."""
+    root = Path(__file__).resolve().parents[2]
+    ran = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_TANTIVY, es_url, new_prefix(), str(tmp_path)],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (ran.returncode, ran.stdout.strip()) == (0, "ok"), ran.stderr
