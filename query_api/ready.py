@@ -6,8 +6,8 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
-
-import httpx
+import urllib.error
+import urllib.request
 
 from tally.errors import StoreUnavailable
 
@@ -27,11 +27,18 @@ def wait_ready(
             err = server.stderr.read().decode(errors="replace") if server.stderr else ""
             last = err.strip().splitlines()[-1] if err.strip() else f"exit {server.returncode}"
             raise StoreUnavailable(f"the query API did not start: {last}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
+        if _answers(f"{url}/readyz"):
+            return
         if time.monotonic() >= deadline:
             raise StoreUnavailable(f"the query API at {url} was not ready within {timeout_s:g} s")
         stop.wait(0.1)
+
+
+def _answers(url: str) -> bool:
+    """Whether ``url`` answers 200. The standard library's client, because whoever
+    waits may be a plain install, without the dev tools (httpx is one)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except (urllib.error.URLError, OSError):
+        return False

@@ -1,0 +1,80 @@
+"""A plain install runs: the wheel, installed into a fresh venv without extras, runs
+``tally --help`` and ``tally demo --format json`` to its ready line.
+
+Every runtime import must be a declared runtime dependency; the dev tools (httpx,
+pytest, hypothesis, ...) are not there. An undeclared import fails this test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+from tests.ingest.conftest import free_port
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+DEV_ONLY = ("httpx", "pytest", "hypothesis", "schemathesis", "osmem_server")
+
+
+def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, check=False, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+
+def test_the_wheel_installed_without_extras_runs_help_and_the_demo(tmp_path: Path) -> None:
+    wheels = tmp_path / "wheels"
+    built = _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)]
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = wheels.glob("tally-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=True)
+    python = env_dir / "bin" / "python"
+    installed = _run([str(python), "-m", "pip", "install", "-q", str(wheel)])
+    assert installed.returncode == 0, installed.stderr
+    missing = _run(
+        [
+            str(python),
+            "-c",
+            f"import importlib.util as u; print([m for m in {DEV_ONLY!r} if u.find_spec(m)])",
+        ]
+    )
+    assert missing.stdout.strip() == "[]", "the fresh venv must hold no dev tool"
+
+    tally = env_dir / "bin" / "tally"
+    helped = _run([str(tally), "--help"], cwd=tmp_path)
+    assert helped.returncode == 0 and "demo" in helped.stdout, helped.stderr
+
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": os.environ.get("HOME", str(tmp_path)),
+        "TALLY_DATA_DIR": str(tmp_path / "demo"),
+        "TALLY_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+    }
+    demo = subprocess.Popen(
+        [str(tally), "demo", "--rate", "200", "--format", "json", "--port", str(free_port())],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert demo.stdout is not None
+        line = demo.stdout.readline()
+        assert line, demo.stderr.read() if demo.stderr else "no ready line"
+        assert set(json.loads(line)) == {"url", "api_key"}
+        demo.send_signal(signal.SIGINT)
+        assert demo.wait(timeout=90) == 0, demo.stderr.read() if demo.stderr else ""
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
