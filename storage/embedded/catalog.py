@@ -20,7 +20,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import orjson
 
 from storage.protocol import SegmentInfo
-from tally.errors import StoreBusy, StoreError, StoreUnavailable
+from tally.errors import StoreBusy, StoreError, StoreFileError, StoreFull, StoreUnavailable
 
 SCHEMA_VERSION = 2
 
@@ -105,18 +105,41 @@ class NewSegment:
     bytes: int
 
 
+# Primary result codes (the low byte of an extended one), https://sqlite.org/rescode.html
+_BUSY = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED: another process holds the lock
+_FULL = {13}  # SQLITE_FULL: the disk, or max_page_count
+_FILE = {3, 8, 10, 11, 14, 26}  # PERM, READONLY, IOERR, CORRUPT, CANTOPEN, NOTADB
+_PASSING = {7, 15, 17}  # NOMEM, PROTOCOL (a WAL lock race), SCHEMA (changed mid-statement)
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
+
+
 def _locked(exc: sqlite3.Error) -> bool:
     text = str(exc)
-    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+    return _code(exc) in _BUSY or (
+        isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+    )
 
 
-def _translate(exc: sqlite3.Error, what: str) -> StoreError:
-    text = str(exc)
+def _translate(exc: sqlite3.Error, path: Path, what: str) -> StoreError:
+    """One line naming the catalog, marked transient only where a retry can succeed:
+    a lock (ingestion retries the batch) or a passing engine condition. A full disk,
+    an I/O error, a read-only or corrupt file need an operator; anything else is a
+    bug. Neither is retried."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    code = _code(exc)
     if _locked(exc):
-        return StoreBusy(f"catalog is busy ({what}): {text}")
-    if isinstance(exc, sqlite3.OperationalError):
-        return StoreUnavailable(f"catalog unavailable ({what}): {text}")
-    return StoreError(f"catalog error ({what}): {text}")
+        return StoreBusy(f"catalog {path} is busy ({what}): {text}")
+    if code in _FULL:
+        return StoreFull(f"catalog {path} is full ({what}): {text}; free disk space, then restart")
+    if code in _FILE:
+        return StoreFileError(f"catalog {path} cannot be used ({what}): {text}")
+    if code in _PASSING:
+        return StoreUnavailable(f"catalog {path} unavailable ({what}): {text}")
+    return StoreError(f"catalog {path} failed ({what}): {text}")
 
 
 class Catalog:
@@ -142,7 +165,9 @@ class Catalog:
                         raise
                     time.sleep(0.05)
         except sqlite3.Error as exc:
-            raise _translate(exc, f"opening {path}") from exc
+            raise _translate(exc, path, "opening") from exc
+        except OSError as exc:  # creating its directory
+            raise StoreFileError(f"catalog {path} cannot be created: {exc}") from exc
         self._in_txn = False
 
     def _setup(self, busy_timeout_s: float, readonly: bool) -> None:
@@ -161,46 +186,75 @@ class Catalog:
                     self._con.execute(statement)
             self._con.execute("COMMIT")
         except BaseException:
-            self._con.execute("ROLLBACK")
+            self._abandon()
             raise
 
     def close(self) -> None:
         self._con.close()
 
+    def _abandon(self) -> None:
+        """Roll back whatever is still open. SQLite itself rolls the whole transaction
+        back on some errors (a full disk, an I/O error): an unconditional ROLLBACK would
+        then fail and replace the error that matters with "no transaction is active"."""
+        with suppress(sqlite3.Error):  # the error being raised says more; close() rolls back
+            if self._con.in_transaction:
+                self._con.execute("ROLLBACK")
+
     # --- transactions -------------------------------------------------------------
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``: serialises writers across processes."""
+        """``BEGIN IMMEDIATE`` … ``COMMIT``: serialises writers across processes.
+
+        A sqlite3 error anywhere inside — the body's statements too — leaves as a
+        :class:`~tally.errors.StoreError` (see ``_translate``), so that ingestion can
+        tell a lock (retry) from a full disk (stop) and never mistakes either for a bug.
+        """
         try:
             self._con.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise _translate(exc, "begin write") from exc
+            raise _translate(exc, self.path, "begin write") from exc
         self._in_txn = True
         try:
             yield self._con
+        except sqlite3.Error as exc:
+            self._abandon()
+            raise _translate(exc, self.path, "write") from exc
         except BaseException:
-            self._con.execute("ROLLBACK")
+            self._abandon()
             raise
         else:
             try:
                 self._con.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._con.execute("ROLLBACK")
-                raise _translate(exc, "commit") from exc
+                self._abandon()
+                raise _translate(exc, self.path, "commit") from exc
         finally:
             self._in_txn = False
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: every query inside sees one snapshot."""
+        """A read transaction: every query inside sees one snapshot. After a failed
+        ``BEGIN`` there is nothing to end (and ending someone else's transaction would
+        be worse): its error is raised, translated, and nothing else is run."""
         try:
             self._con.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "begin read") from exc
+        try:
             yield self._con
         except sqlite3.Error as exc:
-            raise _translate(exc, "read") from exc
-        finally:
-            self._con.execute("COMMIT")
+            self._abandon()
+            raise _translate(exc, self.path, "read") from exc
+        except BaseException:
+            self._abandon()
+            raise
+        else:
+            try:
+                self._con.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._abandon()
+                raise _translate(exc, self.path, "end read") from exc
 
     # --- reads (call inside read() or write()) ---------------------------------------
 
