@@ -13,6 +13,16 @@ A *pack* is one file holding several cold partitions (see ``compaction.policy``)
 it has one segment row per partition, all with the same path and ``packed`` set,
 and each partition reads only its own time range from it. A file is deleted once no
 segment row refers to it any more.
+
+Only a writer creates the schema: on opening, in one ``BEGIN IMMEDIATE`` transaction
+of idempotent ``IF NOT EXISTS`` DDL, so two writers opening at once (an ingester and
+``tally compaction status``) serialise on the write lock and the second finds it
+done — no race. A reader (``readonly``: the query API, ``tally sql``, progress
+pollers) never does: that would make every reader contend with ingestion for the
+write lock, fail where the catalog is not writable, and change what it reads. So a
+reader may meet a catalog its writer has not initialised yet — an empty file, or
+one a writer is initialising right now — and a table that does not exist yet reads
+as empty: no segments, no offsets, generation 0, exactly what a new catalog holds.
 """
 
 from __future__ import annotations
@@ -147,6 +157,7 @@ class Catalog:
 
     def __init__(self, path: Path, *, busy_timeout_s: float = 60.0, readonly: bool = False):
         self.path = path
+        self._tables: frozenset[str] = frozenset()  # seen to exist (once created, a table stays)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._con = sqlite3.connect(
@@ -258,11 +269,24 @@ class Catalog:
 
     # --- reads (call inside read() or write()) ---------------------------------------
 
+    def _has(self, *tables: str) -> bool:
+        """Whether ``tables`` exist in this snapshot (see the module docstring: until a
+        writer has created them they read as empty). Cheap once they have been seen."""
+        if self._tables.issuperset(tables):
+            return True
+        rows = self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        self._tables = frozenset(r[0] for r in rows)
+        return self._tables.issuperset(tables)
+
     def generation(self) -> int:
+        if not self._has("meta"):
+            return 0
         row = self._con.execute("SELECT v FROM meta WHERE k='generation'").fetchone()
         return int(row[0])
 
     def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]:
+        if not self._has("segments"):
+            return []
         sql = (
             "SELECT id, datasource, partition, path, rows, bytes, seq, created_at, packed "
             "FROM segments WHERE replaced_at IS NULL"
@@ -274,6 +298,8 @@ class Catalog:
         return [_segment(r) for r in self._con.execute(sql + " ORDER BY seq", args)]
 
     def partition_segments(self, datasource: str, partition: str) -> list[SegmentInfo]:
+        if not self._has("segments"):
+            return []
         return [
             _segment(r)
             for r in self._con.execute(
@@ -285,12 +311,16 @@ class Catalog:
         ]
 
     def offsets(self, datasource: str) -> dict[tuple[str, int], int]:
+        if not self._has("offsets"):
+            return {}
         rows = self._con.execute(
             "SELECT topic, partition, next_offset FROM offsets WHERE datasource=?", (datasource,)
         )
         return {(t, p): o for t, p, o in rows}
 
     def stats_rows(self, datasources: Sequence[str] | None) -> list[tuple[object, ...]]:
+        if not self._has("segments", "partition_stats"):
+            return []
         sql = """
             SELECT s.datasource, s.partition, COUNT(s.id), COALESCE(SUM(s.rows), 0),
                    COALESCE(SUM(s.bytes), 0), COALESCE(p.late_rows, 0),
@@ -306,6 +336,8 @@ class Catalog:
         return list(self._con.execute(sql.format(cond=cond), (orjson.dumps(list(datasources)),)))
 
     def newest_event_at(self, datasource: str) -> float | None:
+        if not self._has("partition_stats"):
+            return None
         row = self._con.execute(
             "SELECT MAX(newest_event_at) FROM partition_stats WHERE datasource=?", (datasource,)
         ).fetchone()
@@ -447,6 +479,8 @@ class Catalog:
 
     def dead_letter_counts(self, datasource: str) -> dict[str, tuple[int, int]]:
         """sink → (recorded, not yet published to the dead-letter topic)."""
+        if not self._has("dead_letters"):
+            return {}
         rows = self._con.execute(
             "SELECT sink, COUNT(*), SUM(published_at IS NULL) FROM dead_letters"
             " WHERE datasource = ? GROUP BY sink",
@@ -455,6 +489,8 @@ class Catalog:
         return {sink: (int(n), int(pending or 0)) for sink, n, pending in rows}
 
     def pending_dead_letters(self, datasource: str) -> list[DeadLetterRecord]:
+        if not self._has("dead_letters"):
+            return []
         rows = self._con.execute(
             'SELECT id, datasource, sink, topic, partition, "offset", key, value, reason,'
             " failed_at FROM dead_letters WHERE published_at IS NULL AND datasource = ?"
@@ -519,6 +555,8 @@ class Catalog:
         ]
 
     def all_paths(self) -> set[str]:
+        if not self._has("segments"):
+            return set()
         return {r[0] for r in self._con.execute("SELECT path FROM segments")}
 
 
