@@ -25,6 +25,8 @@ STATUS = {
     "not_found": 404,
     "store_busy": 503,
     "store_unavailable": 503,
+    "store_full": 503,
+    "store_file_error": 503,
     "search_unavailable": 503,
 }
 

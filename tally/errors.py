@@ -49,10 +49,26 @@ class StoreBusy(StoreError):
 
 
 class StoreUnavailable(StoreError):
-    """Disk or engine failure that may clear by itself (e.g. I/O error, full disk)."""
+    """Disk or engine failure that may clear by itself; retry."""
 
     code = "store_unavailable"
     transient = True
+
+
+class StoreFull(StoreError):
+    """The disk (or the database's size limit) holding the catalog is full.
+
+    Terminal: retrying cannot help until an operator frees space, so ingestion stops
+    with this one-line reason instead of retrying for ever or crashing as a bug."""
+
+    code = "store_full"
+
+
+class StoreFileError(StoreError):
+    """The catalog file cannot be used: an I/O error, a read-only file or directory,
+    or a corrupt database. Terminal: an operator must repair it."""
+
+    code = "store_file_error"
 
 
 class OffsetMismatch(StoreError):

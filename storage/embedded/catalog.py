@@ -13,6 +13,16 @@ A *pack* is one file holding several cold partitions (see ``compaction.policy``)
 it has one segment row per partition, all with the same path and ``packed`` set,
 and each partition reads only its own time range from it. A file is deleted once no
 segment row refers to it any more.
+
+Only a writer creates the schema: on opening, in one ``BEGIN IMMEDIATE`` transaction
+of idempotent ``IF NOT EXISTS`` DDL, so two writers opening at once (an ingester and
+``tally compaction status``) serialise on the write lock and the second finds it
+done — no race. A reader (``readonly``: the query API, ``tally sql``, progress
+pollers) never does: that would make every reader contend with ingestion for the
+write lock, fail where the catalog is not writable, and change what it reads. So a
+reader may meet a catalog its writer has not initialised yet — an empty file, or
+one a writer is initialising right now — and a table that does not exist yet reads
+as empty: no segments, no offsets, generation 0, exactly what a new catalog holds.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +38,7 @@ from typing import Any
 import orjson
 
 from storage.protocol import DeadLetterRecord, SegmentInfo
-from tally.errors import StoreBusy, StoreError, StoreUnavailable
+from tally.errors import StoreBusy, StoreError, StoreFileError, StoreFull, StoreUnavailable
 
 SCHEMA_VERSION = 2
 
@@ -89,18 +99,41 @@ class NewSegment:
     bytes: int
 
 
+# Primary result codes (the low byte of an extended one), https://sqlite.org/rescode.html
+_BUSY = {5, 6}  # SQLITE_BUSY, SQLITE_LOCKED: another process holds the lock
+_FULL = {13}  # SQLITE_FULL: the disk, or max_page_count
+_FILE = {3, 8, 10, 11, 14, 26}  # PERM, READONLY, IOERR, CORRUPT, CANTOPEN, NOTADB
+_PASSING = {7, 15, 17}  # NOMEM, PROTOCOL (a WAL lock race), SCHEMA (changed mid-statement)
+
+
+def _code(exc: sqlite3.Error) -> int | None:
+    code = getattr(exc, "sqlite_errorcode", None)
+    return None if code is None else int(code) & 0xFF
+
+
 def _locked(exc: sqlite3.Error) -> bool:
     text = str(exc)
-    return isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+    return _code(exc) in _BUSY or (
+        isinstance(exc, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
+    )
 
 
-def _translate(exc: sqlite3.Error, what: str) -> StoreError:
-    text = str(exc)
+def _translate(exc: sqlite3.Error, path: Path, what: str) -> StoreError:
+    """One line naming the catalog, marked transient only where a retry can succeed:
+    a lock (ingestion retries the batch) or a passing engine condition. A full disk,
+    an I/O error, a read-only or corrupt file need an operator; anything else is a
+    bug. Neither is retried."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    code = _code(exc)
     if _locked(exc):
-        return StoreBusy(f"catalog is busy ({what}): {text}")
-    if isinstance(exc, sqlite3.OperationalError):
-        return StoreUnavailable(f"catalog unavailable ({what}): {text}")
-    return StoreError(f"catalog error ({what}): {text}")
+        return StoreBusy(f"catalog {path} is busy ({what}): {text}")
+    if code in _FULL:
+        return StoreFull(f"catalog {path} is full ({what}): {text}; free disk space, then restart")
+    if code in _FILE:
+        return StoreFileError(f"catalog {path} cannot be used ({what}): {text}")
+    if code in _PASSING:
+        return StoreUnavailable(f"catalog {path} unavailable ({what}): {text}")
+    return StoreError(f"catalog {path} failed ({what}): {text}")
 
 
 class Catalog:
@@ -108,6 +141,7 @@ class Catalog:
 
     def __init__(self, path: Path, *, busy_timeout_s: float = 60.0, readonly: bool = False):
         self.path = path
+        self._tables: frozenset[str] = frozenset()  # seen to exist (once created, a table stays)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._con = sqlite3.connect(
@@ -126,7 +160,9 @@ class Catalog:
                         raise
                     time.sleep(0.05)
         except sqlite3.Error as exc:
-            raise _translate(exc, f"opening {path}") from exc
+            raise _translate(exc, path, "opening") from exc
+        except OSError as exc:  # creating its directory
+            raise StoreFileError(f"catalog {path} cannot be created: {exc}") from exc
         self._in_txn = False
 
     def _setup(self, busy_timeout_s: float, readonly: bool) -> None:
@@ -145,54 +181,96 @@ class Catalog:
                     self._con.execute(statement)
             self._con.execute("COMMIT")
         except BaseException:
-            self._con.execute("ROLLBACK")
+            self._abandon()
             raise
 
     def close(self) -> None:
         self._con.close()
 
+    def _abandon(self) -> None:
+        """Roll back whatever is still open. SQLite itself rolls the whole transaction
+        back on some errors (a full disk, an I/O error): an unconditional ROLLBACK would
+        then fail and replace the error that matters with "no transaction is active"."""
+        with suppress(sqlite3.Error):  # the error being raised says more; close() rolls back
+            if self._con.in_transaction:
+                self._con.execute("ROLLBACK")
+
     # --- transactions -------------------------------------------------------------
 
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` … ``COMMIT``: serialises writers across processes."""
+        """``BEGIN IMMEDIATE`` … ``COMMIT``: serialises writers across processes.
+
+        A sqlite3 error anywhere inside — the body's statements too — leaves as a
+        :class:`~tally.errors.StoreError` (see ``_translate``), so that ingestion can
+        tell a lock (retry) from a full disk (stop) and never mistakes either for a bug.
+        """
         try:
             self._con.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise _translate(exc, "begin write") from exc
+            raise _translate(exc, self.path, "begin write") from exc
         self._in_txn = True
         try:
             yield self._con
+        except sqlite3.Error as exc:
+            self._abandon()
+            raise _translate(exc, self.path, "write") from exc
         except BaseException:
-            self._con.execute("ROLLBACK")
+            self._abandon()
             raise
         else:
             try:
                 self._con.execute("COMMIT")
             except sqlite3.Error as exc:
-                self._con.execute("ROLLBACK")
-                raise _translate(exc, "commit") from exc
+                self._abandon()
+                raise _translate(exc, self.path, "commit") from exc
         finally:
             self._in_txn = False
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction: every query inside sees one snapshot."""
+        """A read transaction: every query inside sees one snapshot. After a failed
+        ``BEGIN`` there is nothing to end (and ending someone else's transaction would
+        be worse): its error is raised, translated, and nothing else is run."""
         try:
             self._con.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise _translate(exc, self.path, "begin read") from exc
+        try:
             yield self._con
         except sqlite3.Error as exc:
-            raise _translate(exc, "read") from exc
-        finally:
-            self._con.execute("COMMIT")
+            self._abandon()
+            raise _translate(exc, self.path, "read") from exc
+        except BaseException:
+            self._abandon()
+            raise
+        else:
+            try:
+                self._con.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._abandon()
+                raise _translate(exc, self.path, "end read") from exc
 
     # --- reads (call inside read() or write()) ---------------------------------------
 
+    def _has(self, *tables: str) -> bool:
+        """Whether ``tables`` exist in this snapshot (see the module docstring: until a
+        writer has created them they read as empty). Cheap once they have been seen."""
+        if self._tables.issuperset(tables):
+            return True
+        rows = self._con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+        self._tables = frozenset(r[0] for r in rows)
+        return self._tables.issuperset(tables)
+
     def generation(self) -> int:
+        if not self._has("meta"):
+            return 0
         row = self._con.execute("SELECT v FROM meta WHERE k='generation'").fetchone()
         return int(row[0])
 
     def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]:
+        if not self._has("segments"):
+            return []
         sql = (
             "SELECT id, datasource, partition, path, rows, bytes, seq, created_at, packed "
             "FROM segments WHERE replaced_at IS NULL"
@@ -204,6 +282,8 @@ class Catalog:
         return [_segment(r) for r in self._con.execute(sql + " ORDER BY seq", args)]
 
     def partition_segments(self, datasource: str, partition: str) -> list[SegmentInfo]:
+        if not self._has("segments"):
+            return []
         return [
             _segment(r)
             for r in self._con.execute(
@@ -215,12 +295,16 @@ class Catalog:
         ]
 
     def offsets(self, datasource: str) -> dict[tuple[str, int], int]:
+        if not self._has("offsets"):
+            return {}
         rows = self._con.execute(
             "SELECT topic, partition, next_offset FROM offsets WHERE datasource=?", (datasource,)
         )
         return {(t, p): o for t, p, o in rows}
 
     def stats_rows(self, datasources: Sequence[str] | None) -> list[tuple[object, ...]]:
+        if not self._has("segments", "partition_stats"):
+            return []
         sql = """
             SELECT s.datasource, s.partition, COUNT(s.id), COALESCE(SUM(s.rows), 0),
                    COALESCE(SUM(s.bytes), 0), COALESCE(p.late_rows, 0),
@@ -236,6 +320,8 @@ class Catalog:
         return list(self._con.execute(sql.format(cond=cond), (orjson.dumps(list(datasources)),)))
 
     def newest_event_at(self, datasource: str) -> float | None:
+        if not self._has("partition_stats"):
+            return None
         row = self._con.execute(
             "SELECT MAX(newest_event_at) FROM partition_stats WHERE datasource=?", (datasource,)
         ).fetchone()
@@ -377,6 +463,8 @@ class Catalog:
 
     def dead_letter_counts(self, datasource: str) -> dict[str, tuple[int, int]]:
         """sink → (recorded, not yet published to the dead-letter topic)."""
+        if not self._has("dead_letters"):
+            return {}
         rows = self._con.execute(
             "SELECT sink, COUNT(*), SUM(published_at IS NULL) FROM dead_letters"
             " WHERE datasource = ? GROUP BY sink",
@@ -385,6 +473,8 @@ class Catalog:
         return {sink: (int(n), int(pending or 0)) for sink, n, pending in rows}
 
     def pending_dead_letters(self, datasource: str) -> list[DeadLetterRecord]:
+        if not self._has("dead_letters"):
+            return []
         rows = self._con.execute(
             'SELECT id, datasource, sink, topic, partition, "offset", key, value, reason,'
             " failed_at FROM dead_letters WHERE published_at IS NULL AND datasource = ?"
@@ -449,6 +539,8 @@ class Catalog:
         ]
 
     def all_paths(self) -> set[str]:
+        if not self._has("segments"):
+            return set()
         return {r[0] for r in self._con.execute("SELECT path FROM segments")}
 
 
