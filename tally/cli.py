@@ -18,6 +18,7 @@ import typer
 from typer.exceptions import Abort, Exit, TyperException
 
 from tally.errors import TallyError
+from tally.logs import LogFormat
 from tally.output import Format, emit_json, emit_table
 from tally.settings import Settings, load_settings
 from tally.specs import SpecRegistry, builtin_spec_paths
@@ -49,6 +50,10 @@ class Context:
 
 FormatOption = Annotated[
     Format, typer.Option("--format", help="table for people, json for scripts")
+]
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option("--log-format", help="daemon logs on stderr: text, or one JSON object a line"),
 ]
 
 
