@@ -13,8 +13,9 @@ from typing import Annotated
 
 import typer
 
-from tally.clikit import FormatOption, state
+from tally.clikit import FormatOption, LogFormatOption, state
 from tally.errors import InvalidArgument
+from tally.logs import LogFormat, setup_logging
 from tally.output import Format, emit_json, emit_table
 
 compaction_app = typer.Typer(
@@ -141,6 +142,7 @@ def watch(
         int | None,
         typer.Option(min=0, max=65535, help="serve Prometheus metrics here (127.0.0.1)"),
     ] = None,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """The daemon: poll partition statistics and compact late-written old partitions,
     then size-tiered merges of hot ones, then pack cold days into one file a month,
@@ -155,7 +157,7 @@ def watch(
         settings = settings.model_copy(
             update={"compaction": settings.compaction.model_copy(update={"interval_s": interval})}
         )
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging(log_format)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

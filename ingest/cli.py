@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import logging
 import signal
-import sys
 import threading
 from typing import Annotated
 
 import typer
 
-from tally.clikit import FormatOption, state
+from tally.clikit import FormatOption, LogFormatOption, state
 from tally.errors import TallyError
+from tally.logs import LogFormat, setup_logging
 from tally.output import Format, emit_json, emit_table
 
 topics_app = typer.Typer(
@@ -53,6 +52,7 @@ def ingest(
     ] = None,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics here")] = None,
     fmt: FormatOption = Format.table,
+    log_format: LogFormatOption = LogFormat.text,
 ) -> None:
     """Consume the datasource topics into the OLAP store and the search index."""
     from ingest.service import run_ingest
@@ -62,11 +62,7 @@ def ingest(
     c = state(ctx)
     specs = [c.registry.get(datasource)] if datasource else list(c.registry)
     sinks = ["olap", "search"] if sink == "all" else [sink]
-    logging.basicConfig(
-        level=logging.INFO,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(log_format)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from tally.logs import LogFormat
 from tally.output import Format
 from tally.settings import Settings
 from tally.specs import SpecRegistry, builtin_spec_paths
@@ -33,6 +34,10 @@ class Context:
 
 FormatOption = Annotated[
     Format, typer.Option("--format", help="table for people, json for scripts")
+]
+LogFormatOption = Annotated[
+    LogFormat,
+    typer.Option("--log-format", help="daemon logs on stderr: text, or one JSON object a line"),
 ]
 
 

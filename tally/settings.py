@@ -2,20 +2,36 @@
 
 Precedence (highest first): explicit overrides (CLI flags), ``TALLY_*`` environment
 variables, ``tally.toml`` (or ``--config``), defaults. Nested sections use ``__`` in
-environment names, e.g. ``TALLY_STORE__GC_GRACE_S=60``.
+environment names, e.g. ``TALLY_STORE__GC_GRACE_S=60``. The layers are pydantic-settings
+sources, which merge key by key: an environment variable for one key of ``[store]``
+leaves the file's other ``[store]`` keys in force.
 """
 
 from __future__ import annotations
 
 import json
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
 
 from tally.errors import ConfigError
+
+# What a ``Settings(...)`` being built reads beside its keyword arguments: the
+# environment always, the config file when load_settings found one, and nothing
+# else when it is a handed-over object (see from_handoff).
+_config_file: ContextVar[TomlConfigSettingsSource | None] = ContextVar(
+    "tally_config_file", default=None
+)
+_handed_over: ContextVar[bool] = ContextVar("tally_handed_over", default=False)
 
 
 class StoreSettings(BaseModel):
@@ -140,7 +156,12 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings)
+        if _handed_over.get():
+            return (init_settings,)
+        config_file = _config_file.get()
+        if config_file is None:
+            return (init_settings, env_settings)
+        return (init_settings, env_settings, config_file)
 
     @property
     def catalog_path(self) -> Path:
@@ -156,28 +177,41 @@ class Settings(BaseSettings):
 
 
 def load_settings(config: Path | None = None, **overrides: Any) -> Settings:
-    """Build the process's settings from file, environment and overrides."""
-    file_values: dict[str, Any] = {}
+    """Build the process's settings from file, environment and overrides (``None``
+    values are flags not given)."""
     path = config or (Path("tally.toml") if Path("tally.toml").exists() else None)
+    config_file = None
     if path is not None:
         try:
-            file_values = tomllib.loads(path.read_text(encoding="utf-8"))
+            path.open("rb").close()  # the source itself skips a missing file silently
+            config_file = TomlConfigSettingsSource(Settings, toml_file=path)
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path}: invalid TOML: {exc}") from exc
+    token = _config_file.set(config_file)
     try:
-        # File values are the lowest layer: env (read by BaseSettings) wins over them,
-        # so only pass file keys the environment does not set.
-        env_set = Settings().model_dump(exclude_unset=True)
-        merged = {k: v for k, v in file_values.items() if k not in env_set}
-        merged.update({k: v for k, v in overrides.items() if v is not None})
-        return Settings(**merged)
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"])
-        where = str(path) if path else "environment"
+        where = "environment"
+        if config_file is not None and _in_file(
+            config_file.toml_data, first["loc"], first["input"]
+        ):
+            where = str(path)
         raise ConfigError(f"{where}: {loc}: {first['msg']}") from exc
+    finally:
+        _config_file.reset(token)
+
+
+def _in_file(data: Any, loc: tuple[int | str, ...], value: Any) -> bool:
+    """Whether the file gave the bad ``value`` at ``loc`` (else the environment did)."""
+    for key in loc:
+        if not isinstance(data, dict) or key not in data:
+            return False
+        data = data[key]
+    return bool(data == value)
 
 
 HANDOFF_ENV = "TALLY_RESOLVED_SETTINGS"
@@ -199,4 +233,10 @@ def handoff(settings: Settings) -> str:
 
 
 def from_handoff(text: str) -> Settings:
-    return Settings(**json.loads(text))
+    """The settings ``handoff`` wrote, exactly: the child's own environment and
+    ./tally.toml are not read (they could only add to or break a complete object)."""
+    token = _handed_over.set(True)
+    try:
+        return Settings(**json.loads(text))
+    finally:
+        _handed_over.reset(token)

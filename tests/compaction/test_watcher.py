@@ -3,9 +3,13 @@ partitions merge size-tiered, and no answer changes; the operator commands."""
 
 from __future__ import annotations
 
+import json
+import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from compaction.watcher import Watcher
 from storage import OlapReader
@@ -151,7 +155,10 @@ def test_settings_bound_the_policy() -> None:
     assert conf.min_merge == 3 and conf.max_delay_s == 2.0
 
 
-def test_watch_daemon_compacts_and_stops_on_sigterm(store: EmbeddedStore, data_dir: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_watch_daemon_compacts_and_stops_on_sigterm(
+    store: EmbeddedStore, data_dir: Path, log_format: str
+) -> None:
     import os
     import signal
     import subprocess
@@ -160,7 +167,10 @@ def test_watch_daemon_compacts_and_stops_on_sigterm(store: EmbeddedStore, data_d
 
     _fragment_old_day(store, cancels=3)
     daemon = subprocess.Popen(
-        [sys.executable, "-m", "tally", "compaction", "watch", "--interval", "0.1"],
+        [
+            *(sys.executable, "-m", "tally", "compaction", "watch"),
+            *("--interval", "0.1", "--log-format", log_format),
+        ],
         env={**os.environ, "TALLY_DATA_DIR": str(data_dir), "TALLY_STORE__GC_GRACE_S": "0"},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -178,6 +188,32 @@ def test_watch_daemon_compacts_and_stops_on_sigterm(store: EmbeddedStore, data_d
         out, err = daemon.communicate(timeout=30)
     assert daemon.returncode == 0, err
     assert "watcher stopped: 3 compactions" in out  # base day + both rollup months
+    records = [_log_record(line, log_format) for line in err.splitlines()]
+    assert {"level": "INFO", "logger": "compaction.watcher"}.items() <= records[0].items()
+    messages = [r["message"] for r in records]
+    assert any(m.startswith("compacted payments/2026-01-10 (late)") for m in messages), err
+
+
+_TEXT_LINE = re.compile(r"^(\S+) (INFO|WARNING|ERROR|DEBUG|CRITICAL) (\S+): (.*)$")
+
+
+def _log_record(line: str, log_format: str) -> dict[str, str]:
+    """A daemon's stderr line as {time, level, logger, message}; fails on any other line."""
+    if log_format == "json":
+        record = json.loads(line)
+        assert isinstance(record, dict) and {"time", "level", "logger", "message"} <= set(record)
+    else:
+        match = _TEXT_LINE.match(line)
+        assert match, line
+        record = dict(zip(["time", "level", "logger", "message"], match.groups(), strict=True))
+    assert datetime.fromisoformat(record["time"]).utcoffset() is not None, line
+    return record
+
+
+def test_watch_refuses_an_unknown_log_format(data_dir: Path) -> None:
+    ran = tally("compaction", "watch", "--log-format", "xml", data_dir=data_dir)
+    assert ran.code == 2
+    assert ran.err.count("\n") == 1 and "--log-format" in ran.err and "xml" in ran.err, ran.err
 
 
 def test_the_watcher_reports_what_is_due_and_done(

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -342,6 +343,30 @@ def test_ingest_until_idle_processes_a_published_file(
         assert s["written"] + s["stale"] + s["rejected"] == s["consumed"], s
         assert s["batches"] >= 1 and s["fenced"] == 0
     assert stored_latest(env) == latest
+
+
+@pytest.mark.slow
+def test_ingest_logs_one_json_object_a_line(topics: Settings) -> None:
+    ran = tally(
+        *("ingest", "--sink", "olap", "--until-idle", "0.5"),
+        *("--format", "json", "--log-format", "json"),
+        env=env_for(topics),
+    )
+    ok_json(ran)
+    records = [orjson.loads(line) for line in ran.err.splitlines()]
+    assert records, "the ingester logged nothing"
+    for r in records:
+        assert {"time", "level", "logger", "message"} <= set(r), r
+        assert datetime.fromisoformat(r["time"]).utcoffset() is not None, r
+    assert any(r["message"].startswith("olap/payments assigned") for r in records), ran.err
+
+
+def test_ingest_refuses_an_unknown_log_format(kafka_settings: Settings) -> None:
+    ran = tally("ingest", "--log-format", "xml", env=env_for(kafka_settings))
+    assert ran.code == 2
+    line = error_line(ran)
+    assert "xml" in line and "--log-format" in line
+    assert ran.err.strip() == line
 
 
 def test_ingest_rejects_an_unknown_sink(kafka_settings: Settings) -> None:
