@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from query_api.keys import Principal
 from query_api.services import Services
-from tally.errors import Forbidden, Unauthorized
+from tally.errors import Forbidden, InvalidArgument, Unauthorized
 
 _bearer = HTTPBearer(auto_error=False, description="an API key from `tally keys create`")
 
@@ -26,11 +26,15 @@ def get_principal(
     services: ServicesDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Principal:
+    """The key's principal, its request counted against ``api.rate_limit``: every route
+    that takes a key (all of /v1) is limited per key; the health routes take none."""
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     principal = services.keys.verify(credentials.credentials)
     if principal is None:
         raise Unauthorized("unknown or revoked API key")
+    if services.rate_limit is not None:
+        services.rate_limit.hit(principal.key_id)
     return principal
 
 
@@ -45,6 +49,28 @@ def get_merchant(principal: PrincipalDep) -> str:
 
 
 MerchantDep = Annotated[str, Depends(get_merchant)]
+
+
+def get_merchant_or_admin(
+    principal: PrincipalDep,
+    merchant: Annotated[
+        str | None,
+        Query(description="admin keys only: the merchant to read (a merchant key reads its own)"),
+    ] = None,
+) -> str:
+    """The tenant of a route operators may use too: a merchant key's own merchant, or
+    the one an admin key names (admin keys belong to no merchant)."""
+    if principal.is_admin:
+        if merchant is None or not merchant.strip():
+            raise InvalidArgument("an admin key names the merchant to read: add merchant=<id>")
+        return merchant
+    own = get_merchant(principal)
+    if merchant is not None and merchant != own:
+        raise Forbidden("a merchant key reads only its own merchant")
+    return own
+
+
+MerchantOrAdminDep = Annotated[str, Depends(get_merchant_or_admin)]
 
 
 def get_admin(principal: PrincipalDep) -> Principal:

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from query_api.ratelimit import RateLimited
 from tally.errors import TallyError
 
 log = logging.getLogger(__name__)
@@ -23,6 +24,7 @@ STATUS = {
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,
+    "rate_limited": 429,
     "store_busy": 503,
     "store_unavailable": 503,
     "store_full": 503,
@@ -40,6 +42,8 @@ def install(app: FastAPI) -> None:
     async def tally_error(_: Request, exc: TallyError) -> JSONResponse:
         status = STATUS.get(exc.code, 400)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+        if isinstance(exc, RateLimited):
+            headers = {"Retry-After": str(exc.retry_after_s)}
         return JSONResponse(error_body(exc.code, exc.message), status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -1,11 +1,13 @@
 """What one API process holds: a read-only store reader, the search index opened for
-reading, the key store. Created once per worker process (FastAPI lifespan)."""
+reading, the key store, the rate limit counters. Created once per worker process
+(FastAPI lifespan)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from query_api.keys import KeyStore
+from query_api.ratelimit import KeyRateLimit
 from search import SearchIndex, open_index
 from storage import OlapReader, open_reader
 from tally.settings import Settings
@@ -20,10 +22,12 @@ class Services:
     reader: OlapReader
     search: SearchIndex
     keys: KeyStore
+    rate_limit: KeyRateLimit | None  # None: api.rate_limit is "off"
 
     @classmethod
     def open(cls, settings: Settings, registry: SpecRegistry) -> Services:
         spec = registry.get(settings.api.datasource)
+        limit = settings.api.rate_limit
         return cls(
             settings=settings,
             registry=registry,
@@ -31,9 +35,12 @@ class Services:
             reader=open_reader(settings, registry),
             search=open_index(settings, spec, readonly=True),
             keys=KeyStore(settings.keys_path),
+            rate_limit=None if limit == "off" else KeyRateLimit(limit, settings.rate_limit_path),
         )
 
     def close(self) -> None:
         self.reader.close()
         self.search.close()
         self.keys.close()
+        if self.rate_limit is not None:
+            self.rate_limit.close()

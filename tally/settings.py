@@ -15,7 +15,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -108,6 +108,24 @@ class ApiSettings(BaseModel):
     page_max: int = Field(500, ge=1, description="largest page /v1/transactions returns")
     sql_row_limit: int = Field(10_000, ge=1, description="rows /v1/sql returns at most")
     sql_timeout_s: float = Field(10.0, gt=0, description="a /v1/sql query is cancelled after")
+    rate_limit: str = Field(
+        "50/second",
+        description="requests each API key may make to /v1, summed over the workers, in "
+        "`limits` notation ('50/second', '1000/minute', '10/second;300/minute'); 'off' disables",
+    )
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str) -> str:
+        from limits import parse_many
+
+        if value.strip().lower() == "off":
+            return "off"
+        try:
+            parse_many(value)
+        except ValueError as exc:
+            raise ValueError(f"{value!r} is not a rate like '50/second' (or 'off')") from exc
+        return value
 
 
 class SearchSettings(BaseModel):
@@ -170,6 +188,10 @@ class Settings(BaseSettings):
     @property
     def keys_path(self) -> Path:
         return self.data_dir / "keys.sqlite"
+
+    @property
+    def rate_limit_path(self) -> Path:
+        return self.data_dir / "ratelimit.sqlite"
 
     @property
     def segments_dir(self) -> Path:

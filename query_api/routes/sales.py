@@ -7,12 +7,12 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 
-from query_api.deps import MerchantDep, ServicesDep
+from query_api.deps import MerchantOrAdminDep, PrincipalDep, ServicesDep
 from query_api.models import ErrorBody, SalesBucket, SalesResponse
 from query_api.params import time_range
 from rollups.request import AggregateRequest
 from rollups.router import run
-from tally.errors import InvalidArgument
+from tally.errors import Forbidden, InvalidArgument
 
 router = APIRouter(tags=["sales"])
 MAX_BUCKETS = 20_000
@@ -22,21 +22,27 @@ _SECONDS = {"hour": 3600, "day": 86_400, "month": 28 * 86_400}
 @router.get(
     "/v1/sales",
     response_model=SalesResponse,
-    responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    responses={status: {"model": ErrorBody} for status in (400, 401, 403, 422, 429)},
 )
 def sales(
     services: ServicesDep,
-    merchant: MerchantDep,
+    principal: PrincipalDep,
+    merchant: MerchantOrAdminDep,
     from_: Annotated[datetime, Query(alias="from", description="inclusive, with an offset")],
     to: Annotated[datetime, Query(description="exclusive, with an offset")],
     granularity: Literal["hour", "day", "month"] = "day",
     group_by: Annotated[str, Query(description="comma-separated: method, status, currency")] = "",
     force_base: Annotated[
-        bool, Query(description="skip the rollups (for comparisons); admin tooling")
+        bool, Query(description="skip the rollups (for comparisons); admin keys only")
     ] = False,
 ) -> SalesResponse:
     """Count, gross, canceled and net amount per bucket (calendar buckets in the
-    datasource's time zone), from the coarsest rollup that answers exactly."""
+    datasource's time zone), from the coarsest rollup that answers exactly.
+
+    ``force_base`` scans the base rows, which costs far more than a rollup; it is
+    operator tooling (comparisons, benchmarks), so only admin keys may ask for it."""
+    if force_base and not principal.is_admin:
+        raise Forbidden("force_base is admin tooling: it needs an admin key")
     spec = services.spec
     groups = tuple(g.strip() for g in group_by.split(",") if g.strip())
     tenant = spec.datasource.tenant

@@ -15,7 +15,7 @@ router = APIRouter(tags=["sql"])
 @router.post(
     "/v1/sql",
     response_model=SqlResponse,
-    responses={400: {"model": ErrorBody}, 401: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    responses={status: {"model": ErrorBody} for status in (400, 401, 403, 422, 429)},
 )
 def run_sql(body: SqlRequest, services: ServicesDep, merchant: MerchantDep) -> SqlResponse:
     """A SELECT in the given dialect, transpiled to the engine's; every datasource it

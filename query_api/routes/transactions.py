@@ -39,6 +39,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorBody},
     404: {"model": ErrorBody},
     422: {"model": ErrorBody},
+    429: {"model": ErrorBody},
 }
 
 

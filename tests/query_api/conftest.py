@@ -121,7 +121,14 @@ def api(tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry) -> Ite
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "2"],
-        env={**os.environ, "TALLY_DATA_DIR": str(data_dir), "TALLY_API__SQL_TIMEOUT_S": "1"},
+        env={
+            **os.environ,
+            "TALLY_DATA_DIR": str(data_dir),
+            "TALLY_API__SQL_TIMEOUT_S": "1",
+            # The limiter runs but never trips: hypothesis and schemathesis send bursts.
+            # test_rate_limit.py starts a server with a low limit.
+            "TALLY_API__RATE_LIMIT": "1000000/second",
+        },
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

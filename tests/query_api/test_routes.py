@@ -143,7 +143,11 @@ def test_sales_equal_a_recount(
         "group_by": ",".join(groups),
         "force_base": str(force_base).lower(),
     }
-    with api.client(merchant) as c:
+    # Forcing the base is admin tooling: an admin key names the merchant.
+    who = "admin" if force_base else merchant
+    if force_base:
+        params["merchant"] = merchant
+    with api.client(who) as c:
         resp = c.get("/v1/sales", params=params)
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -164,6 +168,36 @@ def test_sales_equal_a_recount(
         for k, v in _recount(api, merchant, start, end, gran, tuple(groups)).items()
     }
     assert got == expected
+
+
+def test_force_base_needs_an_admin_key(api: Api) -> None:
+    params = {
+        "from": "2026-10-01T00:00:00+09:00",
+        "to": "2026-10-15T00:00:00+09:00",
+        "granularity": "day",
+        "group_by": "method",
+    }
+    with api.client("m1") as c:
+        _error(c.get("/v1/sales", params={**params, "force_base": "true"}), 403, "forbidden")
+        rollup = c.get("/v1/sales", params=params)
+        assert rollup.status_code == 200, rollup.text
+        assert rollup.json()["source"] != "base"
+        # A merchant key reads its own merchant, whatever it names.
+        _error(c.get("/v1/sales", params={**params, "merchant": "m2"}), 403, "forbidden")
+        own = c.get("/v1/sales", params={**params, "merchant": "m1"})
+        assert own.json() == rollup.json()
+    with api.client("admin") as admin:
+        base = admin.get("/v1/sales", params={**params, "force_base": "true", "merchant": "m1"})
+        assert base.status_code == 200, base.text
+        assert base.json()["source"] == "base"
+        assert base.json()["buckets"] == rollup.json()["buckets"]
+        assert base.json()["buckets"]
+        routed = admin.get("/v1/sales", params={**params, "merchant": "m1"})
+        assert routed.json() == rollup.json()
+        # Admin keys belong to no merchant: they name one.
+        _error(
+            admin.get("/v1/sales", params={**params, "force_base": "true"}), 400, "invalid_argument"
+        )
 
 
 def test_sales_rejects_bad_requests_with_one_line(api: Api) -> None:
