@@ -101,10 +101,16 @@ class Watcher:
         self.clock = clock
         self.config = policy_config(settings)
         self._old = window_test(registry)
-        self._unit_of = pack_units(registry)
+        caps = store.capabilities
+        # Packing is the embedded engine's; an engine without it keeps a file per partition.
+        self._unit_of = pack_units(registry) if caps.packs else lambda _d, _p: None
+        self._manual = caps.manual_compaction
         self.report = WatchReport()
 
     def due(self, datasource: str | None = None) -> list[Task]:
+        """What to compact now; nothing where the engine compacts by itself."""
+        if not self._manual:
+            return []
         now = self.clock()
         stats = self.store.partition_stats(datasource)
         segments = self.store.live_segments(datasource)

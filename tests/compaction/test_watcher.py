@@ -246,3 +246,22 @@ def test_the_watcher_reports_what_is_due_and_done(
     )
     watcher.due()
     assert value("tally_compaction_partitions_due", datasource="payments", kind="late") == 0
+
+
+def test_the_watcher_follows_the_engine_capabilities(
+    store: EmbeddedStore, settings: Settings, registry: SpecRegistry
+) -> None:
+    from dataclasses import replace
+
+    days = [datetime(2026, 1, d, 3, tzinfo=UTC) for d in (3, 4, 5)]  # cold, one file each
+    for i, day in enumerate(days):
+        store.commit("payments", [payment(f"p{i}", approved_at=day)])
+    later = datetime.now(UTC) + timedelta(seconds=settings.compaction.pack_delay_s + 60)
+    kinds = {t.kind for t in Watcher(settings, registry, store, clock=lambda: later).due()}
+    assert "pack" in kinds  # the embedded engine packs cold days
+
+    store.capabilities = replace(store.capabilities, packs=False)
+    kinds = {t.kind for t in Watcher(settings, registry, store, clock=lambda: later).due()}
+    assert "pack" not in kinds and kinds  # still compacts, never packs
+    store.capabilities = replace(store.capabilities, manual_compaction=False)
+    assert Watcher(settings, registry, store, clock=lambda: later).due() == []
