@@ -8,6 +8,7 @@ dimension values, sorted the same way.
 
 from __future__ import annotations
 
+import errno
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -21,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from storage.schema import BUCKET, row_schema, rows_to_table
-from tally.errors import StoreUnavailable
+from tally.errors import StoreError, StoreFull, StoreUnavailable
 from tally.specs import DatasourceSpec, Rollup
 
 DELETED = "_deleted"  # tombstone flag: a key that moved partition or tenant
@@ -110,7 +111,7 @@ class SegmentWriter:
                 created = _mkdirs(folder)
                 dirs.update(p.parent for p in created)
         except OSError as exc:
-            raise StoreUnavailable(f"cannot write segments: {exc}") from exc
+            raise write_error(exc) from exc
         written.extend(paths)
         # pyarrow releases the GIL while encoding; two writers keep both cores busy.
         files = [
@@ -138,7 +139,7 @@ class SegmentWrites:
             sizes = [f.result() for f in self._files]
             list(self._pool.map(_fsync, self._dirs))
         except OSError as exc:
-            raise StoreUnavailable(f"cannot write segments: {exc}") from exc
+            raise write_error(exc) from exc
         return list(zip(self._paths, sizes, strict=True))
 
 
@@ -174,3 +175,13 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def write_error(exc: OSError) -> StoreError:
+    """A failed segment write, classified: a full disk is terminal (retrying cannot
+    help until an operator frees space), anything else may pass (transient)."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull(
+            f"cannot write segments, the disk is full: {exc}; free space, then restart"
+        )
+    return StoreUnavailable(f"cannot write segments: {exc}")
