@@ -74,14 +74,8 @@ class StoreCore:
 
     def owner(self, datasource: str) -> tuple[DatasourceSpec, str | None]:
         """(base spec, rollup name or None) for a base or rollup datasource name."""
-        for spec in self.registry:
-            if spec.name == datasource:
-                return spec, None
-            for rollup in spec.rollups:
-                if rollup.name == datasource:
-                    return spec, rollup.name
-        self.registry.get(datasource)  # raises UnknownDatasource with the known names
-        raise AssertionError("unreachable")
+        spec, rollup = self.registry.owner(datasource)
+        return spec, None if rollup is None else rollup.name
 
     def reads(self, spec: DatasourceSpec, segments: Sequence[SegmentInfo]) -> list[Read]:
         """How to read ``segments``: whole, or a pack's rows of the segment's partition."""

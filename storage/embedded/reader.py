@@ -325,14 +325,7 @@ class EmbeddedReader:
         return spec, rollup, chosen
 
     def _owner(self, name: str) -> tuple[DatasourceSpec, Rollup | None]:
-        for spec in self.registry:
-            if spec.name == name:
-                return spec, None
-            for rollup in spec.rollups:
-                if rollup.name == name:
-                    return spec, rollup
-        self.registry.get(name)
-        raise AssertionError("unreachable")
+        return self.registry.owner(name)
 
     def _reads(
         self, spec: DatasourceSpec, parts: Mapping[str, list[str]]

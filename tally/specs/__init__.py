@@ -261,3 +261,14 @@ class SpecRegistry:
         except KeyError:
             known = ", ".join(sorted(self._specs)) or "none"
             raise UnknownDatasource(f"unknown datasource {name!r} (known: {known})") from None
+
+    def owner(self, name: str) -> tuple[DatasourceSpec, Rollup | None]:
+        """(base spec, rollup or None) for the name of a base datasource or a rollup."""
+        for spec in self._specs.values():
+            if spec.name == name:
+                return spec, None
+            for rollup in spec.rollups:
+                if rollup.name == name:
+                    return spec, rollup
+        self.get(name)  # raises UnknownDatasource with the known names
+        raise AssertionError("unreachable")
