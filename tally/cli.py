@@ -174,12 +174,14 @@ def demo_command(
 def _register_subcommands() -> None:
     from compaction.cli import compaction_app
     from compaction.verify_cli import verify_command
+    from engines.cli import app as engines_app
     from ingest.cli import register
     from query_api.cli import register as register_api
     from rollups.cli import rollups_app
 
     app.add_typer(rollups_app, name="rollups")
     app.add_typer(compaction_app, name="compaction")
+    app.add_typer(engines_app, name="engines")
     app.command("verify")(verify_command)
     register(app)
     register_api(app)
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code or 2)
     except TallyError as exc:
         sys.stderr.write(f"error: {exc.message}\n")
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 
