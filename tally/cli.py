@@ -148,6 +148,7 @@ def _register_subcommands() -> None:
     from compaction.cli import compaction_app
     from compaction.verify_cli import verify_command
     from engines.broker_cli import broker_app
+    from engines.cli import app as engines_app
     from ingest.cli import register as register_ingest
     from producers.cli import register as register_producers
     from query_api.cli import register as register_api
@@ -156,6 +157,7 @@ def _register_subcommands() -> None:
     app.add_typer(broker_app, name="broker")
     app.add_typer(rollups_app, name="rollups")
     app.add_typer(compaction_app, name="compaction")
+    app.add_typer(engines_app, name="engines")
     app.command("verify")(verify_command)
     register_ingest(app)
     register_producers(app)
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(exc.exit_code or 2)
     except TallyError as exc:
         sys.stderr.write(f"error: {exc.message}\n")
-        sys.exit(1)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         sys.exit(130)
 

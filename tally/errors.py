@@ -15,6 +15,7 @@ class TallyError(Exception):
 
     code = "tally_error"
     transient = False
+    exit_code = 1  # what the CLI exits with
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -168,3 +169,17 @@ class DifferencesFound(TallyError):
     """``tally verify`` found sinks that differ from the log and did not repair them."""
 
     code = "differences_found"
+
+
+class EngineUnavailable(TallyError):
+    """A local engine cannot be had here: Java or Maven missing, or an artifact that
+    cannot be resolved. Nothing was started; the CLI exits 2."""
+
+    code = "engine_unavailable"
+    exit_code = 2
+
+
+class EngineError(TallyError):
+    """A local engine was started but failed: it exited, or did not answer in time."""
+
+    code = "engine_error"
