@@ -7,6 +7,7 @@ pytest, hypothesis, ...) are not there. An undeclared import fails this test.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -66,6 +67,7 @@ def test_the_wheel_installed_without_extras_runs_help_and_the_demo(tmp_path: Pat
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its broker and API server die with it, whatever happens
     )
     try:
         assert demo.stdout is not None
@@ -75,6 +77,6 @@ def test_the_wheel_installed_without_extras_runs_help_and_the_demo(tmp_path: Pat
         demo.send_signal(signal.SIGINT)
         assert demo.wait(timeout=90) == 0, demo.stderr.read() if demo.stderr else ""
     finally:
-        if demo.poll() is None:
-            demo.kill()
-            demo.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(demo.pid, signal.SIGKILL)
+        demo.wait()
