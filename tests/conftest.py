@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings as hypothesis_settings
 
+from ingest.kafka import ensure_topics
 from storage import OlapReader, open_reader, open_store
 from storage.embedded.store import EmbeddedStore
-from tally.settings import Settings, StoreSettings
+from tally.settings import IngestSettings, Settings, StoreSettings
 from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
+from tests.brokers import NAMES, Broker, KafkaBroker, start
 
 # Speed is measured in bench/, never asserted here: no per-example deadline, which a
 # loaded CI machine would trip on a correct implementation.
@@ -54,3 +57,64 @@ def reader(settings: Settings, registry: SpecRegistry) -> Iterator[OlapReader]:
     rd = open_reader(settings, registry)
     yield rd
     rd.close()
+
+
+# --- brokers: each started once per session; ``broker`` runs a test on both ----------------
+
+
+@pytest.fixture(scope="session")
+def _brokers() -> Iterator[dict[str, Broker]]:
+    started: dict[str, Broker] = {}
+    yield started
+    for running in started.values():
+        running.stop()
+
+
+def _broker(name: str, started: dict[str, Broker], where: pytest.TempPathFactory) -> Broker:
+    if name not in started:
+        started[name] = start(name, where.mktemp(f"broker-{name}"))
+    return started[name]
+
+
+@pytest.fixture(scope="session", params=NAMES)
+def broker(
+    request: pytest.FixtureRequest,
+    _brokers: dict[str, Broker],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Broker:
+    """The development broker, then Apache Kafka: a test taking it runs on both."""
+    return _broker(request.param, _brokers, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(
+    _brokers: dict[str, Broker], tmp_path_factory: pytest.TempPathFactory
+) -> KafkaBroker:
+    """Apache Kafka alone, for what only a real Kafka makes possible (the same process
+    as ``broker``'s Kafka half)."""
+    kafka = _broker("kafka", _brokers, tmp_path_factory)
+    assert isinstance(kafka, KafkaBroker)
+    return kafka
+
+
+def broker_settings(broker: Broker, data_dir: Path, partitions: int = 6) -> Settings:
+    """Settings of one test on ``broker``: its own topics and groups (a namespace), its
+    own data directory, short lingers."""
+    return Settings(
+        data_dir=data_dir,
+        kafka_bootstrap=broker.bootstrap,
+        topic_namespace=f"t{uuid.uuid4().hex[:10]}.",
+        store=StoreSettings(gc_grace_s=0.0),
+        ingest=IngestSettings(batch_max_wait_s=0.1, search_refresh_s=0.1, partitions=partitions),
+    )
+
+
+@pytest.fixture
+def kafka_settings(broker: Broker, data_dir: Path) -> Settings:
+    return broker_settings(broker, data_dir)
+
+
+@pytest.fixture
+def topics(kafka_settings: Settings, registry: SpecRegistry) -> Settings:
+    ensure_topics(kafka_settings, registry)
+    return kafka_settings

@@ -3,7 +3,8 @@ watcher compacts each affected partition to one segment within 10 s of the write
 rollups stay exact, no row is lost, and queries running during compaction return
 correct results.
 
-Everything is real: a tansu broker (free loopback port), the OLAP sink consuming it
+Everything is real: the broker (the development broker, then Apache Kafka), the OLAP
+sink consuming it
 (``run_ingest`` in a thread: a commit every ~100–250 ms), the store in a temporary
 data directory, the :class:`~compaction.watcher.Watcher` with its real clock
 (``run(stop)``, polling every 0.2 s, default debounce 1 s / max delay 5 s), and a
@@ -51,7 +52,7 @@ import bisect
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -74,8 +75,8 @@ from storage.embedded.store import EmbeddedStore
 from tally.settings import CompactionSettings, IngestSettings, Settings, StoreSettings
 from tally.specs import DatasourceSpec, SpecRegistry
 from tally.timeutil import floor
+from tests.brokers import Broker
 from tests.factories import METHODS, latest_by_key, normalise, payment, reference_rollup
-from tests.ingest.conftest import Broker
 
 pytestmark = pytest.mark.slow
 
@@ -98,13 +99,6 @@ LATE_SCHEDULE: tuple[tuple[float, int, int], ...] = (
 )
 
 Part = tuple[str, str]  # (datasource, partition)
-
-
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    b = Broker(tmp_path_factory.mktemp("broker"))
-    yield b
-    b.stop()
 
 
 # --- publishing ----------------------------------------------------------------------------

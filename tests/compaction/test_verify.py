@@ -1,6 +1,6 @@
 """``tally verify``: every sink against the log, and ``--repair``.
 
-End to end on a real broker (tansu on a free loopback port) and real ingestion into
+End to end on each real broker (the development broker, then Apache Kafka) and real ingestion into
 both sinks: a clean run finds nothing; one deliberately corrupted OLAP row, a bogus
 key, a bogus rollup delta and two damaged search documents are each found with the
 right kind and a non-zero exit; ``--repair`` fixes them and says so; a second run
@@ -13,8 +13,6 @@ own below.
 from __future__ import annotations
 
 import threading
-import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,12 +41,14 @@ from storage.embedded.catalog import NewSegment
 from storage.embedded.segments import to_table
 from storage.embedded.store import EmbeddedStore
 from storage.schema import rollup_schema
-from tally.settings import IngestSettings, Settings, StoreSettings
+from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
 from tally.timeutil import bucket_key
+from tests.brokers import Broker
 from tests.cli import Ran, tally
+from tests.conftest import broker_settings
 from tests.factories import T0, latest_by_key, normalise, payment, reference_rollup
-from tests.ingest.conftest import Broker, env_for, free_port
+from tests.ingest.conftest import env_for, free_port
 from tests.ingest.reference import Published, build
 from tests.ingest.verify import assert_exact
 from tests.search.conftest import MakeElastic, es_url, make_elastic  # noqa: F401 (fixtures)
@@ -56,22 +56,9 @@ from tests.search.conftest import MakeElastic, es_url, make_elastic  # noqa: F40
 SEOUL = ZoneInfo("Asia/Seoul")
 
 
-@pytest.fixture(scope="module")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
-    b = Broker(tmp_path_factory.mktemp("broker"))
-    yield b
-    b.stop()
-
-
 @pytest.fixture
 def kafka(broker: Broker, data_dir: Path, registry: SpecRegistry) -> Settings:
-    settings = Settings(
-        data_dir=data_dir,
-        kafka_bootstrap=broker.bootstrap,
-        topic_namespace=f"t{uuid.uuid4().hex[:10]}.",
-        store=StoreSettings(gc_grace_s=0.0),
-        ingest=IngestSettings(batch_max_wait_s=0.1, search_refresh_s=0.1, partitions=3),
-    )
+    settings = broker_settings(broker, data_dir, partitions=3)
     ensure_topics(settings, registry)
     return settings
 

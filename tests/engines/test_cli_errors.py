@@ -11,8 +11,8 @@ import pytest
 from engines import maven
 from engines.base import engines_home
 from tally.errors import EngineUnavailable
+from tests.brokers import not_available
 from tests.cli import Ran, tally
-from tests.engines.conftest import not_available
 
 
 def one_error_line(ran: Ran) -> str:

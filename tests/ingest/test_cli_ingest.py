@@ -20,8 +20,9 @@ from ingest.decode import Decoder, Message
 from tally.pidfile import identity
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
+from tests.brokers import Broker
 from tests.cli import Ran, tally
-from tests.ingest.conftest import Broker, env_for, free_port
+from tests.ingest.conftest import env_for, free_port
 
 # --- helpers shared with the other ingest CLI tests -------------------------------------
 

@@ -20,7 +20,8 @@ from storage.embedded.store import EmbeddedStore
 from tally.errors import OffsetMismatch
 from tally.settings import IngestSettings, Settings
 from tally.specs import SpecRegistry
-from tests.ingest.conftest import Broker, start_ingest
+from tests.brokers import Broker
+from tests.ingest.conftest import start_ingest
 from tests.ingest.reference import build
 from tests.ingest.verify import assert_exact
 
@@ -170,16 +171,15 @@ def test_a_zombie_that_lost_its_partitions_cannot_commit(
 
 
 def test_broker_stopped_for_ten_seconds_mid_run(
-    registry: SpecRegistry, data_dir: Path, tmp_path: Path
+    broker: Broker, registry: SpecRegistry, data_dir: Path, tmp_path: Path
 ) -> None:
-    """A dedicated broker is frozen (SIGSTOP) for 10 s while ingest runs. Its memory
+    """The broker is frozen (SIGSTOP) for 10 s while ingest runs. Tansu's memory
     storage survives a freeze, unlike a restart, so the outcome can be checked."""
-    broker = Broker(tmp_path)
     try:
         settings = Settings(
             data_dir=data_dir,
             kafka_bootstrap=broker.bootstrap,
-            topic_namespace="outage.",
+            topic_namespace=f"outage{broker.name}.",
             ingest=IngestSettings(batch_max_wait_s=0.1, search_refresh_s=0.1),
         )
         ensure_topics(settings, registry)
@@ -195,14 +195,13 @@ def test_broker_stopped_for_ten_seconds_mid_run(
         proc = start_ingest(settings, "--sink", "all", "--until-idle", "5", log=log)
         store = open_store(settings, registry)
         _wait(lambda: sum(store.stored_offsets("payments").values()) > 0, "progress")
-        broker.proc.send_signal(signal.SIGSTOP)
+        broker.pause()
         time.sleep(10)  # the outage itself
-        broker.proc.send_signal(signal.SIGCONT)
+        broker.resume()
         publisher.send(published.wires[third:])
         proc.communicate(timeout=300)
         assert proc.returncode == 0, log.read_text()[-3000:]
         store.close()
         assert_exact(settings, registry, published)
     finally:
-        broker.proc.send_signal(signal.SIGCONT)
-        broker.stop()
+        broker.resume()

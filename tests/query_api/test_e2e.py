@@ -21,7 +21,7 @@ from query_api.ready import wait_ready
 from tally.settings import Settings
 from tally.specs import SpecRegistry
 from tests.factories import latest_by_key
-from tests.ingest.conftest import broker, env_for, free_port, kafka_settings, topics  # noqa: F401
+from tests.ingest.conftest import env_for, free_port
 
 SEOUL_OCT = datetime(2026, 9, 30, 15, tzinfo=UTC)
 
@@ -48,7 +48,7 @@ def _parse(event: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def test_through_the_broker_and_ingestion(topics: Settings, registry: SpecRegistry) -> None:  # noqa: F811
+def test_through_the_broker_and_ingestion(topics: Settings, registry: SpecRegistry) -> None:
     settings = topics
     spec = registry.get("payments")
     config = GeneratorConfig(transactions=4000, merchants=3, days=20, start=SEOUL_OCT, seed=11)
