@@ -79,6 +79,7 @@ def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
         "session.timeout.ms": settings.ingest.session_timeout_ms,
         "heartbeat.interval.ms": settings.ingest.heartbeat_interval_ms,
         "fetch.wait.max.ms": 100,
+        "isolation.level": "read_committed",  # explicit: aborted transactions never reach a sink
         "queued.max.messages.kbytes": 65536,
     }
 

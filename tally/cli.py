@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from datetime import datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -66,6 +67,11 @@ def sql_command(
         emit_table(result.columns, result.rows)
 
 
+class DemoBroker(StrEnum):
+    tansu = "tansu"
+    kafka = "kafka"
+
+
 _DEMO_SQL = json.dumps(
     {"sql": "SELECT status, COUNT(*) FROM payments GROUP BY status", "dialect": "mysql"}
 )
@@ -83,6 +89,10 @@ def demo_command(
         typer.Option(min=1, max=65535, help="API port (default api.port, or a free one)"),
     ] = None,
     seed: Annotated[int, typer.Option()] = 0,
+    broker: Annotated[
+        DemoBroker,
+        typer.Option(help="tansu: the development broker; kafka: Apache Kafka (needs Java, Maven)"),
+    ] = DemoBroker.tansu,
     fmt: FormatOption = Format.table,
 ) -> None:
     """Everything on the embedded default: broker, topics, a live stream of payments
@@ -127,12 +137,14 @@ def demo_command(
 
     if fmt is Format.table:
         typer.echo(
-            f"data in {c.settings.data_dir}, broker {c.settings.kafka_bootstrap};"
+            f"data in {c.settings.data_dir}, broker {broker.value}"
+            f" ({c.settings.kafka_bootstrap if broker is DemoBroker.tansu else 'tally engines'});"
             " starting (Ctrl-C stops everything) ..."
         )
     run_demo(
         c.settings,
         c.registry,
+        broker=broker.value,
         rate=rate,
         duration=duration,
         seed=seed,

@@ -161,10 +161,42 @@ def _port(settings: Settings, wanted: int | None) -> int:
     raise AssertionError("unreachable")
 
 
+def _tansu(settings: Settings) -> tuple[Settings, Callable[[], object] | None]:
+    """The development broker on ``kafka_bootstrap``, unless something answers there."""
+    from engines.devbroker import DevBroker, reachable
+
+    if reachable(settings.kafka_bootstrap):
+        return settings, None
+    broker = DevBroker(settings)
+    broker.up()
+    return settings, broker.down
+
+
+def _kafka(settings: Settings) -> tuple[Settings, Callable[[], object] | None]:
+    """Apache Kafka as ``tally engines up kafka`` runs it, under the demo's data dir; the
+    demo then talks to it whatever ``kafka_bootstrap`` said."""
+    import engines
+
+    engine = engines.get("kafka", settings.data_dir)
+    was_running = engine.running() is not None
+    engine.up()
+    bootstrap = engine.env()["TALLY_KAFKA_BOOTSTRAP"]
+    return settings.model_copy(update={"kafka_bootstrap": bootstrap}), (
+        None if was_running else engine.stop
+    )
+
+
+BROKERS: dict[str, Callable[[Settings], tuple[Settings, Callable[[], object] | None]]] = {
+    "tansu": _tansu,
+    "kafka": _kafka,
+}
+
+
 def run_demo(
     settings: Settings,
     registry: SpecRegistry,
     *,
+    broker: str = "tansu",
     rate: float,
     duration: float | None,
     seed: int,
@@ -172,7 +204,6 @@ def run_demo(
     ready: Callable[[Ready], None],
     port: int | None = None,
 ) -> dict[str, Any]:
-    from engines.devbroker import DevBroker, reachable
     from ingest.kafka import ensure_topics
     from ingest.service import run_ingest
     from query_api.keys import KeyStore
@@ -184,13 +215,11 @@ def run_demo(
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
-    broker = DevBroker(settings)
-    started_broker = not reachable(settings.kafka_bootstrap)
     threads: list[threading.Thread] = []
     server: subprocess.Popen[bytes] | None = None
+    stop_broker: Callable[[], object] | None = None
     try:
-        if started_broker:
-            broker.up()
+        settings, stop_broker = BROKERS[broker](settings)
         ensure_topics(settings, registry)
         workers: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
             "demo-publisher": (_stream, (settings, registry, rate, stop, seed)),
@@ -232,7 +261,7 @@ def run_demo(
                 server.kill()
         for t in threads:
             t.join(60)
-        if started_broker:
-            broker.down()
+        if stop_broker is not None:
+            stop_broker()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
