@@ -21,6 +21,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
@@ -80,6 +81,8 @@ class Runner:
         self._failure: TallyError | None = None
         self._done_lock = threading.Lock()
         self._done: dict[TP, int] = {}  # written but not yet committed to Kafka
+        self._durable: dict[int, int] = {}  # partition → end of what the sink has made durable
+        self._lag_at = 0.0
 
     # --- rebalancing --------------------------------------------------------------------
 
@@ -91,6 +94,8 @@ class Runner:
         for topic, part in tps:
             offset = starts.get((topic, part))
             self.positions[part] = offset
+            if offset is not None:
+                self._durable[part] = offset
             assign.append(
                 TopicPartition(topic, part, offset if offset is not None else OFFSET_STORED)
             )
@@ -105,6 +110,9 @@ class Runner:
         self._work.join()  # finish what was handed to the worker before letting go
         for p in partitions:
             self.positions.pop(p.partition, None)
+            self._durable.pop(p.partition, None)
+            with contextlib.suppress(KeyError):  # another member reports it now
+                metrics.lag.remove(self.sink.name, self.spec.name, str(p.partition))
         self.sink.released([(p.topic, p.partition) for p in partitions])
         self.report.assigned = sorted(self.positions)
 
@@ -139,6 +147,7 @@ class Runner:
                     self._fenced.clear()
                 messages = self._collect(consumer)
                 self._commit_kafka(consumer)
+                self._record_lag(consumer)
                 if messages:
                     last_message = time.monotonic()
                     self._last_contact = last_message
@@ -173,6 +182,8 @@ class Runner:
                 self._work.put(item, timeout=0.1)
                 return
             except queue.Full:
+                if self._consumer is not None:
+                    self._record_lag(self._consumer)  # the writer is stuck: lag grows
                 continue
 
     def _worker(self) -> None:
@@ -322,6 +333,7 @@ class Runner:
         with self._done_lock:
             for tp, rng in ranges.items():
                 self._done[tp] = max(rng.end, self._done.get(tp, 0))
+                self._durable[tp[1]] = max(rng.end, self._durable.get(tp[1], 0))
         metrics.batch_seconds.labels(**self.labels).observe(time.perf_counter() - started)
         metrics.committed.labels(**self.labels).inc(len(messages))
         metrics.rows_written.labels(**self.labels).inc(written)
@@ -338,11 +350,16 @@ class Runner:
         r.batches += 1
 
     def _record_lag(self, consumer: Consumer) -> None:
-        """High watermark minus position, from the client's cached watermarks (no
-        round trip). Indicative only: the development broker misreports watermarks."""
-        for part, position in self.positions.items():
-            if position is None:
-                continue
+        """Log end minus what the sink has made durable, per partition, at most twice a
+        second, from the client's cached watermarks (no round trip: fetch responses,
+        empty ones too, carry them). A partition whose durable position is not known
+        yet (it resumes from Kafka's committed offset) shows once its first batch is
+        written. On the development broker the ends are wrong (it misreports them)."""
+        now = time.monotonic()
+        if now - self._lag_at < 0.5:
+            return
+        self._lag_at = now
+        for part, durable in list(self._durable.items()):
             try:
                 _low, high = consumer.get_watermark_offsets(
                     TopicPartition(self.topic, part), cached=True
@@ -350,7 +367,7 @@ class Runner:
             except KafkaException:
                 continue
             if high is not None and high >= 0:
-                metrics.lag.labels(**self.labels, partition=str(part)).set(max(0, high - position))
+                metrics.lag.labels(**self.labels, partition=str(part)).set(max(0, high - durable))
 
     def _commit_kafka(self, consumer: Consumer) -> None:
         """Move Kafka's offsets past what the worker has durably written. Asynchronous:
@@ -361,7 +378,6 @@ class Runner:
         offsets = [TopicPartition(t, p, end) for (t, p), end in done.items() if p in self.positions]
         if not offsets:
             return
-        self._record_lag(consumer)
         try:
             consumer.commit(offsets=offsets, asynchronous=True)
         except KafkaException as exc:

@@ -26,6 +26,7 @@ def env_for(settings: Settings) -> dict[str, str]:
         "TALLY_INGEST__BATCH_MAX_WAIT_S": str(settings.ingest.batch_max_wait_s),
         "TALLY_INGEST__SEARCH_REFRESH_S": str(settings.ingest.search_refresh_s),
         "TALLY_STORE__GC_GRACE_S": "0",
+        "TALLY_STORE__BUSY_TIMEOUT_S": str(settings.store.busy_timeout_s),
     }
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import signal
+import sqlite3
+import subprocess
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -13,10 +18,15 @@ import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from ingest.kafka import ensure_topics
 from producers.generate import GeneratorConfig, generate_events
 from producers.malformed import with_malformed
 from producers.publish import Publisher
-from tally.settings import Settings
+from storage import open_store
+from tally.settings import Settings, StoreSettings
+from tally.specs import SpecRegistry
+from tests.brokers import KafkaBroker
+from tests.conftest import broker_settings
 from tests.ingest.conftest import free_port, start_ingest
 
 pytestmark = pytest.mark.slow
@@ -127,3 +137,86 @@ def test_ingest_serves_prometheus_metrics_while_it_works(topics: Settings, tmp_p
     }
     # The metrics endpoint goes away with the process.
     assert scrape(port) is None
+
+
+def _lags(samples: Samples | None, sink: str) -> dict[int, float]:
+    return {
+        int(dict(k)["partition"]): v
+        for k, v in (samples or {}).get("tally_ingest_lag_messages", {}).items()
+        if dict(k)["sink"] == sink
+    }
+
+
+def _ends(settings: Settings, topic: str) -> dict[int, int]:
+    """Log end per partition, asked of the broker (right on Kafka, not on tansu)."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    from ingest.kafka import consumer_config
+
+    consumer = Consumer(consumer_config(settings, f"probe-{uuid.uuid4().hex}"))
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(settings.ingest.partitions)
+        }
+    finally:
+        consumer.close()
+
+
+def _until(what: str, check: Callable[[], bool], proc: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 90
+    while not check():
+        assert proc.poll() is None, f"ingest exited: {log.read_text()[-2000:]}"
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.1)  # polling interval, not a timing assumption
+
+
+def test_lag_is_the_log_end_minus_what_each_sink_made_durable(
+    kafka_broker: KafkaBroker, data_dir: Path, registry: SpecRegistry, tmp_path: Path
+) -> None:
+    """Kafka only: the development broker misreports log ends. Once both sinks caught
+    up, the OLAP sink is held back by a write lock on its catalog (a transient error it
+    retries) while more is published: at that quiescent point its lag must be exactly
+    what arrived since, per partition, while the search sink's is zero; once the lock
+    goes, both reach zero and the store holds every offset."""
+    settings = broker_settings(kafka_broker, data_dir).model_copy(
+        update={"store": StoreSettings(gc_grace_s=0.0, busy_timeout_s=0.2)}
+    )
+    ensure_topics(settings, registry)
+    topic = settings.topic("payments.v1")
+    publisher = Publisher(settings, topic)
+    first = GeneratorConfig(transactions=1_000, merchants=10, days=3, seed=8)
+    publisher.send(with_malformed(generate_events(first), 0.0, first.seed))
+    before = _ends(settings, topic)
+    port = free_port()
+    log = tmp_path / "ingest.log"
+    proc = start_ingest(settings, "--metrics-port", str(port), log=log)
+    lock = sqlite3.connect(settings.catalog_path, isolation_level=None, timeout=30)
+    zero = dict.fromkeys(before, 0)
+    try:
+        for sink in ("olap", "search"):
+
+            def caught_up(sink: str = sink) -> bool:
+                return _lags(scrape(port), sink) == zero
+
+            _until(f"{sink} caught up", caught_up, proc, log)
+        lock.execute("BEGIN IMMEDIATE")
+        second = GeneratorConfig(transactions=1_000, merchants=10, days=3, seed=9)
+        publisher.send(with_malformed(generate_events(second), 0.0, second.seed))
+        after = _ends(settings, topic)
+        behind = {p: after[p] - before[p] for p in after}
+        assert sum(behind.values()) >= 1_000
+        _until("search caught up again", lambda: _lags(scrape(port), "search") == zero, proc, log)
+        _until("olap lag is what arrived", lambda: _lags(scrape(port), "olap") == behind, proc, log)
+        samples = scrape(port)
+        assert _lags(samples, "olap") == behind  # quiescent: nothing produced, nothing stored
+        assert (value(samples or {}, "tally_ingest_retries_total", sink="olap") or 0) > 0
+        lock.rollback()
+        _until("olap caught up again", lambda: _lags(scrape(port), "olap") == zero, proc, log)
+        store = open_store(settings, registry)
+        assert store.stored_offsets("payments") == {(topic, p): e for p, e in after.items()}
+        store.close()
+    finally:
+        lock.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
