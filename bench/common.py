@@ -2,7 +2,8 @@
 
 Every benchmark under ``bench/`` takes ``--scale small|full``, prints a table and
 writes ``bench/results/<name>.json`` as ``{"figures": [{"name", "value", "unit"}],
-"scale", "machine"}``.
+"scale", "machine"}``; a figure that could not be measured on this machine has
+``"value": null`` and a one-line ``"skipped"`` reason.
 """
 
 from __future__ import annotations
@@ -38,6 +39,15 @@ class Figures:
         self.items = [f for f in self.items if f["name"] != name]
         self.items.append({"name": name, "value": value, "unit": unit})
         return value
+
+    def skip(self, name: str, unit: str, reason: str) -> None:
+        """Record that ``name`` was not measured on this machine, and why (value null)."""
+        self.items = [f for f in self.items if f["name"] != name]
+        self.items.append({"name": name, "value": None, "unit": unit, "skipped": reason})
+
+    def value(self, name: str) -> Any:
+        """The value recorded as ``name`` (None if skipped or absent)."""
+        return next((f["value"] for f in self.items if f["name"] == name), None)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return iter(self.items)
@@ -121,7 +131,29 @@ def format_table(figures: Sequence[dict[str, Any]] | Figures, title: str | None 
     return "\n".join(out)
 
 
+def format_grid(
+    rows: Sequence[tuple[str, Sequence[Any], str]],
+    columns: Sequence[str],
+    title: str | None = None,
+) -> str:
+    """Measures side by side: one row per measure, a value column per ``columns``."""
+    header = ["figure", *columns, "unit"]
+    cells = [[name, *(_fmt(v) for v in values), unit] for name, values, unit in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(header)]
+
+    def line(row: Sequence[str]) -> str:
+        values = [f"{v:>{w}}" for v, w in zip(row[1:-1], widths[1:-1], strict=True)]
+        return "  ".join([f"{row[0]:<{widths[0]}}", *values, f"{row[-1]:<{widths[-1]}}"])
+
+    lines = [line(r).rstrip() for r in [header, *cells]]
+    out = [title] if title else []
+    out += [lines[0], "-" * max(map(len, lines)), *lines[1:]]
+    return "\n".join(out)
+
+
 def _fmt(value: Any) -> str:
+    if value is None:
+        return "skipped"
     if isinstance(value, float):
         return f"{value:,.3f}" if abs(value) < 100 else f"{value:,.1f}"
     if isinstance(value, int):

@@ -1,9 +1,14 @@
-"""Ingestion benchmark (DESIGN §6): events/s through the real broker per sink, and
-freshness (produce time → visible to a reader in another process) at a steady rate.
+"""Ingestion benchmark (DESIGN §6): events/s through a real broker per sink, and
+freshness (produce time → visible to a reader in another process) at a steady rate,
+on the development broker (tansu) and on Apache Kafka side by side.
 
-    python bench/ingest.py --scale small|full
+    python bench/ingest.py --scale small|full [--broker tansu|kafka|both]
 
-small: 200k events, 15 s of steady traffic; full: 1M events, 60 s.
+small: 200k events, 15 s of steady traffic; full: 1M events, 60 s. Each broker runs in
+a temporary data dir of its own (Kafka through ``engines``, so it needs Java, and Maven
+once) and is stopped at the end whatever happened. Per-broker figures are named
+``<measure>_<broker>``; without Java or Maven ``--broker both`` records the Kafka ones
+as skipped, with the reason.
 """
 
 from __future__ import annotations
@@ -14,20 +19,27 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.common import Figures, Log, format_table, parser, percentile, write_results  # noqa: E402
+import engines  # noqa: E402
+from bench.common import Figures, Log, format_grid, parser, percentile, write_results  # noqa: E402
+from engines.base import java_binary  # noqa: E402
 from engines.devbroker import start_tansu, wait_reachable  # noqa: E402
-from ingest.kafka import ensure_topics  # noqa: E402
+from ingest.kafka import consumer_config, ensure_topics, translate  # noqa: E402
 from producers.generate import GeneratorConfig, generate_events  # noqa: E402
 from producers.malformed import Wire, encode, with_malformed  # noqa: E402
 from producers.publish import Publisher  # noqa: E402
+from tally.errors import EngineUnavailable, TallyError  # noqa: E402
 from tally.settings import IngestSettings, Settings  # noqa: E402
 from tally.specs import SpecRegistry, builtin_spec_paths  # noqa: E402
 
@@ -35,8 +47,24 @@ SCALES = {
     "small": {"events": 200_000, "steady_s": 15},
     "full": {"events": 1_000_000, "steady_s": 60},
 }
+BROKERS = ("tansu", "kafka")
+FRESHNESS_RATE = 5000  # events/s
+# Measured once per broker and recorded as f"{measure}_{broker}".
+THROUGHPUT = [
+    ("ingest_olap_events_per_s", "events/s"),
+    ("ingest_search_events_per_s", "events/s"),
+    ("ingest_both_events_per_s", "events/s"),
+]
+FRESHNESS = [
+    ("freshness_probes", "probes"),
+    ("freshness_p50_ms", "ms"),
+    ("freshness_p99_ms", "ms"),
+    ("freshness_committed_p50_ms", "ms"),
+    ("freshness_committed_p99_ms", "ms"),
+]
 PROBE_MERCHANT = "mch_probe"
 SEOUL = ZoneInfo("Asia/Seoul")
+Logger = Callable[[str], None]
 
 
 def free_port() -> int:
@@ -57,9 +85,18 @@ def env(settings: Settings) -> dict[str, str]:
 
 
 def progress(
-    settings: Settings, registry: SpecRegistry, sink: str, topic: str, parts: list[int]
-) -> int:
-    """Messages the sink has durably committed, summed over partitions."""
+    settings: Settings,
+    registry: SpecRegistry,
+    sink: str,
+    topic: str,
+    parts: list[int],
+    probe: Consumer | None = None,
+) -> int | None:
+    """Messages the sink has durably committed, summed over partitions: the catalog's
+    offsets for the OLAP sink, the group's committed offsets (asked through ``probe``,
+    a consumer that never joins the group) for the search sink. None when the broker
+    could not say just now (a fresh Kafka answers NOT_COORDINATOR while its offsets
+    topic loads): ask again."""
     if sink == "olap":
         from storage.embedded.catalog import Catalog
 
@@ -71,22 +108,26 @@ def progress(
                 return sum(catalog.offsets("payments").values())
         finally:
             catalog.close()
-    from confluent_kafka import Consumer, TopicPartition
-
-    from ingest.kafka import consumer_config
-
-    probe = Consumer(consumer_config(settings, settings.group("search", "payments")))
+    assert probe is not None, "the search sink's progress needs a probe consumer"
     try:
         committed = probe.committed([TopicPartition(topic, p) for p in parts], timeout=10)
-        return sum(max(0, tp.offset) for tp in committed)
-    finally:
-        probe.close()
+    except KafkaException as exc:
+        error = translate(exc, "reading the search sink's committed offsets")
+        if error.transient:
+            return None
+        raise error from exc
+    return sum(max(0, tp.offset) for tp in committed)
 
 
 def throughput(
-    base: Settings, registry: SpecRegistry, wires: list[Wire], sinks: list[str], log: Log
+    base: Settings, registry: SpecRegistry, wires: list[Wire], sinks: list[str], log: Logger
 ) -> dict[str, float]:
-    """Publish everything first, then time each sink from its first to its last commit."""
+    """Publish everything first, then time each sink from its first to its last commit.
+
+    A sink is done when its committed offsets reach the offsets the broker acknowledged
+    to the publisher, never the broker's end offsets (the development broker misreports
+    them). The publisher is not transactional, so those offsets are contiguous on
+    either broker, with no transaction markers between them."""
     settings = base.model_copy(
         update={
             "topic_namespace": f"b{uuid.uuid4().hex[:8]}.",
@@ -106,15 +147,21 @@ def throughput(
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    # One probe for the whole run: a new client per poll costs the broker a connection,
+    # metadata and a coordinator lookup each time, on the cores the sinks run on.
+    group = settings.group("search", "payments")
+    probe = Consumer(consumer_config(settings, group)) if "search" in sinks else None
     first: dict[str, tuple[float, int]] = {}
     done: dict[str, float] = {}
     try:
         deadline = time.monotonic() + 1800
-        while len(done) < len(sinks) and time.monotonic() < deadline:
+        while len(done) < len(sinks) and time.monotonic() < deadline and proc.poll() is None:
             for sink in sinks:
                 if sink in done:
                     continue
-                n = progress(settings, registry, sink, topic, parts)
+                n = progress(settings, registry, sink, topic, parts, probe)
+                if n is None:
+                    continue
                 now = time.monotonic()
                 if n > 0 and sink not in first:
                     first[sink] = (now, n)
@@ -122,8 +169,15 @@ def throughput(
                     done[sink] = now
             time.sleep(0.1)
     finally:
+        if probe is not None:
+            probe.close()
         proc.terminate()
         proc.wait(60)
+    if len(done) < len(sinks):
+        raise TallyError(
+            f"tally ingest --sink {arg} did not commit all {total:,} messages"
+            f" (exit code {proc.returncode})"
+        )
     rates = {}
     for sink in sinks:
         t0, n0 = first[sink]
@@ -133,7 +187,7 @@ def throughput(
 
 
 def freshness(
-    base: Settings, registry: SpecRegistry, seconds: int, rate: int, log: Log
+    base: Settings, registry: SpecRegistry, seconds: int, rate: int, log: Logger
 ) -> tuple[list[float], list[float]]:
     """Steady ``rate`` events/s with probe payments every 100 ms; a reader process
     records when each probe becomes visible in the merged view."""
@@ -194,7 +248,7 @@ def freshness(
             )
         )
         deadline = time.monotonic() + 60
-        while progress(settings, registry, "olap", topic, []) == 0 and time.monotonic() < deadline:
+        while not progress(settings, registry, "olap", topic, []) and time.monotonic() < deadline:
             time.sleep(0.1)
         # A live stream: today's payments (Seoul), landing in the active partition.
         today = datetime.now(SEOUL).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -350,6 +404,84 @@ def probe_reader(seen_file: Path) -> None:
             time.sleep(0.1)  # poll like a dashboard would, not a busy loop
 
 
+@contextmanager
+def running_broker(name: str, data_dir: Path) -> Iterator[str]:
+    """Start broker ``name`` with its files under ``data_dir``; yields its bootstrap
+    address and stops it on the way out, whatever happened."""
+    if name == "tansu":
+        port = free_port()
+        proc = start_tansu("127.0.0.1", port, data_dir / "tansu.log")
+        try:
+            wait_reachable(f"127.0.0.1:{port}")
+            yield f"127.0.0.1:{port}"
+        finally:
+            proc.terminate()
+            proc.wait(10)
+        return
+    engine = engines.get(name, data_dir)
+    try:
+        engine.up()
+        yield engine.env()["TALLY_KAFKA_BOOTSTRAP"]
+    finally:
+        engine.stop()
+
+
+def kafka_unavailable(data_dir: Path) -> str | None:
+    """Why Kafka cannot run here (no Java, no Maven for the first fetch), or None.
+    Asked before anything is measured, so a missing tool costs no benchmark time."""
+    try:
+        java_binary()
+        engines.get("kafka", data_dir).resolve()
+    except EngineUnavailable as exc:
+        return exc.message
+    return None
+
+
+def measure(
+    base: Settings,
+    registry: SpecRegistry,
+    scale: dict[str, int],
+    wires: list[Wire],
+    only: str | None,
+    log: Logger,
+) -> dict[str, float]:
+    """Every phase (or ``only`` one) on the broker ``base`` points at, by measure name."""
+    if only in ("olap", "search"):
+        return {f"ingest_{only}_events_per_s": throughput(base, registry, wires, [only], log)[only]}
+    out: dict[str, float] = {}
+    if only is None:
+        out["ingest_olap_events_per_s"] = throughput(base, registry, wires, ["olap"], log)["olap"]
+        search = throughput(base, registry, wires, ["search"], log)["search"]
+        out["ingest_search_events_per_s"] = search
+        both = throughput(base, registry, wires, ["olap", "search"], log)
+        out["ingest_both_events_per_s"] = min(both.values())
+    lags, commit_lags = freshness(base, registry, scale["steady_s"], FRESHNESS_RATE, log)
+    out["freshness_probes"] = len(lags)
+    out["freshness_p50_ms"] = percentile(lags, 50)
+    out["freshness_p99_ms"] = percentile(lags, 99)
+    out["freshness_committed_p50_ms"] = percentile(commit_lags, 50)
+    out["freshness_committed_p99_ms"] = percentile(commit_lags, 99)
+    return out
+
+
+def measures(only: str | None) -> list[tuple[str, str]]:
+    """The (measure, unit) pairs a run with ``only`` records per broker."""
+    if only in ("olap", "search"):
+        return [m for m in THROUGHPUT if m[0] == f"ingest_{only}_events_per_s"]
+    return FRESHNESS if only == "freshness" else THROUGHPUT + FRESHNESS
+
+
+def side_by_side(
+    figures: Figures, brokers: list[str], wanted: list[tuple[str, str]], title: str
+) -> str:
+    """One row per measure, a column per broker; then why any broker was skipped."""
+    rows = [(m, [figures.value(f"{m}_{b}") for b in brokers], unit) for m, unit in wanted]
+    reasons = {f["name"].rsplit("_", 1)[1]: f["skipped"] for f in figures if "skipped" in f}
+    return "\n".join(
+        [format_grid(rows, brokers, title), *(f"{b}: skipped, {r}" for b, r in reasons.items())]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__ or "ingest benchmark")
     p.add_argument("--probe-reader", type=Path, help=argparse_hidden())
@@ -358,60 +490,77 @@ def main(argv: list[str] | None = None) -> int:
         choices=["olap", "search", "freshness"],
         help="run one phase; prints, writes no results",
     )
+    p.add_argument(
+        "--broker",
+        choices=[*BROKERS, "both"],
+        default="both",
+        help="the broker(s) to measure (default: both, side by side)",
+    )
     args = p.parse_args(argv)
     if args.probe_reader:
         probe_reader(args.probe_reader)
         return 0
-    scale = SCALES[args.scale]
+    try:
+        return run(args.scale, args.broker, args.only)
+    except TallyError as exc:  # a one-line reason, not a traceback
+        print(f"error: {exc.message}", file=sys.stderr)
+        return 2 if isinstance(exc, EngineUnavailable) else 1
+
+
+def run(scale_name: str, which: str, only: str | None) -> int:
+    scale = SCALES[scale_name]
+    brokers = list(BROKERS) if which == "both" else [which]
+    wanted = measures(only)
     log = Log()
     registry = SpecRegistry.load(builtin_spec_paths())
     figures = Figures()
-    with tempfile.TemporaryDirectory(prefix="tally-bench-ingest-") as tmp:
-        port = free_port()
-        broker = start_tansu("127.0.0.1", port, Path(tmp) / "tansu.log")
-        try:
-            wait_reachable(f"127.0.0.1:{port}")
-            base = Settings(
-                data_dir=Path(tmp), kafka_bootstrap=f"127.0.0.1:{port}", ingest=IngestSettings()
-            )
-            if args.only == "freshness":
-                add_freshness(figures, *freshness(base, registry, scale["steady_s"], 5000, log))
-                print(format_table(figures, f"ingest freshness ({args.scale})"))
-                return 0
+    with tempfile.TemporaryDirectory(prefix="tally-bench-ingest-") as tmp_name:
+        tmp = Path(tmp_name)
+        skipped: dict[str, str] = {}
+        if "kafka" in brokers and (reason := kafka_unavailable(tmp / "kafka")) is not None:
+            if brokers == ["kafka"]:
+                raise EngineUnavailable(f"kafka unavailable: {reason}")
+            skipped["kafka"] = reason
+            log(f"kafka: skipped, {reason}")
+        wires: list[Wire] = []
+        if only != "freshness":
             log(f"generating {scale['events']:,} events")
             config = GeneratorConfig(
                 transactions=int(scale["events"] * 0.92), merchants=500, days=30, seed=1
             )
             wires = list(with_malformed(generate_events(config), 0.001, 1))
             figures.add("ingest_events", len(wires), "events")
-            if args.only in ("olap", "search"):
-                rate = throughput(base, registry, wires, [args.only], log)[args.only]
-                figures.add(f"ingest_{args.only}_events_per_s", rate, "events/s")
-                print(format_table(figures, f"ingest {args.only} ({args.scale})"))
-                return 0
-            olap = throughput(base, registry, wires, ["olap"], log)["olap"]
-            search = throughput(base, registry, wires, ["search"], log)["search"]
-            both = throughput(base, registry, wires, ["olap", "search"], log)
-            figures.add("ingest_olap_events_per_s", olap, "events/s")
-            figures.add("ingest_search_events_per_s", search, "events/s")
-            figures.add("ingest_both_events_per_s", min(both.values()), "events/s")
-            add_freshness(figures, *freshness(base, registry, scale["steady_s"], 5000, log))
-        finally:
-            broker.terminate()
-            broker.wait(10)
-    print(format_table(figures, f"ingest ({args.scale})"))
-    path = write_results("ingest", figures, args.scale)
+        if only in (None, "freshness"):
+            figures.add("freshness_rate_events_per_s", FRESHNESS_RATE, "events/s")
+        for broker in brokers:
+            if broker in skipped:
+                for name, unit in wanted:
+                    figures.skip(f"{name}_{broker}", unit, skipped[broker])
+                continue
+            with running_broker(broker, tmp / broker) as bootstrap:
+                log(f"{broker}: up at {bootstrap}")
+                base = Settings(
+                    data_dir=tmp / broker, kafka_bootstrap=bootstrap, ingest=IngestSettings()
+                )
+                got = measure(base, registry, scale, wires, only, tagged(log, broker))
+            for name, unit in wanted:
+                figures.add(f"{name}_{broker}", got[name], unit)
+    title = f"ingest{f' {only}' if only else ''} ({scale_name})"
+    if wires:
+        title += f": {len(wires):,} events"
+    if only in (None, "freshness"):
+        title += f"; freshness at a steady {FRESHNESS_RATE:,} events/s"
+    print(side_by_side(figures, brokers, wanted, title))
+    if only:
+        return 0
+    path = write_results("ingest", figures, scale_name)
     log(f"wrote {path}")
     return 0
 
 
-def add_freshness(figures: Figures, lags: list[float], commit_lags: list[float]) -> None:
-    figures.add("freshness_probes", len(lags), "probes")
-    figures.add("freshness_p50_ms", percentile(lags, 50), "ms")
-    figures.add("freshness_p99_ms", percentile(lags, 99), "ms")
-    figures.add("freshness_committed_p50_ms", percentile(commit_lags, 50), "ms")
-    figures.add("freshness_committed_p99_ms", percentile(commit_lags, 99), "ms")
-    figures.add("freshness_rate_events_per_s", 5000, "events/s")
+def tagged(log: Logger, broker: str) -> Logger:
+    """``log`` with each line prefixed by the broker it is about."""
+    return lambda message: log(f"{broker}: {message}")
 
 
 def argparse_hidden() -> str:
