@@ -151,6 +151,8 @@ class Runner:
                 if messages:
                     last_message = time.monotonic()
                     self._last_contact = last_message
+                    if self._healthy_since is None:  # messages are the broker answering
+                        self._healthy_since = last_message
                     self._hand_over((messages, self._ranges(messages)))
                 elif until_idle is not None:
                     self._check_health(consumer)
