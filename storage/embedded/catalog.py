@@ -163,7 +163,6 @@ class Catalog:
             raise _translate(exc, path, "opening") from exc
         except OSError as exc:  # creating its directory
             raise StoreFileError(f"catalog {path} cannot be created: {exc}") from exc
-        self._in_txn = False
 
     def _setup(self, busy_timeout_s: float, readonly: bool) -> None:
         self._con.execute("PRAGMA journal_mode=WAL")
@@ -205,42 +204,28 @@ class Catalog:
         :class:`~tally.errors.StoreError` (see ``_translate``), so that ingestion can
         tell a lock (retry) from a full disk (stop) and never mistakes either for a bug.
         """
-        try:
-            self._con.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _translate(exc, self.path, "begin write") from exc
-        self._in_txn = True
-        try:
-            yield self._con
-        except sqlite3.Error as exc:
-            self._abandon()
-            raise _translate(exc, self.path, "write") from exc
-        except BaseException:
-            self._abandon()
-            raise
-        else:
-            try:
-                self._con.execute("COMMIT")
-            except sqlite3.Error as exc:
-                self._abandon()
-                raise _translate(exc, self.path, "commit") from exc
-        finally:
-            self._in_txn = False
+        with self._transaction("BEGIN IMMEDIATE", "write", "commit") as con:
+            yield con
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         """A read transaction: every query inside sees one snapshot. After a failed
         ``BEGIN`` there is nothing to end (and ending someone else's transaction would
         be worse): its error is raised, translated, and nothing else is run."""
+        with self._transaction("BEGIN", "read", "end read") as con:
+            yield con
+
+    @contextmanager
+    def _transaction(self, begin: str, what: str, end: str) -> Iterator[sqlite3.Connection]:
         try:
-            self._con.execute("BEGIN")
+            self._con.execute(begin)
         except sqlite3.Error as exc:
-            raise _translate(exc, self.path, "begin read") from exc
+            raise _translate(exc, self.path, f"begin {what}") from exc
         try:
             yield self._con
         except sqlite3.Error as exc:
             self._abandon()
-            raise _translate(exc, self.path, "read") from exc
+            raise _translate(exc, self.path, what) from exc
         except BaseException:
             self._abandon()
             raise
@@ -249,7 +234,7 @@ class Catalog:
                 self._con.execute("COMMIT")
             except sqlite3.Error as exc:
                 self._abandon()
-                raise _translate(exc, self.path, "end read") from exc
+                raise _translate(exc, self.path, end) from exc
 
     # --- reads (call inside read() or write()) ---------------------------------------
 
