@@ -22,6 +22,7 @@ from tests.ingest.conftest import free_port
 
 pytestmark = pytest.mark.slow
 SEOUL = ZoneInfo("Asia/Seoul")
+_TALLY = (sys.executable, "-m", "tally")
 
 
 def test_demo_serves_sales_within_a_minute_and_stops_on_sigint(tmp_path: Path) -> None:
@@ -70,3 +71,63 @@ def test_demo_serves_sales_within_a_minute_and_stops_on_sigint(tmp_path: Path) -
     assert not reachable(bootstrap), "the broker the demo started is stopped again"
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{ready['url']}/healthz", timeout=2)
+
+
+def test_demo_on_kafka_serves_sales_and_stops_the_kafka_it_started(tmp_path: Path) -> None:
+    """``tally demo --broker kafka``: the same platform on Apache Kafka, which the demo
+    starts through ``tally engines`` under its data dir and stops again."""
+    from tests.brokers import missing_tools, not_available
+
+    if (reason := missing_tools()) is not None:
+        not_available(reason)
+    data = tmp_path / "demo"
+    env = {**os.environ, "TALLY_DATA_DIR": str(data)}
+    port = str(free_port())
+    proc = subprocess.Popen(
+        [*_TALLY, "demo", "--broker", "kafka", "--rate", "500", "--format", "json", "--port", port],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read() if proc.stderr else ""
+        ready = json.loads(line)
+        status = json.loads(
+            subprocess.run(
+                [*_TALLY, "engines", "status", "--format", "json"],
+                env=env,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+        )
+        assert status["engines"]["kafka"]["running"] is True
+        headers = {"Authorization": f"Bearer {ready['api_key']}"}
+        deadline = time.monotonic() + 60
+        count = 0
+        while not count and time.monotonic() < deadline:
+            resp = httpx.get(
+                f"{ready['url']}/v1/transactions", params={"limit": 5}, headers=headers
+            )
+            assert resp.status_code == 200, resp.text
+            count = len(resp.json()["items"])
+            if not count:
+                time.sleep(0.5)  # polling for data to land, not to make timing pass
+        assert count > 0, "no transactions served within 60 s of the ready line"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, proc.stderr.read() if proc.stderr else ""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    after = subprocess.run(
+        [*_TALLY, "engines", "status", "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(after.stdout)["engines"]["kafka"]["running"] is False
