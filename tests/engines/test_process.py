@@ -1,4 +1,5 @@
-"""Engine processes are signalled by pid only when the start time matches too."""
+"""``engines.process`` against real processes: a pid is signalled only when the process
+holding it is the one we started (same start time and, where recorded, command line)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from engines.process import PidFile, ProcessRecord
+from engines.process import Check, PidFile, ProcessRecord
+from tally.errors import TallyError
 from tests.cli import tally
 
 
@@ -21,6 +23,16 @@ def stranger() -> Iterator[subprocess.Popen[bytes]]:
     yield proc
     proc.kill()
     proc.wait(10)
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A process of ours, leading its own process group as the engines' do."""
+    proc = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_record_is_alive_only_with_its_own_start_time(
@@ -35,10 +47,103 @@ def test_a_record_is_alive_only_with_its_own_start_time(
     assert not rec.signal(signal.SIGTERM)
 
 
+def test_a_record_is_alive_only_with_its_own_command_line_where_recorded(
+    stranger: subprocess.Popen[bytes],
+) -> None:
+    rec = ProcessRecord.of(stranger.pid)
+    assert rec is not None and rec.cmdline == ("sleep", "300")
+    assert not ProcessRecord(stranger.pid, rec.start_ticks, ("sleep", "301")).alive()
+    assert not ProcessRecord(stranger.pid, rec.start_ticks, ()).alive()
+    assert ProcessRecord(stranger.pid, rec.start_ticks).alive()  # not recorded: not compared
+
+
 def test_unreadable_pid_files_read_as_no_process(tmp_path: Path) -> None:
-    for text in ["", "12345", "{not json", '{"pid": "x", "start_ticks": 1}', "[1, 2]"]:
+    for text in ["", "{not json", '{"pid": "x", "start_ticks": 1}', "[1, 2]", '"7"', "true"]:
         (tmp_path / "e.pid").write_text(text)
-        assert PidFile(tmp_path / "e.pid").read() is None, text
+        found = PidFile(tmp_path / "e.pid").check()
+        assert (found.record, found.stale) == (None, "it is unreadable"), text
+    for pid in (0, -1):  # would signal our own process group, or every process
+        (tmp_path / "e.pid").write_text(f'{{"pid": {pid}, "start_ticks": 1}}')
+        assert PidFile(tmp_path / "e.pid").check().stale == "it is unreadable", pid
+
+
+def test_an_old_format_pid_file_is_never_ours(
+    tmp_path: Path, stranger: subprocess.Popen[bytes]
+) -> None:
+    """A bare pid (the development broker's old format) cannot be verified: stale if
+    something holds that pid, simply gone if nothing does."""
+    pids = PidFile(tmp_path / "e.pid", "the sleeper")
+    pids.path.write_text(f"{stranger.pid}\n")
+    found = pids.check()
+    assert found.record is None
+    assert (
+        found.stale == f"pid {stranger.pid} cannot be verified as the sleeper (an old-format file)"
+    )
+    stranger.kill()
+    stranger.wait(10)
+    assert pids.check() == pids.tidy() == Check()
+    assert not pids.path.exists()
+
+
+def test_record_check_stop_round_trip(sleeper: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    pids = PidFile(tmp_path / "p" / "x.pid", "the sleeper")
+    pids.record(sleeper.pid)
+    assert pids.check().pid == sleeper.pid and pids.check().stale is None
+    assert pids.tidy().pid == sleeper.pid and pids.path.exists()
+
+    found = pids.stop(grace_s=10.0)
+
+    assert found.pid == sleeper.pid
+    assert sleeper.wait(timeout=10) == -signal.SIGTERM
+    assert not pids.path.exists()
+    assert pids.check().pid is None
+
+
+def test_records_tell_processes_apart_and_see_zombies_as_gone(
+    sleeper: subprocess.Popen[bytes],
+) -> None:
+    other = subprocess.Popen(["sleep", "61"])
+    try:
+        mine, theirs = ProcessRecord.of(sleeper.pid), ProcessRecord.of(other.pid)
+        assert mine is not None and theirs is not None
+        assert mine == ProcessRecord.of(sleeper.pid)
+        assert mine.cmdline != theirs.cmdline
+        assert "sleep" in " ".join(mine.cmdline or ())
+
+        os.kill(other.pid, signal.SIGKILL)
+        os.waitid(os.P_PID, other.pid, os.WEXITED | os.WNOWAIT)  # a zombie, not reaped
+        assert ProcessRecord.of(other.pid) is None
+        assert not theirs.alive()
+        assert not theirs.signal(signal.SIGTERM)
+        assert theirs.wait_exit(0.0)
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_record_taken_as_soon_as_popen_returns_has_the_command_line() -> None:
+    """Popen returns before exec has finished (the command line then reads empty, a few
+    times in a hundred): a record taken then would never match its own process again."""
+    for n in range(1000):
+        proc = subprocess.Popen(["sleep", "30", str(n)])
+        try:
+            rec = ProcessRecord.of(proc.pid)
+            assert rec is not None and rec.cmdline == ("sleep", "30", str(n))
+            assert rec.alive()
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_process_that_exits_at_once_cannot_be_recorded(tmp_path: Path) -> None:
+    proc = subprocess.Popen(["true"])
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+    try:
+        with pytest.raises(TallyError, match="exited as soon as it started"):
+            PidFile(tmp_path / "x.pid", "true").record(proc.pid)
+    finally:
+        proc.wait()
+    assert not (tmp_path / "x.pid").exists()
 
 
 def test_a_stale_pid_file_pointing_at_a_live_stranger_is_never_signalled(

@@ -16,8 +16,8 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from engines.process import ProcessRecord
 from ingest.decode import Decoder, Message
-from tally.pidfile import identity
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
 from tests.brokers import Broker
@@ -168,7 +168,7 @@ def stored_latest(env: dict[str, str]) -> dict[str, Any]:
 
 def _alive(pid: int) -> bool:
     """Running: a zombie (exited, not yet reaped by init) does not count."""
-    return identity(pid) is not None
+    return ProcessRecord.of(pid) is not None
 
 
 @pytest.mark.slow
