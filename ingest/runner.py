@@ -115,6 +115,12 @@ class Runner:
                 metrics.lag.remove(self.sink.name, self.spec.name, str(p.partition))
         self.sink.released([(p.topic, p.partition) for p in partitions])
         self.report.assigned = sorted(self.positions)
+        log.info(  # the counterpart of "assigned": together they tell who owns what
+            "%s/%s revoked %s",
+            self.sink.name,
+            self.spec.name,
+            sorted(p.partition for p in partitions),
+        )
 
     def _reseek(self, consumer: Consumer) -> None:
         """After being fenced: continue from what the sink has actually stored."""
