@@ -44,6 +44,16 @@ def _observe(pid: int) -> tuple[int, tuple[str, ...]] | None:
     return int(fields[19]), tuple(a.decode(errors="replace") for a in raw.split(b"\0")[:-1])
 
 
+def _start_ticks(pid: int) -> int | None:
+    """Start ticks of ``pid`` even while a zombie (its threads may still run); None if
+    the pid is free."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2 :].split()[19])
+
+
 @dataclass(frozen=True)
 class ProcessRecord:
     pid: int
@@ -121,20 +131,26 @@ class ProcessRecord:
         return True
 
     def wait_exit(self, timeout_s: float) -> bool:
-        """Block until the process ends (True) or ``timeout_s`` passes (False)."""
-        fd, _ = self._open()
-        if fd is None:
+        """Block until the process ends (True) or ``timeout_s`` passes (False).
+
+        Ended means every thread: right after a SIGKILL a JVM's main thread is a zombie
+        while its other threads still hold its sockets, so a restart on the same port
+        would find it taken. The pidfd turns readable only once all of them are gone."""
+        try:
+            fd = os.pidfd_open(self.pid)
+        except OSError:
+            return True
             return True
         try:
+            if _start_ticks(self.pid) != self.start_ticks:  # after opening: the fd pins it
+                return True
             poller = select.poll()
             poller.register(fd, select.POLLIN)
             deadline = time.monotonic() + timeout_s
-            while self.alive():  # a child of ours stays a zombie until reaped: not alive
-                left = deadline - time.monotonic()
-                if left <= 0:
+            while not poller.poll(max(0.0, min(deadline - time.monotonic(), 0.5)) * 1000):
+                if time.monotonic() >= deadline:
                     return False
-                poller.poll(min(left, 0.5) * 1000)
-            return True
+            return True  # readable for a zombie too (a child of ours not yet reaped)
         finally:
             os.close(fd)
 

@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from engines.base import port_taken
 from engines.process import Check, PidFile, ProcessRecord
 from tally.errors import TallyError
 from tests.cli import tally
@@ -166,3 +169,39 @@ def test_a_stale_pid_file_pointing_at_a_live_stranger_is_never_signalled(
     assert stranger.poll() is None, "down signalled a process it did not start"
     os.kill(stranger.pid, 0)
     assert not (engine_dir / "kafka.pid").exists()  # the stale record is forgotten
+
+
+# The main thread leaves (pthread_exit) while another thread keeps the process, and its
+# socket, alive: /proc shows the leader as a zombie, as right after a SIGKILLed JVM.
+_LEADER_LEAVES_FIRST = """
+import ctypes, socket, sys, threading, time
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+print(listener.getsockname()[1], flush=True)
+threading.Thread(target=time.sleep, args=(300,)).start()
+ctypes.CDLL(None).pthread_exit(None)
+"""
+
+
+def test_a_process_has_exited_only_when_its_last_thread_has(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _LEADER_LEAVES_FIRST], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        rec = ProcessRecord.of(proc.pid)
+        assert rec is not None
+        deadline = time.monotonic() + 10
+        while rec.alive() and time.monotonic() < deadline:  # until the leader is a zombie
+            time.sleep(0.01)
+        assert not rec.alive(), "the leader thread did not leave"
+        assert port_taken(port), "the remaining thread still holds the socket"
+        assert not rec.wait_exit(0.5), "a process whose threads still run has not exited"
+        os.kill(proc.pid, signal.SIGKILL)
+        assert rec.wait_exit(10)
+        assert not port_taken(port), "once exited, its port is free for a restart"
+    finally:
+        proc.kill()
+        proc.wait(10)
