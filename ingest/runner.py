@@ -9,6 +9,9 @@
   worker thread writes one batch, the loop collects the next (one batch in flight,
   order preserved). Every sink call happens on the worker; rebalance callbacks
   first wait for in-flight work, so positions and shards never change under it.
+  A revoke also commits what was written, and drops what the open batch holds of
+  those partitions: the next owner resumes exactly there, and nothing is written
+  by a process that no longer owns the partition.
 * Transient failures (broker, store lock, search backend) retry the same batch with
   backoff; nothing is skipped. A fenced commit (another writer owns the partition
   now) drops the batch and re-seeks to what the sink has stored.
@@ -83,6 +86,7 @@ class Runner:
         self._done: dict[TP, int] = {}  # written but not yet committed to Kafka
         self._durable: dict[int, int] = {}  # partition → end of what the sink has made durable
         self._lag_at = 0.0
+        self._revoked: set[int] = set()  # partitions revoked while a batch was filling
 
     # --- rebalancing --------------------------------------------------------------------
 
@@ -108,14 +112,18 @@ class Runner:
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self.last_rebalance = time.monotonic()
         self._work.join()  # finish what was handed to the worker before letting go
+        self._commit_kafka(consumer)  # while still ours: the next owner resumes after it
         for p in partitions:
             self.positions.pop(p.partition, None)
             self._durable.pop(p.partition, None)
+            self._revoked.add(p.partition)
             with contextlib.suppress(KeyError):  # another member reports it now
                 metrics.lag.remove(self.sink.name, self.spec.name, str(p.partition))
         self.sink.released([(p.topic, p.partition) for p in partitions])
         self.report.assigned = sorted(self.positions)
-        log.info(  # the counterpart of "assigned": together they tell who owns what
+        # Logged once let go (after the in-flight batch), the counterpart of "assigned":
+        # together they show how long a partition went without an owner.
+        log.info(
             "%s/%s revoked %s",
             self.sink.name,
             self.spec.name,
@@ -275,6 +283,7 @@ class Runner:
         conf = self.settings.ingest
         deadline = time.monotonic() + self.sink.linger_s
         out: list[Message] = []
+        self._revoked.clear()
         while len(out) < conf.batch_max_rows and not self.stop.is_set():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -288,6 +297,12 @@ class Runner:
                 batch = consumer.consume(min(10_000, conf.batch_max_rows - len(out)), remaining)
             except KafkaException as exc:
                 raise translate(exc, "consuming") from exc
+            if self._revoked:
+                # Revoked during that call: what this batch already holds of those
+                # partitions is no longer ours to write — the next owner resumes from
+                # the store, and a late write would fence it (or hold its search shard).
+                out = [m for m in out if m.partition not in self._revoked]
+                self._revoked.clear()
             for m in batch:
                 err = m.error()
                 if err is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from confluent_kafka import Consumer, TopicPartition
 
 from ingest.decode import Decoder, Message
 from ingest.kafka import consumer_config, ensure_topics
+from ingest.runner import Runner
 from ingest.sinks import OlapSink
 from producers.generate import GeneratorConfig
 from producers.publish import Publisher
@@ -210,3 +212,49 @@ def test_broker_stopped_for_ten_seconds_mid_run(
         assert_exact(settings, registry, published)
     finally:
         broker.resume()
+
+
+def test_what_a_batch_holds_of_partitions_revoked_meanwhile_is_not_written(
+    topics: Settings, registry: SpecRegistry
+) -> None:
+    """A batch is filling when a second member joins and takes half the partitions.
+    The messages of those partitions already in the batch belong to the new owner now:
+    written anyway, they would fence it (OLAP) or hold its search shard."""
+    # One consume call returns 10,000 messages; a batch of 10,500 then waits for more,
+    # in a second call, during which the rebalance comes.
+    ingest = topics.ingest.model_copy(update={"batch_max_wait_s": 10.0, "batch_max_rows": 10_500})
+    settings = topics.model_copy(update={"ingest": ingest})
+    spec = registry.get("payments")
+    topic = settings.topic(spec.datasource.topic)
+    published = build(GeneratorConfig(transactions=20_000, merchants=5, days=2, seed=9), 0.0)
+    publisher = Publisher(settings, topic)
+    publisher.send(published.wires[:10_000])
+    stop = threading.Event()
+    runner = Runner(settings, spec, OlapSink(settings, spec, open_store(settings, registry)), stop)
+    thread = threading.Thread(target=runner.run, name="runner")
+    thread.start()
+    newcomer = Consumer(consumer_config(settings, settings.group("olap", spec.name)))
+    try:
+        _wait(lambda: runner.report.assigned == list(range(6)), "the runner to own everything")
+        newcomer.subscribe([topic])
+
+        def revoked() -> bool:
+            newcomer.poll(0.1)
+            return runner.report.assigned != list(range(6))
+
+        _wait(revoked, "the newcomer's join to revoke some of the runner's partitions")
+        # Still unwritten: the revoke came while the first batch was open (a batch
+        # handed over earlier would have been written before the revoke completed).
+        assert runner.report.batches == 0, "the batch closed before the rebalance"
+        taken = set(range(6)) - set(runner.report.assigned)
+        publisher.send(published.wires[10_000:])  # enough to close the batch on size
+        _wait(lambda: runner.report.batches > 0, "the runner's batch to be written")
+        store = open_store(settings, registry)
+        written = {p for (_t, p) in store.stored_offsets(spec.name)}
+        store.close()
+        assert written, "the runner wrote nothing"
+        assert not written & taken, f"wrote {sorted(written & taken)}, revoked meanwhile"
+    finally:
+        stop.set()
+        thread.join(60)
+        newcomer.close()
