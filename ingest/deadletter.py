@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import functools
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -122,7 +122,9 @@ def read_topic(
 
 
 class Publisher:
-    """Empties the store's dead-letter outbox into the dead-letter topic."""
+    """Empties the store's dead-letter outbox into the dead-letter topic: the letters of
+    the source partitions its caller owns. Processes sharing a store each publish their
+    own, so no letter is ever produced by two at once (both would land)."""
 
     def __init__(self, settings: Settings, spec: DatasourceSpec, outbox: DeadLetterOutbox) -> None:
         self.settings = settings
@@ -132,9 +134,17 @@ class Publisher:
         self._producer = producer(settings)
         self._recovered = False
 
-    def recover(self) -> int:
+    def _pending(self, owned: Collection[tuple[str, int]]) -> list[DeadLetterRecord]:
+        return [d for d in self.outbox.pending(self.spec.name) if (d.topic, d.partition) in owned]
+
+    def taken_over(self) -> None:
+        """Partitions were (re)assigned: their previous owner may have crashed between
+        producing letters and marking them, so look again before the next publish."""
+        self._recovered = False
+
+    def recover(self, owned: Collection[tuple[str, int]]) -> int:
         """Mark pending letters a crashed predecessor already published."""
-        pending = {d.id for d in self.outbox.pending(self.spec.name)}
+        pending = {d.id for d in self._pending(owned)}
         if not pending:
             return 0
         found = []
@@ -145,11 +155,12 @@ class Publisher:
             self.outbox.mark_published(found)
         return len(found)
 
-    def publish(self) -> int:
+    def publish(self, owned: Collection[tuple[str, int]]) -> int:
+        """Publish the pending letters of the source partitions ``owned``."""
         if not self._recovered:
-            self.recover()
+            self.recover(owned)
             self._recovered = True
-        pending = self.outbox.pending(self.spec.name)
+        pending = self._pending(owned)
         if not pending:
             return 0
         acked: list[tuple[str, int, int]] = []

@@ -59,14 +59,17 @@ class OlapSink:
         # advisory); any other resumes from Kafka's, committed after the write.
         self.uses_kafka_offsets = not store.capabilities.transactional_offsets
         self.publisher = Publisher(settings, spec, store.outbox)
+        self._owned: set[TP] = set()  # whose dead letters this sink publishes
         self._newest: datetime | None = None
 
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+        self._owned.update(partitions)
+        self.publisher.taken_over()
         stored = self.store.stored_offsets(self.spec.name)
         return {tp: stored.get(tp) for tp in partitions}
 
     def released(self, partitions: list[TP]) -> None:
-        return None
+        self._owned.difference_update(partitions)
 
     def write(self, decoded: Decoded, ranges: Mapping[TP, OffsetRange]) -> tuple[int, int]:
         letters = [record(r, self.spec.name, self.name) for r in decoded.rejected]
@@ -77,7 +80,7 @@ class OlapSink:
         return result.rows_written, result.stale_rows
 
     def after_write(self) -> int:
-        return self.publisher.publish()
+        return self.publisher.publish(self._owned)
 
     def newest_committed(self) -> datetime | None:
         return self._newest

@@ -10,11 +10,14 @@ from typing import Any
 import orjson
 import pytest
 
-from ingest.deadletter import raw_value
+from ingest.deadletter import list_dead_letters, raw_value
+from ingest.decode import Decoder, Message
+from ingest.sinks import OlapSink
 from producers.malformed import Wire
 from producers.publish import Publisher
+from storage import OffsetRange, open_store
 from tally.settings import Settings
-from tally.specs import builtin_spec_paths
+from tally.specs import SpecRegistry, builtin_spec_paths
 from tests.cli import tally
 from tests.ingest.conftest import env_for
 from tests.ingest.test_cli_ingest import Consumed, consume_exactly, ok_json, stored_latest
@@ -227,3 +230,27 @@ def test_dead_letters_replay_once_after_the_cause_is_fixed(
     # Replayed once each; the replayed messages did not fail again.
     assert ok_json(tally("dlq", "replay", "--format", "json", env=fixed)) == {"replayed": 0}
     assert len(dead_letters(fixed)) == len(refunded)
+
+
+def test_processes_sharing_a_store_each_publish_only_their_own_dead_letters(
+    topics: Settings, registry: SpecRegistry
+) -> None:
+    """Two ingest processes write one store, each its own partitions. If each published
+    every pending letter, two could produce the same one at once, and both copies would
+    land (a rolling restart showed it): each publishes those of its partitions only."""
+    spec = registry.get("payments")
+    topic = topics.topic(spec.datasource.topic)
+    decoder = Decoder(spec)
+    sinks = [OlapSink(topics, spec, open_store(topics, registry)) for _ in range(2)]
+    try:
+        for part, sink in enumerate(sinks):
+            sink.start_positions([(topic, part)])
+            bad = Message(topic, part, 0, b"txn_bad", b"{not json")
+            sink.write(decoder.decode([bad]), {(topic, part): OffsetRange(0, 1)})
+        # Both batches are committed, both letters pending: each sink publishes its own.
+        assert [sink.after_write() for sink in sinks] == [1, 1]
+    finally:
+        for sink in sinks:
+            sink.close()
+    letters = list_dead_letters(topics, spec)
+    assert sorted((d["partition"], d["offset"]) for d in letters) == [(0, 0), (1, 0)]
