@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from tally.errors import BrokerError, BrokerUnavailable, TallyError
@@ -82,6 +82,75 @@ def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
         "isolation.level": "read_committed",  # explicit: aborted transactions never reach a sink
         "queued.max.messages.kbytes": 65536,
     }
+
+
+def unread(
+    settings: Settings, topic: str, positions: Mapping[int, int], timeout_s: float = 5.0
+) -> set[int]:
+    """The partitions of ``topic`` holding a message at or after ``positions[p]`` (an
+    offset, or ``OFFSET_BEGINNING``), asked by fetching there.
+
+    Each partition answers a fetch with its first message or with end-of-partition:
+    nothing at or beyond, which includes a position short of the high watermark only
+    by transaction markers. Offsets from ListOffsets are not used: the development
+    broker misreports them, while its fetch responses are right. The consumer joins
+    no group and commits nothing, and reads as the sinks' consumers do (committed
+    transactions; a position the log no longer holds resets to its beginning). A
+    partition that does not answer within ``timeout_s`` raises BrokerUnavailable.
+    """
+    consumer = Consumer(
+        base_config(settings)
+        | {
+            "group.id": f"{settings.topic_namespace}tally.end-probe",  # never joined
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "isolation.level": "read_committed",
+            "fetch.wait.max.ms": 100,
+        }
+    )
+    pending, found = set(positions), set()
+    try:
+        consumer.assign([TopicPartition(topic, p, offset) for p, offset in positions.items()])
+        deadline = time.monotonic() + timeout_s
+        while pending and time.monotonic() < deadline:
+            for m in consumer.consume(1000, 0.1):
+                part, err = m.partition(), m.error()
+                if part not in pending:
+                    continue
+                if err is None:
+                    found.add(part)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    log.debug("end probe %s [%s]: %s", topic, part, err.str())
+                    continue
+                pending.discard(part)
+        if pending:
+            _past_the_end(consumer, topic, positions, pending)
+    except KafkaException as exc:
+        raise translate(exc, f"probing the end of {topic}") from exc
+    finally:
+        consumer.close()
+    if pending:
+        raise BrokerUnavailable(
+            f"probing the end of {topic}: partitions {sorted(pending)} did not answer"
+        )
+    return found
+
+
+def _past_the_end(
+    consumer: Consumer, topic: str, positions: Mapping[int, int], silent: set[int]
+) -> None:
+    """Kafka resets a position past the end; the development broker answers it with
+    empty fetches for ever (their high watermark, cached, shows why): a sink holding
+    such a position belongs to another log, the topic was recreated."""
+    for part in sorted(silent):
+        _low, high = consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
+        if high is not None and 0 <= high < positions[part]:
+            raise BrokerError(
+                f"{topic} [{part}] ends at offset {high}, before {positions[part]} where the"
+                " sink resumes: the topic was recreated (the old one's data is gone)"
+            )
 
 
 def producer(settings: Settings, **extra: Any) -> Producer:

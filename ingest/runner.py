@@ -15,11 +15,14 @@
 * Transient failures (broker, store lock, search backend) retry the same batch with
   backoff; nothing is skipped. A fenced commit (another writer owns the partition
   now) drops the batch and re-seeks to what the sink has stored.
-* ``until_idle``: stop once assigned and nothing new arrived for that long, the
-  group has been stable for longer than a session timeout — so members of crashed
-  processes have been evicted and their partitions handed over — and the broker
-  still answers (silence from an unreachable broker is not idleness). End offsets
-  are not consulted (the development broker misreports them).
+* ``until_idle``: stop once nothing new arrived for that long, the broker answered
+  promptly all along (silence from an unreachable broker is not idleness), and the
+  topic is consumed: for *every* partition, not only the assigned ones, where the sink
+  would resume (its own stored offsets, else the group's committed ones) is the end.
+  That is asked with a fetch at that position (``ingest.kafka.unread``), not with end
+  offsets, which the development broker misreports. A timer cannot tell: a crashed
+  member keeps its partitions until the broker evicts it, after its own session
+  timeout, which need not be ours; until then those positions lag and we wait.
 """
 
 from __future__ import annotations
@@ -32,14 +35,21 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from confluent_kafka import OFFSET_STORED, Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_STORED,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    TopicPartition,
+)
 
 from ingest import metrics
 from ingest.decode import Decoder, Message
-from ingest.kafka import consumer_config, translate
+from ingest.kafka import consumer_config, translate, unread
 from ingest.sinks import TP, Sink
 from storage import OffsetRange
-from tally.errors import BrokerError, OffsetMismatch, TallyError
+from tally.errors import BrokerError, BrokerUnavailable, OffsetMismatch, TallyError
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
 
@@ -73,10 +83,10 @@ class Runner:
         self.decoder = Decoder(spec)
         self.labels = {"sink": sink.name, "datasource": spec.name}
         self.positions: dict[int, int | None] = {}  # partition → start of the next batch
-        self.ever_assigned = False
-        self.last_rebalance = time.monotonic()
         self._last_contact: float | None = None  # last prompt answer or message from the broker
         self._healthy_since: float | None = None  # broker answering promptly since then
+        self._next_probe = 0.0  # when to ask again whether the topic is consumed
+        self._unconsumed: set[int] | None = None  # partitions the last probe found behind
         self.report = RunReport(sink.name, spec.name)
         self._consumer: Consumer | None = None
         self._work: queue.Queue[tuple[list[Message], dict[TP, OffsetRange]] | None] = queue.Queue(1)
@@ -104,21 +114,20 @@ class Runner:
                 TopicPartition(topic, part, offset if offset is not None else OFFSET_STORED)
             )
         consumer.incremental_assign(assign)
-        self.ever_assigned = True
-        self.last_rebalance = time.monotonic()
         self.report.assigned = sorted(self.positions)
         log.info("%s/%s assigned %s", self.sink.name, self.spec.name, sorted(p for _, p in tps))
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        self.last_rebalance = time.monotonic()
         self._work.join()  # finish what was handed to the worker before letting go
         self._commit_kafka(consumer)  # while still ours: the next owner resumes after it
         for p in partitions:
             self.positions.pop(p.partition, None)
-            self._durable.pop(p.partition, None)
             self._revoked.add(p.partition)
             with contextlib.suppress(KeyError):  # another member reports it now
                 metrics.lag.remove(self.sink.name, self.spec.name, str(p.partition))
+        with self._done_lock:
+            for p in partitions:
+                self._durable.pop(p.partition, None)
         self.sink.released([(p.topic, p.partition) for p in partitions])
         self.report.assigned = sorted(self.positions)
         # Logged once let go (after the in-flight batch), the counterpart of "assigned":
@@ -170,9 +179,9 @@ class Runner:
                     self._hand_over((messages, self._ranges(messages)))
                 elif until_idle is not None:
                     self._check_health(consumer)
-                    if self._idle(last_message, until_idle):
+                    if self._idle(consumer, last_message, until_idle):
                         log.info(
-                            "%s/%s idle for %.1fs, stopping",
+                            "%s/%s idle for %.1fs and the topic consumed, stopping",
                             self.sink.name,
                             self.spec.name,
                             until_idle,
@@ -236,16 +245,72 @@ class Runner:
             self.positions[part] = rng.end
         return ranges
 
-    def _idle(self, last_message: float, until_idle: float) -> bool:
+    def _idle(self, consumer: Consumer, last_message: float, until_idle: float) -> bool:
+        """Quiet and healthy for ``until_idle``, then (at most once a second, with no
+        batch in flight) the topic is consumed."""
         now = time.monotonic()
-        settle = self.settings.ingest.session_timeout_ms / 1000 + 2
-        return (
-            self.ever_assigned
-            and bool(self.positions)
-            and self._healthy_since is not None
-            and now - max(last_message, self._healthy_since) >= until_idle
-            and now - self.last_rebalance >= max(until_idle, settle)
-        )
+        if (
+            self._healthy_since is None
+            or now - max(last_message, self._healthy_since) < until_idle
+            or now < self._next_probe
+            or self._work.unfinished_tasks  # a batch is still being written
+        ):
+            return False
+        self._next_probe = now + 1.0
+        self._recommit(consumer)
+        return self._consumed(consumer)
+
+    def _recommit(self, consumer: Consumer) -> None:
+        """Commit what was written once more: an asynchronous commit that failed (in a
+        rebalance, say) is not retried, and the search sink resumes from these."""
+        with self._done_lock:
+            for part, end in self._durable.items():
+                tp = (self.topic, part)
+                self._done[tp] = max(end, self._done.get(tp, 0))
+        self._commit_kafka(consumer)
+
+    def _consumed(self, consumer: Consumer) -> bool:
+        """Whether a consumer resuming every partition where this sink would (as
+        ``_on_assign`` does) finds nothing left; a probe that gets no answer restarts
+        the quiet period, like a failed health check."""
+        behind: set[int] | None = None
+        try:
+            behind = unread(self.settings, self.topic, self._resume_positions(consumer))
+        except KafkaException as exc:
+            reason = translate(exc, f"probing {self.topic}").message
+        except TallyError as exc:
+            if not exc.transient:
+                raise
+            reason = exc.message
+        if behind is None:
+            log.warning("%s/%s: not idle: %s", self.sink.name, self.spec.name, reason)
+            self._healthy_since = self._last_contact = None
+            return False
+        if behind and behind != self._unconsumed:
+            log.info(
+                "%s/%s: quiet, but partitions %s are not consumed yet (another member"
+                " holds them, or a crashed one until the broker evicts it), waiting",
+                self.sink.name,
+                self.spec.name,
+                sorted(behind),
+            )
+        self._unconsumed = behind
+        return not behind
+
+    def _resume_positions(self, consumer: Consumer) -> dict[int, int]:
+        """Every partition of the topic → where this sink would resume it: the sink's
+        own position, else the group's committed offset, else the beginning."""
+        meta = consumer.list_topics(self.topic, timeout=2).topics.get(self.topic)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise BrokerUnavailable(f"no partitions known for {self.topic}")
+        tps: list[TP] = [(self.topic, p) for p in sorted(meta.partitions)]
+        starts = self.sink.start_positions(tps)
+        positions = {p: start for (_t, p), start in starts.items() if start is not None}
+        others = [TopicPartition(t, p) for t, p in tps if p not in positions]
+        for tp in consumer.committed(others, timeout=5) if others else []:
+            offset = tp.offset if tp.error is None and tp.offset is not None else -1
+            positions[tp.partition or 0] = offset if offset >= 0 else OFFSET_BEGINNING
+        return positions
 
     def _check_health(self, consumer: Consumer) -> None:
         """Probe the broker about once a second while quiet. Silence only counts as
@@ -256,7 +321,8 @@ class Runner:
             return
         if self._broker_answers(consumer):
             after = time.monotonic()
-            if self._last_contact is None or now - self._last_contact > 2.5:
+            gap = self._last_contact is None or now - self._last_contact > 2.5
+            if gap or self._healthy_since is None:  # (the first contact may be a message)
                 self._healthy_since = after
             self._last_contact = after
         else:

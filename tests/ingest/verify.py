@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from ingest.deadletter import list_dead_letters, raw_value
 from search.tantivy_index import TantivyIndex
 from storage import open_reader
 from tally.settings import Settings
-from tally.specs import SpecRegistry
+from tally.specs import DatasourceSpec, SpecRegistry
 from tests.factories import latest_by_key, normalise, reference_rollup
 from tests.ingest.reference import Published, expected_rows
 
 
-def assert_exact(settings: Settings, registry: SpecRegistry, published: Published) -> None:
+def assert_exact(
+    settings: Settings, registry: SpecRegistry, published: Published, *, search: bool = True
+) -> None:
+    """Store, rollups, dead-letter topic and (with ``search``) the search index."""
     spec = registry.get("payments")
     reader = open_reader(settings, registry)
     try:
@@ -43,6 +47,14 @@ def assert_exact(settings: Settings, registry: SpecRegistry, published: Publishe
     finally:
         reader.close()
 
+    if search:
+        _assert_index(settings, spec, latest)
+    _assert_dead_letters(settings, spec, published)
+
+
+def _assert_index(
+    settings: Settings, spec: DatasourceSpec, latest: dict[str, Mapping[str, Any]]
+) -> None:
     index = TantivyIndex(settings, spec, readonly=True)
     indexed = index.all_versions()
     index.close()
@@ -55,6 +67,8 @@ def assert_exact(settings: Settings, registry: SpecRegistry, published: Publishe
         f" e.g. {[(k, indexed[k], want_versions[k]) for k in stale[:3]]}"
     )
 
+
+def _assert_dead_letters(settings: Settings, spec: DatasourceSpec, published: Published) -> None:
     letters = list_dead_letters(settings, spec)
     values: Counter[bytes] = Counter(raw_value(d) or b"" for d in letters)
     doubled = values - published.malformed
