@@ -184,6 +184,9 @@ class DruidEngine(ProcessGroupEngine):
         d = self.dir
         return {
             "druid.host": "127.0.0.1",
+            "druid.bindOnHost": "true",  # listen on 127.0.0.1 alone, not 0.0.0.0
+            # Jetty otherwise waits up to 30 s for the overlord's long polls on `down`.
+            "druid.server.http.gracefulShutdownTimeout": "PT1S",
             "druid.extensions.loadList": [],
             "druid.extensions.searchCurrentClassloader": "true",
             "druid.extensions.directory": str(d / "tmp" / "no-extensions"),

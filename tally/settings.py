@@ -138,6 +138,16 @@ class SearchSettings(BaseModel):
     elasticsearch_index_prefix: str = "tally-"
 
 
+class DruidSettings(BaseModel):
+    """Where the Druid backend's services answer (``tally engines up druid`` prints them)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    broker_url: str | None = Field(None, description="SQL and native queries")
+    coordinator_url: str | None = Field(None, description="segments, datasources, rules")
+    overlord_url: str | None = Field(None, description="tasks and supervisors")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TALLY_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -156,6 +166,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     ingest: IngestSettings = IngestSettings()
     search: SearchSettings = SearchSettings()
+    druid: DruidSettings = DruidSettings()
     compaction: CompactionSettings = CompactionSettings()
     api: ApiSettings = ApiSettings()
 
