@@ -31,18 +31,22 @@ Everything lives under ``<data dir>/engines/druid/``: a config directory per rol
 chosen on the first start), Derby's database, local deep storage, the historical's
 segment cache, the indexer's task directory, task logs, ZooKeeper's data, and one log
 and one pid file per role. So a restart comes back on the same ports with the same
-datasources; a role that died is started again alone.
+datasources; a role that died is started again alone. Every role listens on 127.0.0.1
+alone (``druid.bindOnHost``; ZooKeeper's ``clientPortAddress``; Derby's host).
 
 Readiness is each role's own answer, not an open port: ZooKeeper ``ruok``; the
 coordinator's and the overlord's leader (both this process); the broker running SQL
 ``SELECT 1``; the historical ready and listed by the coordinator as serving; the
 indexer healthy and registered with the overlord as a worker.
 
-Measured on this machine (2 cores, shared and loaded, Java 17): first resolution of
-the pinned pom, 209 jars, 192 MiB, about 90 s; a cold start to ready (empty data) ~80 s;
-a restart with data ~60 s; RSS after start: ZooKeeper ~110 MiB, coordinator-overlord
-~700 MiB, broker ~650 MiB, historical ~600 MiB, indexer ~800 MiB, about 3 GiB in all
-(figures refined in the ADR).
+Measured on this machine (2 cores shared with other sessions, load average 8-14,
+Java 17), with ``tally engines`` and ``ps -o rss``:
+
+- first resolution into an empty ``TALLY_ENGINES_HOME``: 130 s; 209 jars, 192 MiB
+  (227 MiB of Maven repository beside them);
+- cold start to ready, empty data: 62 s; ``down``: 2-4 s; ``up`` again with data: 55 s;
+- RSS with a Kafka supervisor task running: ZooKeeper 118 MiB, coordinator-overlord
+  306 MiB, broker 348 MiB, historical 324 MiB, indexer 371 MiB; 1.47 GiB in all.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import uuid
 from pathlib import Path
 from typing import Any
@@ -139,6 +140,25 @@ def test_down_stops_every_process_and_up_brings_the_data_back_on_the_same_ports(
     assert druid.count(datasource) == len(rows)  # ready means the historical serves it
     got = druid.sql(f'SELECT merchant, SUM(amount) FROM "{datasource}" GROUP BY 1 ORDER BY 1')
     assert got == [["m0", sum(range(0, 12, 2))], ["m1", sum(range(1, 12, 2))]]
+
+
+def test_a_killed_indexer_is_started_again_alone(druid: Druid) -> None:
+    before = records(druid.engine)
+    before["indexer"].signal(signal.SIGKILL)
+    assert before["indexer"].wait_exit(30)
+    status = tally("engines", "status", "--format", "json", data_dir=druid.data_dir).json()
+    info = status["engines"]["druid"]
+    assert info["running"] is False and info["processes"]["indexer"]["running"] is False
+    assert info["pid"] == before["coordinator"].pid  # the rest runs on
+
+    up = tally(
+        "engines", "up", "druid", "--format", "json", data_dir=druid.data_dir,
+        timeout=UP_TIMEOUT_S,
+    )  # fmt: skip
+    assert up.code == 0, up.err
+    after = records(druid.engine)
+    assert after["indexer"] != before["indexer"]
+    assert {r: after[r] for r in ROLES - {"indexer"}} == {r: before[r] for r in ROLES - {"indexer"}}
 
 
 def test_a_kafka_supervisor_ingests_what_our_kafka_holds(druid: Druid) -> None:
