@@ -248,7 +248,9 @@ def ensure_like(settings: Settings, source: str, target: str) -> int:
             err = exc.args[0]
             if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
                 raise translate(exc, f"creating topic {target}") from exc
-        have = partition_count(settings, target)
+        deadline = time.monotonic() + 10  # metadata reaches the brokers a moment later
+        while (have := partition_count(settings, target)) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
     if have != count:
         raise BrokerError(
             f"topic {target} has {have} partitions, {source} has {count}: they must be equal"

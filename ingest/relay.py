@@ -111,6 +111,11 @@ class KafkaRelay:
         self._timeout_s = settings.ingest.transaction_timeout_s
         self._encoder = RowEncoder(spec)
         self._consumer: Consumer | None = None
+        # The group generation the offsets are committed under, read on the runner's
+        # thread at each rebalance (start_positions, released): the client blocks a
+        # call from another thread while the loop consumes. A generation that moved on
+        # meanwhile is exactly what the coordinator fences.
+        self._group_metadata: Any = None
         self._producer: Producer | None = None
         self._letters = 0  # dead letters committed since after_write last asked
         self._newest: datetime | None = None
@@ -119,6 +124,7 @@ class KafkaRelay:
 
     def bind(self, consumer: Consumer) -> None:
         self._consumer = consumer
+        self._group_metadata = consumer.consumer_group_metadata()
         ensure_like(self.settings, self.source, self.topic)
         if partition_count(self.settings, self.dead_letter_topic) is None:
             raise BrokerError(
@@ -171,9 +177,10 @@ class KafkaRelay:
         Fetched as read_committed (stable offsets: a pending transaction of a crashed
         member is waited out, never read half-way). A partition without one starts at
         its beginning — said explicitly, so a re-seek after a fence rewinds it too."""
+        consumer = self._bound()
+        self._group_metadata = consumer.consumer_group_metadata()
         if not partitions:
             return {}
-        consumer = self._bound()
         wanted = [TopicPartition(t, p) for t, p in partitions]
         deadline = time.monotonic() + self._timeout_s * 3 + 10
         while True:
@@ -202,12 +209,11 @@ class KafkaRelay:
         return out
 
     def released(self, partitions: list[TP]) -> None:
-        pass
+        self._group_metadata = self._bound().consumer_group_metadata()
 
     # --- the transaction -----------------------------------------------------------------
 
     def write(self, decoded: Decoded, ranges: Mapping[TP, OffsetRange]) -> tuple[int, int]:
-        consumer = self._bound()
         if self._producer is None:  # dropped after a failure (see _drop_producer)
             self._producer = self._new_producer()
         prod = self._producer
@@ -226,10 +232,9 @@ class KafkaRelay:
                 self._produce(
                     prod, self.dead_letter_topic, letter.key, letter.value, None, headers(letter)
                 )
+            group = self._group_metadata
             self._retrying(
-                lambda: prod.send_offsets_to_transaction(
-                    offsets, consumer.consumer_group_metadata(), self._timeout_s
-                ),
+                lambda: prod.send_offsets_to_transaction(offsets, group, self._timeout_s),
                 self._timeout_s,
             )
             self._retrying(lambda: prod.commit_transaction(self._timeout_s), self._timeout_s)
