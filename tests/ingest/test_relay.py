@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import signal
 import subprocess
+import threading
 import time
 import uuid
 from collections import Counter
@@ -36,12 +37,15 @@ from tests.ingest.reference import Published, build
 pytestmark = pytest.mark.slow
 
 
-def _settings(broker: KafkaBroker, data_dir: Path) -> Settings:
+def _settings(broker: KafkaBroker, data_dir: Path, batch_max_rows: int = 20_000) -> Settings:
+    """The Druid backend (the relay), short transactions; small batches where a crash
+    must land inside the work rather than after one batch that holds all of it."""
     base = broker_settings(broker, data_dir)
+    ingest = {"transaction_timeout_s": 5.0, "batch_max_rows": batch_max_rows}
     return base.model_copy(
         update={
             "store": StoreSettings(backend="druid", gc_grace_s=0.0),
-            "ingest": base.ingest.model_copy(update={"transaction_timeout_s": 5.0}),
+            "ingest": base.ingest.model_copy(update=ingest),
         }
     )
 
@@ -143,10 +147,14 @@ def _committed(settings: Settings) -> int:
     )
     try:
         parts = consumer.list_topics(topic, timeout=10).topics[topic].partitions
-        try:
-            got = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
-        except KafkaException:  # the group's coordinator is moving: ask again
-            return -1
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                got = consumer.committed([TopicPartition(topic, p) for p in parts], timeout=10)
+                break
+            except KafkaException:  # the group's coordinator is moving: ask again
+                assert time.monotonic() < deadline, "the group's committed offsets never came"
+                time.sleep(0.2)
         return sum(tp.offset for tp in got if tp.offset is not None and tp.offset > 0)
     finally:
         consumer.close()
@@ -195,7 +203,10 @@ def test_relay_writes_each_message_once_to_the_refined_or_dead_letter_topic(
 def test_relay_exactly_once_across_sigkills(
     kafka_broker: KafkaBroker, data_dir: Path, registry: SpecRegistry, tmp_path: Path
 ) -> None:
-    settings = _settings(kafka_broker, data_dir)
+    """SIGKILLed while events stream in (caught up, small batches: a kill lands between
+    a batch's rows and its offsets as often as anywhere), then restarted: each source
+    message is still in the refined or the dead-letter topic exactly once."""
+    settings = _settings(kafka_broker, data_dir, batch_max_rows=500)
     ensure_topics(settings, registry)
     published = build(
         GeneratorConfig(transactions=30_000, merchants=20, days=10, seed=13, duplicate_rate=0.03),
@@ -206,12 +217,17 @@ def test_relay_exactly_once_across_sigkills(
     size = -(-len(published.wires) // stages)
     for stage in range(stages):
         before = _committed(settings)
-        publisher.send(published.wires[stage * size : (stage + 1) * size])
         proc = start_ingest(settings, "--sink", "olap", log=log)
-        _wait_for_progress(settings, before, [proc], log)
-        time.sleep(rng.uniform(0.0, 0.6))  # a random point inside the work
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(30)
+        wires = published.wires[stage * size : (stage + 1) * size]
+        stream = threading.Thread(target=publisher.send, args=(wires,), kwargs={"rate": 4000})
+        stream.start()
+        try:
+            _wait_for_progress(settings, before, [proc], log)
+            time.sleep(rng.uniform(0.2, 1.5))  # a random point inside the stream
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(30)
+            stream.join()
     _finish(settings, log)
     assert_relayed_exactly_once(settings, registry, published)
 
@@ -221,7 +237,7 @@ def test_a_zombie_relay_is_fenced_by_the_group(
 ) -> None:
     """Two relays in one group; one freezes (SIGSTOP) mid-work past its session, so
     the other takes its partitions; thawed, its open transaction must not land."""
-    settings = _settings(kafka_broker, data_dir)
+    settings = _settings(kafka_broker, data_dir, batch_max_rows=500)
     ensure_topics(settings, registry)
     published = build(
         GeneratorConfig(transactions=40_000, merchants=20, days=10, seed=23, duplicate_rate=0.03),
