@@ -99,10 +99,17 @@ class Runner:
         self._durable: dict[int, int] = {}  # partition → end of what the sink has made durable
         self._lag_at = 0.0
         self._revoked: set[int] = set()  # partitions revoked while a batch was filling
+        self._closing = False
 
     # --- rebalancing --------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._closing:
+            # An assignment served by close(): it is revoked at once, so asking the sink
+            # where to resume is wasted (the relay's offsets fetch cannot even be answered
+            # by a closing consumer).
+            consumer.incremental_assign(partitions)
+            return
         self._work.join()
         tps: list[TP] = [(p.topic, p.partition) for p in partitions]
         starts = self.sink.start_positions(tps)
@@ -196,6 +203,7 @@ class Runner:
             self._work.put(None)
             worker.join()
             self._commit_kafka(consumer)
+            self._closing = True
             consumer.close()
             self.sink.close()
         if self._failure is not None:

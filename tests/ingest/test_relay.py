@@ -9,6 +9,7 @@ records to read_committed consumers), and exactly-once here *is* Kafka's transac
 from __future__ import annotations
 
 import random
+import re
 import signal
 import subprocess
 import threading
@@ -246,16 +247,21 @@ def test_a_zombie_relay_is_fenced_by_the_group(
     Publisher(settings, settings.topic("payments.v1")).send(published.wires)
     logs = [tmp_path / "a.log", tmp_path / "b.log"]
     a, b = (start_ingest(settings, "--sink", "olap", "--until-idle", "4", log=lg) for lg in logs)
-    _wait_for_progress(settings, 0, [a, b], logs[0])
+    owning = re.compile(r"assigned \[\d")
+    deadline = time.monotonic() + 60
+    while not all(lg.exists() and owning.search(lg.read_text()) for lg in logs):
+        assert time.monotonic() < deadline, "the two relays never shared the partitions"
+        time.sleep(0.1)
+    _wait_for_progress(settings, _committed(settings), [a, b], logs[0])  # both at work
+    seen = len(logs[1].read_text())
     a.send_signal(signal.SIGSTOP)
     try:
-        # b takes a's partitions once a's session expires (6 s); give it time to
-        # commit batches of them while a still holds its open transaction.
+        # b takes a's partitions once a's session expires (6 s); a still holds its open
+        # transaction. Let b commit batches of them before a wakes.
         deadline = time.monotonic() + 60
-        while "assigned" not in logs[1].read_text().split("revoked")[-1] or (
-            logs[1].read_text().count("assigned") < 2
-        ):
-            assert time.monotonic() < deadline, logs[1].read_text()[-3000:]
+        while not owning.search(logs[1].read_text()[seen:]):
+            # (b cannot finish first: a's partitions are not consumed)
+            assert b.poll() is None and time.monotonic() < deadline, logs[1].read_text()[-3000:]
             time.sleep(0.1)
         time.sleep(1.0)
     finally:
