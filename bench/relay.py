@@ -1,4 +1,4 @@
-"""Relay throughput (ADR 0003): events/s from the events topic into the refined and
+"""Relay throughput (ADR 0004): events/s from the events topic into the refined and
 dead-letter topics, one ``tally ingest --sink olap`` process on the Druid backend,
 through a running Apache Kafka (the relay needs its transactions):
 
