@@ -28,6 +28,10 @@ class Capabilities:
     manual_compaction: bool
     packs: bool = False  # ``compactor.pack``: cold partitions share one file
     resident_rollups: bool = False  # rollup state is served from memory (``rollup_state``)
+    # The engine ingests the base datasource itself, from a Kafka topic of decoded rows
+    # (its own exactly-once consumer, e.g. Druid's supervisor): the OLAP sink is then a
+    # relay to that topic (``ingest.relay``), and ``commit`` is not how rows arrive.
+    ingests_from_kafka: bool = False
 
 
 @dataclass(frozen=True)

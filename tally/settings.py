@@ -71,6 +71,12 @@ class IngestSettings(BaseModel):
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(500, ge=100)
     metrics_port: int | None = Field(None, description="serve Prometheus metrics on this port")
+    transaction_timeout_s: float = Field(
+        10.0,
+        ge=1,
+        description="Kafka transaction timeout of the relay sink (engines that ingest from "
+        "Kafka): a crashed relay's open transaction blocks its partitions this long at most",
+    )
 
 
 class CompactionSettings(BaseModel):
@@ -139,13 +145,25 @@ class SearchSettings(BaseModel):
 
 
 class DruidSettings(BaseModel):
-    """Where the Druid backend's services answer (``tally engines up druid`` prints them)."""
+    """Where Druid's services answer (``store.backend = "druid"``)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    broker_url: str | None = Field(None, description="SQL and native queries")
-    coordinator_url: str | None = Field(None, description="segments, datasources, rules")
-    overlord_url: str | None = Field(None, description="tasks and supervisors")
+    broker_url: str | None = Field(None, description="Druid broker, e.g. http://127.0.0.1:8082")
+    overlord_url: str | None = Field(
+        None, description="Druid overlord (or coordinator as overlord), for supervisor specs"
+    )
+    coordinator_url: str | None = Field(None, description="Druid coordinator")
+    request_timeout_s: float = Field(10.0, gt=0, description="one HTTP request to Druid at most")
+    kafka_bootstrap: str | None = Field(
+        None, description="Kafka as Druid's tasks reach it (default: kafka_bootstrap)"
+    )
+    refined_topic_suffix: str = Field(
+        ".refined",
+        min_length=1,
+        description="the relay's topic of decoded rows, which Druid's supervisor reads, is "
+        "the events topic plus this suffix",
+    )
 
 
 class Settings(BaseSettings):
@@ -166,9 +184,9 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     ingest: IngestSettings = IngestSettings()
     search: SearchSettings = SearchSettings()
-    druid: DruidSettings = DruidSettings()
     compaction: CompactionSettings = CompactionSettings()
     api: ApiSettings = ApiSettings()
+    druid: DruidSettings = DruidSettings()
 
     def topic(self, name: str) -> str:
         return f"{self.topic_namespace}{name}"
