@@ -14,6 +14,8 @@ is a subclass, not a patch of sqlglot's registry: other ``druid`` users are unto
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlglot import exp
 from sqlglot.dialects.druid import Druid
 from sqlglot.generators.druid import DruidGenerator
@@ -66,6 +68,13 @@ def _strpos(gen: DruidGenerator, node: exp.StrPosition) -> str:
 
 
 class TallyDruidGenerator(DruidGenerator):
+    """Quotes every identifier: Druid's parser reserves words the trees use as names
+    (a metric named ``count`` aliased ``AS count`` is a syntax error there)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("identify", True)
+        super().__init__(*args, **kwargs)
+
     TRANSFORMS = {
         **DruidGenerator.TRANSFORMS,
         exp.Cast: _cast,

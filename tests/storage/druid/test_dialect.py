@@ -106,3 +106,17 @@ def test_results_are_typed_by_the_sql_types_header() -> None:
     assert table.column("t").to_pylist()[0] == datetime(2026, 1, 1, tzinfo=UTC)
     assert str(table.schema.field("t").type) == "timestamp[us, tz=UTC]"
     assert table.column("n").to_pylist() == [1, None]
+
+
+def test_a_spec_druid_echoes_in_its_own_forms_is_unchanged() -> None:
+    """What Druid 33 returns for a submitted spec (measured): durations in seconds, a
+    granularity as an object, no ioConfig type, defaults added — still the same spec."""
+    from storage.druid.supervisor import contains
+
+    wanted = {"io": {"type": "kafka", "taskDuration": "PT1H", "n": 1}, "g": "NONE", "d": [{"a": 1}]}
+    echoed = {"io": {"taskDuration": "PT3600S", "n": 1, "x": 2}, "g": {"type": "none"},
+              "d": [{"a": 1, "b": 0}]}  # fmt: skip
+    assert contains(echoed, wanted)
+    assert not contains(echoed | {"g": {"type": "hour"}}, wanted)
+    assert not contains({**echoed, "io": {"taskDuration": "PT1800S", "n": 1}}, wanted)
+    assert not contains({**echoed, "io": {"taskDuration": "PT3600S", "n": 2}}, wanted)
