@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlglot import exp
+from sqlglot import exp, transforms
 from sqlglot.dialects.druid import Druid
 from sqlglot.generators.druid import DruidGenerator
 
@@ -67,9 +67,29 @@ def _strpos(gen: DruidGenerator, node: exp.StrPosition) -> str:
     return f"STRPOS({gen.sql(node.this)}, {gen.sql(node.args['substr'])})"
 
 
+def _group_by_all(node: exp.Expr) -> exp.Expr:
+    """``GROUP BY ALL`` (DuckDB's, Snowflake's) as the positions of the projections
+    that aggregate nothing: Druid's parser has no ``ALL`` there."""
+    group = node.args.get("group") if isinstance(node, exp.Select) else None
+    if group is None or not group.args.get("all"):
+        return node
+    positions = [
+        exp.Literal.number(i + 1)
+        for i, projection in enumerate(node.expressions)
+        if not projection.find(exp.AggFunc)
+    ]
+    node = node.copy()
+    node.set("group", exp.Group(expressions=positions) if positions else None)
+    return node
+
+
 class TallyDruidGenerator(DruidGenerator):
     """Quotes every identifier: Druid's parser reserves words the trees use as names
-    (a metric named ``count`` aliased ``AS count`` is a syntax error there)."""
+    (a metric named ``count`` aliased ``AS count`` is a syntax error there). Druid
+    refuses ``NULLS FIRST/LAST`` ("ASCENDING ordering with NULLS LAST is not
+    supported"): another dialect's null order is simulated with a leading sort key."""
+
+    NULL_ORDERING_SUPPORTED = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("identify", True)
@@ -81,9 +101,12 @@ class TallyDruidGenerator(DruidGenerator):
         exp.TimestampTrunc: _trunc,
         exp.AtTimeZone: _at_time_zone,
         exp.StrPosition: _strpos,
+        exp.Select: transforms.preprocess([_group_by_all]),
     }
     TYPE_MAPPING = {**DruidGenerator.TYPE_MAPPING, exp.DType.TIMESTAMPTZ: "TIMESTAMP"}
 
 
 class TallyDruid(Druid):
+    # Druid sorts nulls first ascending (they compare smallest).
+    NULL_ORDERING = "nulls_are_small"
     Generator = TallyDruidGenerator

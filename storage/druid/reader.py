@@ -46,7 +46,13 @@ class DruidReader:
         self.broker = Broker(
             settings.druid.broker_url,
             timeout_s=settings.druid.request_timeout_s,
-            context={"maxSubqueryRows": settings.druid.max_subquery_rows},
+            # Exact answers: Druid's COUNT(DISTINCT) is a sketch by default, and a
+            # GROUP BY one column ORDER BY a metric LIMIT n an approximate TopN.
+            context={
+                "maxSubqueryRows": settings.druid.max_subquery_rows,
+                "useApproximateCountDistinct": False,
+                "useApproximateTopN": False,
+            },
         )
         self._served: set[str] = set()  # Druid datasources seen served (they stay)
 

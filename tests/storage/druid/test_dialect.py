@@ -120,3 +120,13 @@ def test_a_spec_druid_echoes_in_its_own_forms_is_unchanged() -> None:
     assert not contains(echoed | {"g": {"type": "hour"}}, wanted)
     assert not contains({**echoed, "io": {"taskDuration": "PT1800S", "n": 1}}, wanted)
     assert not contains({**echoed, "io": {"taskDuration": "PT3600S", "n": 2}}, wanted)
+
+
+def test_other_dialects_group_by_all_and_null_order_become_druid_sql() -> None:
+    import sqlglot
+
+    sql = "SELECT status, count(*) AS n FROM payments GROUP BY ALL ORDER BY status"
+    assert sqlglot.transpile(sql, read="duckdb", write=dialect.NAME)[0] == (
+        'SELECT "status", COUNT(*) AS "n" FROM "payments" GROUP BY 1'
+        ' ORDER BY CASE WHEN "status" IS NULL THEN 1 ELSE 0 END, "status"'
+    )
