@@ -5,8 +5,13 @@ Every read of a base datasource goes through ``sqlgen.merged`` (latest
 the time range asked for, so Druid reads only the segments of those intervals. Druid
 binds to its newest state on every query: ``refresh`` only checks the broker answers.
 
-Measured (Druid 33 on this 2-core machine, shared; ``tests/storage/druid``): see
-``docs/adr/0003-druid-from-maven-central.md`` and the report of the e2e test.
+Measured (``python -m tests.storage.druid.measure_merge 20000`` and ``80000``; Druid
+33 at nano sizes, 2 shared cores; docs/adr/0004-druid-merge-on-read.md): at 20,000
+keys (25,769 rows) a raw count takes 45 ms, merged over the whole datasource 588 ms,
+merged over one Seoul day 82 ms; at 80,000 keys (103,274 rows) 34 ms, 1,741 ms and
+162 ms (about 20 µs a row on the broker). ``LATEST_BY`` per key was refused (a nested
+GROUP BY short of merge buffers). So every read names its time range, and the API's
+pages read the newest days first.
 
 What Druid cannot do here is a capability (``storage.druid.capabilities``): no stored
 rollup datasources yet (the router answers from the base), no resident rollup state.

@@ -10,8 +10,8 @@ cancellations beside their payments. The merge keeps exactly the latest
       FROM <datasource> WHERE __time >= start AND __time < end [AND pushed filters])
     WHERE rank = 1
 
-Why a window and not the other two techniques (measured on Druid 33 here, see the
-reader's docstring for the figures): Druid 33 plans it natively — a scan (the time
+Why a window and not the other two techniques (tried on Druid 33 here; the figures
+are in the reader's docstring and ADR 0004): Druid 33 plans it natively — a scan (the time
 range becomes the scan's intervals, so only those segments are read) feeding a
 ``windowOperator`` on the broker — and it is exact for both halves of the order.
 ``LATEST_BY(col, version)`` per key would break ties between two events of one

@@ -27,6 +27,7 @@ from sqlglot import exp
 from producers.generate import GeneratorConfig
 from storage.druid.reader import DruidReader
 from storage.sql import col, subquery
+from tally.errors import QueryError
 from tally.settings import Settings
 from tally.specs import SpecRegistry, builtin_spec_paths
 from tests.druid import Druid
@@ -86,7 +87,11 @@ def main() -> None:
     }
     print(f"{len(rows):,} rows, {len(latest):,} keys, loaded in {load_s:.0f}s (4 tasks)")
     for label, sql in cases.items():
-        ms, got = timed(reader, sql)
+        try:
+            ms, got = timed(reader, sql)
+        except QueryError as exc:  # e.g. a nested GROUP BY short of merge buffers
+            print(f"{label:20} refused: {exc.message[:120]}")
+            continue
         print(f"{label:20} {ms:8.0f} ms  {sum(int(r[1]) for r in got):>8,} rows counted")  # type: ignore[call-overload]
 
 
