@@ -32,6 +32,12 @@ class Capabilities:
     # (its own exactly-once consumer, e.g. Druid's supervisor): the OLAP sink is then a
     # relay to that topic (``ingest.relay``), and ``commit`` is not how rows arrive.
     ingests_from_kafka: bool = False
+    # Rollup datasources are stored (and so readable by name): the router may answer
+    # from them and /v1/sql may name them. Without it aggregates read the base.
+    rollup_datasources: bool = True
+    # SQL naming a datasource reads its merged rows (the embedded engine's views);
+    # without it the name holds every stored version and readers use ``relation``.
+    merged_views: bool = True
 
 
 @dataclass(frozen=True)

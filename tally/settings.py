@@ -155,6 +155,11 @@ class DruidSettings(BaseModel):
     )
     coordinator_url: str | None = Field(None, description="Druid coordinator")
     request_timeout_s: float = Field(10.0, gt=0, description="one HTTP request to Druid at most")
+    max_subquery_rows: int = Field(
+        1_000_000,
+        ge=1,
+        description="rows the broker may hold for one merge on read (Druid's maxSubqueryRows)",
+    )
     kafka_bootstrap: str | None = Field(
         None, description="Kafka as Druid's tasks reach it (default: kafka_bootstrap)"
     )

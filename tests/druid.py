@@ -10,6 +10,7 @@ after the task succeeds).
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -79,7 +80,11 @@ class Druid:
             return None
         return int(rows[0][0])
 
+    keep = False  # a developer's Druid (TALLY_TEST_DRUID_DIR): not stopped by tests
+
     def stop(self) -> None:
+        if self.keep:
+            return
         with contextlib.suppress(TallyError):
             self.engine.stop()
 
@@ -100,11 +105,19 @@ def poll(check: Callable[[], T | None], timeout_s: float, what: str) -> T:
 
 
 def start_druid(where: Path) -> Druid:
-    """Druid under ``where``; a skip (or a failure) with the reason where it cannot run."""
+    """Druid under ``where``; a skip (or a failure) with the reason where it cannot run.
+
+    ``TALLY_TEST_DRUID_DIR`` (a developer's loop): that data dir instead, started if
+    it is not running, and left running after the session (``Druid.keep``)."""
+    kept = os.environ.get("TALLY_TEST_DRUID_DIR")
+    if kept:
+        where = Path(kept)
     if (reason := missing_tools("druid")) is not None:
         not_available(reason)
     try:
-        return Druid(where)
+        running = Druid(where)
+        running.keep = bool(kept)
+        return running
     except EngineUnavailable as exc:
         not_available(exc.message)
         raise

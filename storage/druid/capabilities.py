@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from storage.druid import dialect
 from storage.protocol import Capabilities
 
 CAPABILITIES = Capabilities(
     name="druid",
-    sql_dialect="druid",
+    # sqlglot's "druid", completed for the trees Tally builds (storage.druid.dialect).
+    sql_dialect=dialect.NAME,
     # Druid's supervisor keeps its offsets in its own metadata store, with the segments
     # they produced; Tally's relay commits the group's offsets in its Kafka transactions.
     # Neither is a catalog Tally commits rows and offsets to.
@@ -16,4 +18,9 @@ CAPABILITIES = Capabilities(
     # tasks for those intervals (the next issue); until then nothing calls it.
     manual_compaction=True,
     ingests_from_kafka=True,
+    # Rollups at ingestion time (metricsSpec, retraction deltas) are the next issue;
+    # until then the router answers every aggregate from the merged base.
+    rollup_datasources=False,
+    # A Druid datasource holds every version ingested; merged rows are a subquery.
+    merged_views=False,
 )

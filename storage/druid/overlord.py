@@ -64,6 +64,19 @@ class Overlord:
             raise StoreError(f"Druid overlord: GET supervisor {supervisor_id}: HTTP {status}")
         return body
 
+    def status(self, supervisor_id: str) -> dict[str, Any] | None:
+        """The ``payload`` of the supervisor's status (None: no such supervisor)."""
+        quoted = urllib.parse.quote(supervisor_id, safe="")
+        status, body = self._request("GET", f"{SUPERVISORS}/{quoted}/status")
+        if status == 404:
+            return None
+        payload = body.get("payload") if isinstance(body, dict) else None
+        if status != 200 or not isinstance(payload, dict):
+            raise StoreError(
+                f"Druid overlord: GET supervisor {supervisor_id} status: HTTP {status}"
+            )
+        return payload
+
     def apply(self, supervisor_id: str, spec: dict[str, Any]) -> str:
         """Submit ``spec`` unless Druid already runs it: "unchanged" or "submitted".
         Druid replaces a supervisor with the same id in place (its tasks hand over and

@@ -31,6 +31,10 @@ def env_for(settings: Settings) -> dict[str, str]:
         "TALLY_STORE__BACKEND": settings.store.backend,
         "TALLY_STORE__GC_GRACE_S": "0",
         "TALLY_STORE__BUSY_TIMEOUT_S": str(settings.store.busy_timeout_s),
+    } | {
+        f"TALLY_DRUID__{name.upper()}": url
+        for name in ("broker_url", "overlord_url", "coordinator_url")
+        if (url := getattr(settings.druid, name)) is not None
     }
 
 
