@@ -6,7 +6,7 @@ the time range asked for, so Druid reads only the segments of those intervals. D
 binds to its newest state on every query: ``refresh`` only checks the broker answers.
 
 Measured (``python -m tests.storage.druid.measure_merge 20000`` and ``80000``; Druid
-33 at nano sizes, 2 shared cores; docs/adr/0004-druid-merge-on-read.md): at 20,000
+33 at nano sizes, 2 shared cores; docs/adr/0005-druid-merge-on-read.md): at 20,000
 keys (25,769 rows) a raw count takes 45 ms, merged over the whole datasource 588 ms,
 merged over one Seoul day 82 ms; at 80,000 keys (103,274 rows) 34 ms, 1,741 ms and
 162 ms (about 20 µs a row on the broker). ``LATEST_BY`` per key was refused (a nested

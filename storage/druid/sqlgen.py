@@ -11,7 +11,7 @@ cancellations beside their payments. The merge keeps exactly the latest
     WHERE rank = 1
 
 Why a window and not the other two techniques (tried on Druid 33 here; the figures
-are in the reader's docstring and ADR 0004): Druid 33 plans it natively — a scan (the time
+are in the reader's docstring and ADR 0005): Druid 33 plans it natively — a scan (the time
 range becomes the scan's intervals, so only those segments are read) feeding a
 ``windowOperator`` on the broker — and it is exact for both halves of the order.
 ``LATEST_BY(col, version)`` per key would break ties between two events of one
