@@ -4,7 +4,7 @@ Druid (``Capabilities.ingests_from_kafka``) loads the base datasource with its o
 Kafka supervisor, exactly-once by its metadata store. It must not read the events
 topic: its parse errors are only counted, and an event that parses but breaks the
 spec (a float amount, an unknown event type) would be stored. So the spec's decoder
-runs here, ahead of it (ADR 0003), and each batch becomes ONE Kafka transaction
+runs here, ahead of it (ADR 0004), and each batch becomes ONE Kafka transaction
 (consume-transform-produce, KIP-447):
 
 * every valid row, as flat typed JSON (``storage.refined``), to the refined topic, on

@@ -2,7 +2,7 @@
 from Kafka themselves (``Capabilities.ingests_from_kafka``, e.g. Druid).
 
 Tally's relay sink writes it and the engine's own consumer reads it, so the format is
-defined once, here, for both sides (ADR 0003):
+defined once, here, for both sides (ADR 0004):
 
 * one message per valid event, on the same partition number as its source message
   (per-key order holds), keyed by the datasource key;

@@ -1,5 +1,5 @@
 """The Druid backend (``store.backend = "druid"``): Druid ingests the base datasource
-itself, with a Kafka supervisor over the refined topic Tally's relay writes (ADR 0003).
+itself, with a Kafka supervisor over the refined topic Tally's relay writes (ADR 0004).
 
 Built so far: capabilities, supervisor specs (``tally druid specs|apply``) and the
 ingestion path (``tally ingest --sink olap`` runs ``ingest.relay``, chosen by the

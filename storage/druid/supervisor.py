@@ -1,7 +1,7 @@
 """Druid Kafka supervisor specs, generated from a datasource spec (never hand-written).
 
 The supervisor reads the refined topic the relay writes (``storage.refined``: flat,
-typed, validated rows), never the raw events topic (ADR 0003). What the spec fixes:
+typed, validated rows), never the raw events topic (ADR 0004). What the spec fixes:
 
 * the partition-time column is the primary timestamp (``__time``), epoch millis; every
   other column is a typed dimension (string, or long for ints, timestamps in millis,

@@ -23,7 +23,11 @@ class Published:
 
 
 def build(config: GeneratorConfig, malformed_rate: float) -> Published:
-    wires = list(with_malformed(generate_events(config), malformed_rate, config.seed))
+    return published(list(with_malformed(generate_events(config), malformed_rate, config.seed)))
+
+
+def published(wires: list[Wire]) -> Published:
+    """The reference of what ``wires`` hold (also for a stream cut short)."""
     good = []
     bad: Counter[bytes] = Counter()
     for wire in wires:

@@ -24,7 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 from confluent_kafka import Consumer, TopicPartition
 
@@ -39,6 +38,7 @@ from tests.brokers import KafkaBroker
 from tests.conftest import broker_settings
 from tests.ingest.conftest import start_ingest
 from tests.ingest.reference import Published, build
+from tests.ingest.reference import published as reference_of
 from tests.ingest.verify import assert_exact
 
 pytestmark = pytest.mark.slow
@@ -283,22 +283,7 @@ class Steady:
         self._stop.set()
         self._thread.join(150)
         assert not self._thread.is_alive() and self.failure is None, self.failure
-        return _published(self.sent)
-
-
-def _published(wires: list[Wire]) -> Published:
-    """The reference of what was sent (as ``reference.build``, for a stream cut short)."""
-    good = []
-    bad: Counter[bytes] = Counter()
-    for wire in wires:
-        if wire.malformed is None:
-            event = orjson.loads(wire.value)
-            for f in ("occurred_at", "approved_at"):
-                event[f] = datetime.fromisoformat(event[f])
-            good.append(event)
-        else:
-            bad[wire.value] += 1
-    return Published(wires, good, bad)
+        return reference_of(self.sent)
 
 
 def test_rolling_restart_under_steady_load(
