@@ -149,6 +149,7 @@ def run(
         state = reader.rollup_state(routed.rollup.name, req.start, req.end, tenants)
         return routed, evaluate(spec, routed.rollup, req, state)
     name = spec.name if routed.source == BASE else routed.source
-    relation = reader.relation(name, req.start, req.end)
+    tenants = req.filters.get(spec.datasource.tenant)
+    relation = reader.relation(name, req.start, req.end, tenants=tenants)
     sql = bind(routed, relation).sql(dialect=reader.capabilities.sql_dialect)
     return routed, reader.query(sql)

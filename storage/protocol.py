@@ -274,9 +274,18 @@ class OlapReader(Protocol):
     def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table: ...
 
     def relation(
-        self, name: str, start: datetime | None = None, end: datetime | None = None
+        self,
+        name: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        *,
+        tenants: Sequence[str] | None = None,
     ) -> Any:
-        """A relation (sqlglot expression) over only the partitions overlapping the range."""
+        """A relation (sqlglot expression) over only the partitions overlapping the range.
+
+        ``tenants``: the caller reads only these tenants' rows (it still filters on them
+        itself); an engine that merges on read may restrict to them before merging, so
+        the cost follows the merchant, not the whole datasource."""
         ...
 
     def partition_groups(

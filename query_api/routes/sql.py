@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from fastapi import APIRouter
 
 from query_api.deps import MerchantDep, ServicesDep
@@ -33,7 +35,11 @@ def run_sql(body: SqlRequest, services: ServicesDep, merchant: MerchantDep) -> S
         engine_dialect=reader.capabilities.sql_dialect,
         row_limit=api.sql_row_limit,
         # Engines whose datasource names are raw rows read the merged relation instead.
-        **({} if reader.capabilities.merged_views else {"source": reader.relation}),
+        **(
+            {}
+            if reader.capabilities.merged_views
+            else {"source": functools.partial(reader.relation, tenants=[merchant])}
+        ),
     )
     result = reader.query(scoped.sql, scoped.params, timeout_s=api.sql_timeout_s)
     if len(result.rows) > api.sql_row_limit:

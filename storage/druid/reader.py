@@ -101,11 +101,25 @@ class DruidReader:
         return None
 
     def relation(
-        self, name: str, start: datetime | None = None, end: datetime | None = None
+        self,
+        name: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        *,
+        tenants: Sequence[str] | None = None,
     ) -> exp.Expression:
+        """Merged on read within [start, end); with ``tenants``, only their rows are
+        ranked (the window partitions by tenant, so the condition commutes with it):
+        Druid's planner does not push a filter from outside the window below it, and
+        without this a merchant's query ranks every merchant's rows of the range."""
         spec = self._spec(name)
         served = self._served_name(spec)
-        return empty(spec) if served is None else merged(spec, served, start, end)
+        if served is None:
+            return empty(spec)
+        # Literals, not placeholders: the tree is embedded in callers' queries whose
+        # own parameters are positional (sqlglot quotes the values).
+        pushed = [] if tenants is None else [col(spec.datasource.tenant).isin(*tenants)]
+        return merged(spec, served, start, end, pushed)
 
     def partition_groups(
         self, name: str, start: datetime | None = None, end: datetime | None = None

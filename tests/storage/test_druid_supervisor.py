@@ -86,7 +86,7 @@ def test_a_spec_druid_holds_with_its_defaults_counts_as_unchanged(
 
 def test_druid_capabilities_pick_kafka_ingestion() -> None:
     caps = backend("druid").capabilities
-    assert caps.name == "druid" and caps.sql_dialect == "druid"
+    assert caps.name == "druid" and caps.sql_dialect == "tallydruid"
     assert caps.ingests_from_kafka and caps.manual_compaction
     assert not caps.transactional_offsets and not caps.packs and not caps.resident_rollups
     assert not backend("embedded").capabilities.ingests_from_kafka
