@@ -109,7 +109,9 @@ class DruidStore:
     # --- Kafka clients -------------------------------------------------------------------
 
     def _config(self) -> dict[str, Any]:
-        conf: dict[str, Any] = {"bootstrap.servers": self.settings.kafka_bootstrap}
+        # Errors only: the client retries a coordinator that is moving or loading itself,
+        # and says so at warning level on stderr (as ingest.kafka.base_config keeps quiet).
+        conf: dict[str, Any] = {"bootstrap.servers": self.settings.kafka_bootstrap, "log_level": 3}
         if self.settings.kafka_password is not None:
             conf |= {
                 "security.protocol": "SASL_PLAINTEXT",
