@@ -38,16 +38,16 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
-import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
-from ingest.deadletter import headers, record
+from ingest.deadletter import record
 from ingest.decode import Decoded
 from ingest.kafka import ensure_like, partition_count, producer, translate
 from storage import OffsetRange
-from storage.refined import OFFSET_HEADER, column_kinds, refined_topic
+from storage.deadletters import headers
+from storage.refined import OFFSET_HEADER, RowEncoder, refined_topic
 from tally.errors import BrokerError, BrokerUnavailable, OffsetMismatch, TallyError
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
@@ -67,31 +67,6 @@ _FENCED = {
     KafkaError.INVALID_PRODUCER_EPOCH,
     KafkaError.INVALID_PRODUCER_ID_MAPPING,
 }
-
-
-class RowEncoder:
-    """Decoded Arrow rows → refined-topic values (one flat JSON object per row)."""
-
-    def __init__(self, spec: DatasourceSpec) -> None:
-        self.names = list(spec.columns)
-        self.types = {n: c.type for n, c in spec.columns.items()}
-        self.key = spec.datasource.key
-        column_kinds(spec)  # the format's one definition: every spec type has a kind
-
-    def encode(self, table: pa.Table) -> tuple[list[bytes], list[bytes]]:
-        columns = []
-        for name in self.names:
-            col = table.column(name)
-            if self.types[name] == "timestamp":
-                col = col.cast(pa.timestamp("ms", tz="UTC"), safe=False).cast(pa.int64())
-            elif self.types[name] == "bool":
-                col = pc.cast(col, pa.int8())
-            columns.append(col.to_pylist())
-        names = self.names
-        dumps = orjson.dumps
-        values = [dumps(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
-        keys = [k.encode() for k in table.column(self.key).to_pylist()]
-        return keys, values
 
 
 class KafkaRelay:

@@ -38,6 +38,17 @@ class Capabilities:
     # SQL naming a datasource reads its merged rows (the embedded engine's views);
     # without it the name holds every stored version and readers use ``relation``.
     merged_views: bool = True
+    # A commit is visible to the next read. Without it the engine ingests what a commit
+    # wrote asynchronously (Druid's supervisor reads it from Kafka): a reader shows it
+    # once the engine caught up, and callers poll (``ingest_figures``) instead.
+    visible_on_commit: bool = True
+    # A commit's dead letters wait in ``store.outbox`` until published. Without it the
+    # commit produces them to the dead-letter topic in its own transaction, and
+    # ``outbox.pending`` is always empty.
+    dead_letter_outbox: bool = True
+    # ``store.repair`` can overwrite a stored key whatever its version (``tally verify
+    # --repair``); without it the engine's stored rows cannot be rewritten by key.
+    repair: bool = True
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,10 @@ from __future__ import annotations
 
 from typing import Literal
 
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
 
@@ -33,3 +37,28 @@ def refined_topic(settings: Settings, spec: DatasourceSpec) -> str:
 def column_kinds(spec: DatasourceSpec) -> dict[str, Kind]:
     """Each spec column's JSON kind in the refined row, in spec order."""
     return {name: _KINDS[col.type] for name, col in spec.columns.items()}
+
+
+class RowEncoder:
+    """Decoded Arrow rows → refined-topic values (one flat JSON object per row)."""
+
+    def __init__(self, spec: DatasourceSpec) -> None:
+        self.names = list(spec.columns)
+        self.types = {n: c.type for n, c in spec.columns.items()}
+        self.key = spec.datasource.key
+        column_kinds(spec)  # the format's one definition: every spec type has a kind
+
+    def encode(self, table: pa.Table) -> tuple[list[bytes], list[bytes]]:
+        columns = []
+        for name in self.names:
+            col = table.column(name)
+            if self.types[name] == "timestamp":
+                col = col.cast(pa.timestamp("ms", tz="UTC"), safe=False).cast(pa.int64())
+            elif self.types[name] == "bool":
+                col = pc.cast(col, pa.int8())
+            columns.append(col.to_pylist())
+        names = self.names
+        dumps = orjson.dumps
+        values = [dumps(dict(zip(names, row, strict=True))) for row in zip(*columns, strict=True)]
+        keys = [k.encode() for k in table.column(self.key).to_pylist()]
+        return keys, values

@@ -80,6 +80,23 @@ class Druid:
             return None
         return int(rows[0][0])
 
+    def handoff(self, supervisor: str) -> None:
+        """Ask the supervisor's task group 0 to publish now (Druid 30+ early handoff):
+        its segments and their end offsets go to the metadata store in one CAS."""
+        got = httpx.post(
+            f"{self.overlord_url}/druid/indexer/v1/supervisor/{supervisor}/taskGroups/handoff",
+            json={"taskGroupIds": [0]},
+            timeout=30,
+        )
+        got.raise_for_status()
+
+    def published_segments(self, datasource: str) -> list[str]:
+        rows = self.sql(
+            "SELECT segment_id FROM sys.segments"
+            f" WHERE datasource = '{datasource}' AND is_published = 1"
+        )
+        return [str(r[0]) for r in rows]
+
     keep = False  # a developer's Druid (TALLY_TEST_DRUID_DIR): not stopped by tests
 
     def stop(self) -> None:

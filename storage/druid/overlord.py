@@ -77,6 +77,17 @@ class Overlord:
             )
         return payload
 
+    def terminate(self, supervisor_id: str) -> bool:
+        """Stop the supervisor and its tasks (they publish what they read): False if
+        there was no such supervisor."""
+        quoted = urllib.parse.quote(supervisor_id, safe="")
+        status, body = self._request("POST", f"{SUPERVISORS}/{quoted}/terminate")
+        if status == 404:
+            return False
+        if status != 200:
+            raise StoreError(f"Druid overlord: terminate {supervisor_id}: HTTP {status}: {body}")
+        return True
+
     def apply(self, supervisor_id: str, spec: dict[str, Any]) -> str:
         """Submit ``spec`` unless Druid already runs it: "unchanged" or "submitted".
         Druid replaces a supervisor with the same id in place (its tasks hand over and

@@ -9,11 +9,12 @@ from pathlib import Path
 import orjson
 
 from ingest.decode import Decoder, Message
-from ingest.relay import KafkaRelay, RowEncoder
+from ingest.relay import KafkaRelay
 from ingest.service import make_sink
 from ingest.sinks import OlapSink
 from producers.generate import GeneratorConfig, generate_events
 from producers.malformed import encode
+from storage.refined import RowEncoder
 from tally.settings import Settings, StoreSettings
 from tally.specs import DatasourceSpec, SpecRegistry
 

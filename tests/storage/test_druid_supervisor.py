@@ -86,8 +86,9 @@ def test_a_spec_druid_holds_with_its_defaults_counts_as_unchanged(
 
 def test_druid_capabilities_pick_kafka_ingestion() -> None:
     caps = backend("druid").capabilities
-    assert caps.name == "druid" and caps.sql_dialect == "tallydruid"
-    assert caps.ingests_from_kafka and caps.manual_compaction
+    assert caps.name == "druid" and caps.sql_dialect == "tallydruid"  # storage.druid.dialect
+    assert caps.ingests_from_kafka and not caps.manual_compaction  # not Tally-driven yet
+    assert not caps.visible_on_commit and not caps.dead_letter_outbox and not caps.repair
     assert not caps.transactional_offsets and not caps.packs and not caps.resident_rollups
     assert not backend("embedded").capabilities.ingests_from_kafka
 

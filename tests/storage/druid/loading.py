@@ -7,8 +7,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ingest.relay import RowEncoder
 from storage.druid.supervisor import datasource_name, supervisor_spec
+from storage.refined import RowEncoder
 from storage.schema import row_schema, rows_to_table
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
