@@ -1,5 +1,6 @@
 """Druid's overlord over HTTP (stdlib ``urllib``: no HTTP client is a runtime
-dependency): supervisor specs, submitted idempotently.
+dependency): supervisor specs, submitted idempotently, and the supervisor's lifecycle
+(suspend, resume, reset, terminate).
 
 Failures are translated here: not configured, unreachable or a 5xx is
 ``DruidUnavailable`` (the CLI says so in one line and exits 2); a spec Druid refuses
@@ -80,12 +81,18 @@ class Overlord:
     def terminate(self, supervisor_id: str) -> bool:
         """Stop the supervisor and its tasks (they publish what they read): False if
         there was no such supervisor."""
+        return self.act(supervisor_id, "terminate")
+
+    def act(self, supervisor_id: str, action: str) -> bool:
+        """POST one of the supervisor's actions (``suspend``: its tasks publish and
+        stop, offsets kept; ``resume``; ``reset``: its stored offsets are forgotten;
+        ``terminate``): False if there is no such supervisor."""
         quoted = urllib.parse.quote(supervisor_id, safe="")
-        status, body = self._request("POST", f"{SUPERVISORS}/{quoted}/terminate")
+        status, body = self._request("POST", f"{SUPERVISORS}/{quoted}/{action}")
         if status == 404:
             return False
         if status != 200:
-            raise StoreError(f"Druid overlord: terminate {supervisor_id}: HTTP {status}: {body}")
+            raise StoreError(f"Druid overlord: {action} {supervisor_id}: HTTP {status}: {body}")
         return True
 
     def apply(self, supervisor_id: str, spec: dict[str, Any]) -> str:
