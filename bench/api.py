@@ -79,6 +79,12 @@ def keywords(reader: Any, merchant: str) -> list[str]:
         " ORDER BY approved_at DESC, txn_id",
         [merchant],
     ).rows
+    return keywords_of(rows)
+
+
+def keywords_of(rows: list[Any]) -> list[str]:
+    """``keywords`` from a merchant's (order_name, customer_name, card_last4) rows,
+    newest first."""
     words = [
         w
         for r in rows
@@ -156,7 +162,10 @@ def _index(index: TantivyIndex, table: pa.Table, ds: Any) -> None:
         index.commit(shard, max(d.time for d in docs))
 
 
-def serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
+def serve(
+    settings: Settings, port: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
+    """``tally serve`` over ``settings.data_dir``; ``env``: more settings (a backend)."""
     import os
 
     return subprocess.Popen(
@@ -165,6 +174,7 @@ def serve(settings: Settings, port: int) -> subprocess.Popen[bytes]:
             **os.environ,
             "TALLY_DATA_DIR": str(settings.data_dir),
             "TALLY_API__RATE_LIMIT": "1000000/second",
+            **(env or {}),
         },
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

@@ -250,38 +250,7 @@ def freshness(
         deadline = time.monotonic() + 60
         while not progress(settings, registry, "olap", topic, []) and time.monotonic() < deadline:
             time.sleep(0.1)
-        # A live stream: today's payments (Seoul), landing in the active partition.
-        today = datetime.now(SEOUL).replace(hour=0, minute=0, second=0, microsecond=0)
-        events = with_malformed(
-            generate_events(
-                GeneratorConfig(
-                    transactions=rate * seconds, merchants=200, days=1, start=today, seed=7
-                )
-            ),
-            0.0,
-            7,
-        )
-        start = time.monotonic()
-        probe = 0
-        next_probe = start
-        for sent, wire in enumerate(events, start=1):
-            pub._producer.produce(topic, key=wire.key, value=wire.value)
-            now = time.monotonic()
-            if now >= next_probe:
-                probe += 1
-                txn = f"probe-{probe}"
-                event = probe_event(txn)
-                produced[txn] = time.time()
-                pub._producer.produce(topic, key=txn.encode(), value=encode(event))
-                next_probe += 0.1
-            ahead = sent / rate - (now - start)
-            if ahead > 0:
-                pub._producer.poll(ahead)
-            elif sent % 1000 == 0:
-                pub._producer.poll(0)
-            if now - start > seconds:
-                break
-        pub._producer.flush(30)
+        produced = steady(pub, topic, seconds, rate)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and len(read_seen(seen_file)) < len(produced):
             time.sleep(0.2)
@@ -300,6 +269,42 @@ def freshness(
     if os.environ.get("TALLY_BENCH_DEBUG"):
         print("commit lags", " ".join(f"{x:.0f}" for x in commit_lags), file=sys.stderr)
     return lags, commit_lags
+
+
+def steady(pub: Publisher, topic: str, seconds: int, rate: int) -> dict[str, float]:
+    """A live stream of ``rate`` events/s for ``seconds`` (today's payments in Seoul,
+    landing in the active partition, the same events on every call) with a probe
+    payment every 100 ms; returns each probe's id → when it was produced (epoch s)."""
+    today = datetime.now(SEOUL).replace(hour=0, minute=0, second=0, microsecond=0)
+    events = with_malformed(
+        generate_events(
+            GeneratorConfig(transactions=rate * seconds, merchants=200, days=1, start=today, seed=7)
+        ),
+        0.0,
+        7,
+    )
+    produced: dict[str, float] = {}
+    start = time.monotonic()
+    probe = 0
+    next_probe = start
+    for sent, wire in enumerate(events, start=1):
+        pub._producer.produce(topic, key=wire.key, value=wire.value)
+        now = time.monotonic()
+        if now >= next_probe:
+            probe += 1
+            txn = f"probe-{probe}"
+            produced[txn] = time.time()
+            pub._producer.produce(topic, key=txn.encode(), value=encode(probe_event(txn)))
+            next_probe += 0.1
+        ahead = sent / rate - (now - start)
+        if ahead > 0:
+            pub._producer.poll(ahead)
+        elif sent % 1000 == 0:
+            pub._producer.poll(0)
+        if now - start > seconds:
+            break
+    pub._producer.flush(30)
+    return produced
 
 
 def commit_times(settings: Settings) -> dict[str, float]:

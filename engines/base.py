@@ -143,19 +143,35 @@ class Engine(ABC):
     def running(self) -> ProcessRecord | None:
         return self.pid_file.running()
 
+    def launch(self, artifacts: Path) -> bool:
+        """Start the engine if it is not running (``start``, then its pid file); True if
+        it was started. An engine of several processes starts those that are not."""
+        if self.running() is not None:
+            return False
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.pid_file.write(self.start(artifacts))
+        return True
+
+    def exited(self) -> str | None:
+        """Why the engine can no longer become ready (its process exited), or None."""
+        if self.running() is None:
+            return f"{self.name} exited during start-up (log {self.log}): {log_tail(self.log)}"
+        return None
+
+    def pending(self) -> str:
+        """Where to look when the engine does not answer in time."""
+        return f"log {self.log}"
+
     def ready(self, deadline: float) -> None:
         """Wait until the engine answers, or raise EngineError (with its log's last lines)."""
         while True:
-            rec = self.running()
-            if rec is None:
-                raise EngineError(
-                    f"{self.name} exited during start-up (log {self.log}): {log_tail(self.log)}"
-                )
+            why = self.exited()
+            if why is not None:
+                raise EngineError(why)
             left = deadline - time.monotonic()
             if left <= 0:
-                raise EngineError(
-                    f"{self.name} did not answer within {self.start_timeout_s:g}s (log {self.log})"
-                )
+                within = f"{self.start_timeout_s:g}s"
+                raise EngineError(f"{self.name} did not answer within {within} ({self.pending()})")
             if self.answers(min(left, 2.0)):
                 return
 
@@ -165,11 +181,7 @@ class Engine(ABC):
         java_binary()
         artifacts = self.resolve()
         with file_lock(self.dir / ".lock"):
-            started = False
-            if self.running() is None:
-                self.dir.mkdir(parents=True, exist_ok=True)
-                self.pid_file.write(self.start(artifacts))
-                started = True
+            started = self.launch(artifacts)
             try:
                 self.ready(time.monotonic() + self.start_timeout_s)
             except EngineError:

@@ -18,7 +18,8 @@ from tally.clikit import FormatOption, state
 from tally.output import Format, emit_json, emit_table
 
 app = typer.Typer(
-    help="Real engines (Apache Kafka, ...) as local processes on loopback, from Maven Central.",
+    help="Real engines (Apache Kafka, Apache Druid) as local processes on loopback, from"
+    " Maven Central.",
     no_args_is_help=True,
 )
 
@@ -42,8 +43,15 @@ def _pick(ctx: typer.Context, names: list[str] | None) -> list[Engine]:
 
 
 def _table(docs: dict[str, dict[str, Any]]) -> None:
-    keys = list(dict.fromkeys(k for doc in docs.values() for k in doc))
-    emit_table(["engine", *keys], [[name, *(d.get(k) for k in keys)] for name, d in docs.items()])
+    """One row per engine, then one per process of an engine that has several
+    (``druid/broker``), with that process's pid and log."""
+    rows: dict[str, dict[str, Any]] = {}
+    for name, doc in docs.items():
+        rows[name] = {k: v for k, v in doc.items() if k != "processes"}
+        for role, proc in doc.get("processes", {}).items():
+            rows[f"{name}/{role}"] = proc
+    keys = list(dict.fromkeys(k for doc in rows.values() for k in doc))
+    emit_table(["engine", *keys], [[name, *(d.get(k) for k in keys)] for name, d in rows.items()])
 
 
 @app.command("up")

@@ -26,13 +26,13 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPar
 
 from ingest.decode import Rejected
 from ingest.kafka import base_config, flush, producer, translate
+from storage.deadletters import FIELDS as _FIELDS
+from storage.deadletters import PREFIX as H
+from storage.deadletters import Headers, headers
 from storage.protocol import DeadLetterOutbox, DeadLetterRecord
 from tally.errors import BrokerUnavailable
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
-
-H = "tally."
-_FIELDS = ("id", "reason", "sink", "datasource", "topic", "partition", "offset", "failed_at")
 
 
 def record(rejected: Rejected, datasource: str, sink: str) -> DeadLetterRecord:
@@ -49,13 +49,6 @@ def record(rejected: Rejected, datasource: str, sink: str) -> DeadLetterRecord:
         reason=rejected.reason,
         failed_at=time.time(),
     )
-
-
-Headers = list[tuple[str, str | bytes | None]]
-
-
-def headers(letter: DeadLetterRecord) -> Headers:
-    return [(H + f, str(getattr(letter, f)).encode()) for f in _FIELDS]
 
 
 def parse_headers(raw: Headers | dict[str, str | bytes | None] | None) -> dict[str, Any]:

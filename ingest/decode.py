@@ -45,6 +45,7 @@ class Decoded:
     rejected: list[Rejected] = field(default_factory=list)
     newest_produce_ms: int | None = None
     partitions: list[int] = field(default_factory=list)  # source partition of each row
+    offsets: list[int] = field(default_factory=list)  # source offset of each row
 
 
 class _Invalid(Exception):
@@ -101,6 +102,7 @@ class Decoder:
         rows: list[tuple[Any, ...]] = []
         rejected: list[Rejected] = []
         partitions: list[int] = []
+        offsets: list[int] = []
         newest: int | None = None
         decode = self._decoder.decode
         astuple = msgspec.structs.astuple
@@ -129,13 +131,14 @@ class Decoder:
                 continue
             rows.append(row)
             partitions.append(message.partition)
+            offsets.append(message.offset)
             ts = message.timestamp_ms
             if ts is not None and (newest is None or ts > newest):
                 newest = ts
         columns = list(zip(*rows, strict=True)) if rows else [()] * len(self.schema)
         arrays = [pa.array(col, f.type) for col, f in zip(columns, self.schema, strict=True)]
         table = pa.Table.from_arrays(arrays, schema=self.schema)
-        return Decoded(table, rejected, newest, partitions)
+        return Decoded(table, rejected, newest, partitions, offsets)
 
     def _reason(self, text: str) -> str:
         if "got `float`" in text and any(text.endswith(f"$.{n}`") for n in self._ints):

@@ -176,9 +176,15 @@ def flush(prod: Producer, what: str, timeout_s: float = 30.0) -> None:
 def ensure_topics(
     settings: Settings, specs: Iterable[DatasourceSpec], partitions: int | None = None
 ) -> list[dict[str, Any]]:
-    """Create each datasource's topic and dead-letter topic; existing ones are kept."""
+    """Create each datasource's topic and dead-letter topic (and, where the engine
+    ingests from Kafka itself, its refined topic); existing ones are kept."""
+    from storage import backend
+    from storage.refined import refined_topic
+
     admin = AdminClient(base_config(settings))
     wanted = partitions or settings.ingest.partitions
+    refined = backend(settings.store.backend).capabilities.ingests_from_kafka
+    specs = list(specs)
     names = []
     for spec in specs:
         names += [settings.topic(spec.datasource.topic), settings.topic(spec.dead_letter_topic)]
@@ -205,4 +211,49 @@ def ensure_topics(
                     raise translate(exc, f"creating topic {name}") from exc
         count = len(existing[name].partitions) if name in existing else wanted
         report.append({"topic": name, "partitions": count, "created": False})
+    for spec in specs if refined else ():
+        target = refined_topic(settings, spec)
+        count = ensure_like(settings, settings.topic(spec.datasource.topic), target)
+        report.append({"topic": target, "partitions": count, "created": target not in existing})
     return report
+
+
+def partition_count(settings: Settings, topic: str) -> int | None:
+    """How many partitions ``topic`` has (None: it does not exist)."""
+    admin = AdminClient(base_config(settings))
+    try:
+        meta = admin.list_topics(topic, timeout=10).topics.get(topic)
+    except KafkaException as exc:
+        raise translate(exc, f"describing {topic}") from exc
+    if meta is None or meta.error is not None:
+        return None
+    return len(meta.partitions)
+
+
+def ensure_like(settings: Settings, source: str, target: str) -> int:
+    """Create ``target`` with as many partitions as ``source`` (kept if it exists with
+    that many); returns the count. A partition-for-partition copy needs equal counts."""
+    count = partition_count(settings, source)
+    if count is None:
+        raise BrokerError(f"topic {source} does not exist (run: tally topics create)")
+    have = partition_count(settings, target)
+    if have is None:
+        admin = AdminClient(base_config(settings))
+        futures = admin.create_topics(
+            [NewTopic(target, num_partitions=count, replication_factor=1)], operation_timeout=10
+        )
+        try:
+            futures[target].result()
+        except KafkaException as exc:
+            err = exc.args[0]
+            if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
+                raise translate(exc, f"creating topic {target}") from exc
+        deadline = time.monotonic() + 10  # metadata reaches the brokers a moment later
+        while (have := partition_count(settings, target)) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+    if have != count:
+        raise BrokerError(
+            f"topic {target} has {have} partitions, {source} has {count}: they must be equal"
+            " (each row goes to its source message's partition number)"
+        )
+    return count

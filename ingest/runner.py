@@ -12,6 +12,8 @@
   A revoke also commits what was written, and drops what the open batch holds of
   those partitions: the next owner resumes exactly there, and nothing is written
   by a process that no longer owns the partition.
+* A sink that commits offsets itself (the relay: in its Kafka transaction) is bound
+  to the consumer and the runner never commits for it.
 * Transient failures (broker, store lock, search backend) retry the same batch with
   backoff; nothing is skipped. A fenced commit (another writer owns the partition
   now) drops the batch and re-seeks to what the sink has stored.
@@ -97,10 +99,17 @@ class Runner:
         self._durable: dict[int, int] = {}  # partition → end of what the sink has made durable
         self._lag_at = 0.0
         self._revoked: set[int] = set()  # partitions revoked while a batch was filling
+        self._closing = False
 
     # --- rebalancing --------------------------------------------------------------------
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        if self._closing:
+            # An assignment served by close(): it is revoked at once, so asking the sink
+            # where to resume is wasted (the relay's offsets fetch cannot even be answered
+            # by a closing consumer).
+            consumer.incremental_assign(partitions)
+            return
         self._work.join()
         tps: list[TP] = [(p.topic, p.partition) for p in partitions]
         starts = self.sink.start_positions(tps)
@@ -153,16 +162,17 @@ class Runner:
     def run(self, until_idle: float | None = None) -> RunReport:
         consumer = Consumer(consumer_config(self.settings, self.group))
         self._consumer = consumer
-        consumer.subscribe(
-            [self.topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_revoke,
-        )
         worker = threading.Thread(target=self._worker, name=f"{self.group}-writer", daemon=True)
         worker.start()
         last_message = time.monotonic()
         try:
+            self.sink.bind(consumer)
+            consumer.subscribe(
+                [self.topic],
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_revoke,
+            )
             while not self.stop.is_set():
                 if self._fenced.is_set():
                     self._work.join()  # queued batches behind a fenced one are dropped
@@ -193,6 +203,7 @@ class Runner:
             self._work.put(None)
             worker.join()
             self._commit_kafka(consumer)
+            self._closing = True
             consumer.close()
             self.sink.close()
         if self._failure is not None:
@@ -262,7 +273,8 @@ class Runner:
 
     def _recommit(self, consumer: Consumer) -> None:
         """Commit what was written once more: an asynchronous commit that failed (in a
-        rebalance, say) is not retried, and the search sink resumes from these."""
+        rebalance, say) is not retried, and the search sink resumes from these. (A sink
+        that commits offsets itself has nothing to repeat: what it committed is exact.)"""
         with self._done_lock:
             for part, end in self._durable.items():
                 tp = (self.topic, part)
@@ -464,6 +476,8 @@ class Runner:
         search sink's upserts are idempotent, so a lost commit only means a replay."""
         with self._done_lock:
             done, self._done = self._done, {}
+        if self.sink.commits_offsets_itself:
+            return  # committed with the sink's output; a second, async commit would race it
         offsets = [TopicPartition(t, p, end) for (t, p), end in done.items() if p in self.positions]
         if not offsets:
             return

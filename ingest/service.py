@@ -10,16 +10,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from ingest.relay import KafkaRelay
 from ingest.runner import Runner, RunReport
 from ingest.sinks import OlapSink, SearchSink, Sink
 from search import open_index
-from storage import open_store
+from storage import backend, open_store
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
 
 
 def make_sink(settings: Settings, spec: DatasourceSpec, name: str, registry: SpecRegistry) -> Sink:
     if name == "olap":
+        if backend(settings.store.backend).capabilities.ingests_from_kafka:
+            # The engine consumes a refined topic itself; Tally decodes and relays to it.
+            return KafkaRelay(settings, spec)
         return OlapSink(settings, spec, open_store(settings, registry))
     return SearchSink(spec, open_index(settings, spec), settings.ingest.search_refresh_s)
 

@@ -1,5 +1,6 @@
-"""The two sinks a consumer loop feeds: OLAP (exactly-once by catalog offsets) and
-search (idempotent upserts, Kafka offsets committed after the index)."""
+"""The sinks a consumer loop feeds: OLAP (exactly-once by catalog offsets) and search
+(idempotent upserts, Kafka offsets committed after the index); on engines that ingest
+from Kafka themselves the OLAP sink is the relay of ``ingest.relay`` instead."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from datetime import UTC, datetime
 from typing import Protocol
 
 import pyarrow as pa
+from confluent_kafka import Consumer
 
 from ingest.deadletter import Publisher, record
 from ingest.decode import Decoded
@@ -26,7 +28,14 @@ TP = tuple[str, int]
 class Sink(Protocol):
     name: str
     uses_kafka_offsets: bool  # resume from Kafka's committed offsets (else the sink's own)
+    # The sink moves the group's offsets itself, atomically with its output (the relay:
+    # in its Kafka transaction); the runner must then never commit them too.
+    commits_offsets_itself: bool
     linger_s: float  # how long a micro-batch may wait to fill
+
+    def bind(self, consumer: Consumer) -> None:
+        """Called once, before subscribing, with the runner's consumer."""
+        ...
 
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         """Where to resume each newly assigned partition (None: Kafka's committed/earliest)."""
@@ -50,6 +59,7 @@ class Sink(Protocol):
 
 class OlapSink:
     name = "olap"
+    commits_offsets_itself = False
 
     def __init__(self, settings: Settings, spec: DatasourceSpec, store: OlapStore) -> None:
         self.linger_s = settings.ingest.batch_max_wait_s
@@ -61,6 +71,9 @@ class OlapSink:
         self.publisher = Publisher(settings, spec, store.outbox)
         self._owned: set[TP] = set()  # whose dead letters this sink publishes
         self._newest: datetime | None = None
+
+    def bind(self, consumer: Consumer) -> None:
+        pass
 
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         self._owned.update(partitions)
@@ -92,6 +105,7 @@ class OlapSink:
 class SearchSink:
     name = "search"
     uses_kafka_offsets = True
+    commits_offsets_itself = False
 
     def __init__(self, spec: DatasourceSpec, index: SearchIndex, linger_s: float) -> None:
         self.spec = spec
@@ -99,6 +113,9 @@ class SearchSink:
         self.linger_s = linger_s
         self._newest: datetime | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="search-commit")
+
+    def bind(self, consumer: Consumer) -> None:
+        pass
 
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         return dict.fromkeys(partitions)

@@ -27,6 +27,7 @@ STATUS = {
     "rate_limited": 429,
     "store_busy": 503,
     "store_unavailable": 503,
+    "druid_unavailable": 503,
     "store_full": 503,
     "store_file_error": 503,
     "search_unavailable": 503,
@@ -40,7 +41,9 @@ def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
 def install(app: FastAPI) -> None:
     @app.exception_handler(TallyError)
     async def tally_error(_: Request, exc: TallyError) -> JSONResponse:
-        status = STATUS.get(exc.code, 400)
+        # Anything transient (an engine down or slow) is the service's, not the
+        # caller's: 503, whatever backend raised it.
+        status = STATUS.get(exc.code, 503 if exc.transient else 400)
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         if isinstance(exc, RateLimited):
             headers = {"Retry-After": str(exc.retry_after_s)}

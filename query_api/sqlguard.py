@@ -20,7 +20,7 @@ The result is rendered for the engine's dialect with a row limit around it.
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +163,13 @@ _FORBIDDEN = (
 class Scoped:
     sql: str  # for the engine
     tables: tuple[str, ...]  # datasources the query reads
+    # Values of the ``?`` placeholders in ``sql``, in order: the tenant, wherever it
+    # was injected, bound by the engine (a merchant's SQL may contain no placeholder).
+    params: tuple[str, ...] = ()
+
+
+def _named(name: str) -> exp.Expression:
+    return exp.Table(this=exp.to_identifier(name, quoted=True))
 
 
 def scope(
@@ -174,9 +181,12 @@ def scope(
     tables: Collection[str],
     engine_dialect: str,
     row_limit: int,
+    source: Callable[[str], exp.Expression] = _named,
 ) -> Scoped:
     """The merchant's query, checked and rewritten; raises InvalidArgument with one
-    line naming the first problem."""
+    line naming the first problem. ``source(name)`` is what a datasource's reference
+    reads before the tenant filter: the engine's view of that name by default, or
+    a relation (a subquery) on engines whose names are not merged views."""
     if dialect not in DIALECTS:
         raise InvalidArgument(f"dialect must be one of {', '.join(DIALECTS)}")
     try:
@@ -197,7 +207,7 @@ def scope(
         _check(node, tables, ctes, read)
     known = set(tables)
     scoped = root.transform(
-        lambda node: _scoped_table(node, known, tenant_column, tenant), copy=True
+        lambda node: _scoped_table(node, known, tenant_column, source), copy=True
     )
     limited = (
         exp.select(exp.Star())
@@ -208,7 +218,9 @@ def scope(
         out = limited.sql(dialect=engine_dialect, unsupported_level=sqlglot.ErrorLevel.RAISE)
     except SqlglotError as exc:
         raise InvalidArgument(f"cannot translate the SQL: {_first_line(exc)}") from exc
-    return Scoped(out, tuple(sorted(read)))
+    # Every placeholder is a tenant filter of ours: the merchant's own are refused.
+    bound = tuple(tenant for _ in limited.find_all(exp.Placeholder))
+    return Scoped(out, tuple(sorted(read)), bound)
 
 
 def _check(node: Any, tables: Collection[str], ctes: set[str], read: set[str]) -> None:
@@ -241,20 +253,21 @@ def _cte_names(root: Any) -> set[str]:
 
 
 def _scoped_table(
-    node: exp.Expression, tables: set[str], tenant_column: str, tenant: str
+    node: exp.Expression,
+    tables: set[str],
+    tenant_column: str,
+    source: Callable[[str], exp.Expression],
 ) -> exp.Expression:
     if not isinstance(node, exp.Table) or node.name not in tables:
         return node
     alias = node.alias or node.name
+    relation = source(node.name)
+    if not isinstance(relation, exp.Table):
+        relation = exp.Subquery(this=relation, alias=exp.TableAlias(this=exp.to_identifier("d")))
     inner = (
         exp.select(exp.Star())
-        .from_(exp.Table(this=exp.to_identifier(node.name, quoted=True)))
-        .where(
-            exp.EQ(
-                this=exp.column(tenant_column, quoted=True),
-                expression=exp.Literal.string(tenant),
-            )
-        )
+        .from_(relation)
+        .where(exp.EQ(this=exp.column(tenant_column, quoted=True), expression=exp.Placeholder()))
     )
     return exp.Subquery(this=inner, alias=exp.TableAlias(this=exp.to_identifier(alias)))
 

@@ -142,12 +142,14 @@ def run(
 ) -> tuple[Route, QueryResult]:
     """Route, prune to the partitions the range touches, execute. Engines holding
     rollups in memory hand over the few rows the request needs, summed in Arrow."""
-    routed = route(spec, req, force_base=force_base)
+    stored = reader.capabilities.rollup_datasources
+    routed = route(spec, req, force_base=force_base or not stored)
     if routed.rollup is not None and reader.capabilities.resident_rollups:
         tenants = req.filters.get(spec.datasource.tenant)
         state = reader.rollup_state(routed.rollup.name, req.start, req.end, tenants)
         return routed, evaluate(spec, routed.rollup, req, state)
     name = spec.name if routed.source == BASE else routed.source
-    relation = reader.relation(name, req.start, req.end)
+    tenants = req.filters.get(spec.datasource.tenant)
+    relation = reader.relation(name, req.start, req.end, tenants=tenants)
     sql = bind(routed, relation).sql(dialect=reader.capabilities.sql_dialect)
     return routed, reader.query(sql)

@@ -30,7 +30,7 @@ from tally.errors import ConfigError
 from tally.settings import Settings
 from tally.specs import SpecRegistry
 
-BACKENDS = {"embedded": "storage.embedded"}
+BACKENDS = {"embedded": "storage.embedded", "druid": "storage.druid"}
 
 
 def backend(name: str) -> Backend:

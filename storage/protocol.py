@@ -28,6 +28,27 @@ class Capabilities:
     manual_compaction: bool
     packs: bool = False  # ``compactor.pack``: cold partitions share one file
     resident_rollups: bool = False  # rollup state is served from memory (``rollup_state``)
+    # The engine ingests the base datasource itself, from a Kafka topic of decoded rows
+    # (its own exactly-once consumer, e.g. Druid's supervisor): the OLAP sink is then a
+    # relay to that topic (``ingest.relay``), and ``commit`` is not how rows arrive.
+    ingests_from_kafka: bool = False
+    # Rollup datasources are stored (and so readable by name): the router may answer
+    # from them and /v1/sql may name them. Without it aggregates read the base.
+    rollup_datasources: bool = True
+    # SQL naming a datasource reads its merged rows (the embedded engine's views);
+    # without it the name holds every stored version and readers use ``relation``.
+    merged_views: bool = True
+    # A commit is visible to the next read. Without it the engine ingests what a commit
+    # wrote asynchronously (Druid's supervisor reads it from Kafka): a reader shows it
+    # once the engine caught up, and callers poll (``ingest_figures``) instead.
+    visible_on_commit: bool = True
+    # A commit's dead letters wait in ``store.outbox`` until published. Without it the
+    # commit produces them to the dead-letter topic in its own transaction, and
+    # ``outbox.pending`` is always empty.
+    dead_letter_outbox: bool = True
+    # ``store.repair`` can overwrite a stored key whatever its version (``tally verify
+    # --repair``); without it the engine's stored rows cannot be rewritten by key.
+    repair: bool = True
 
 
 @dataclass(frozen=True)
@@ -264,9 +285,18 @@ class OlapReader(Protocol):
     def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table: ...
 
     def relation(
-        self, name: str, start: datetime | None = None, end: datetime | None = None
+        self,
+        name: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        *,
+        tenants: Sequence[str] | None = None,
     ) -> Any:
-        """A relation (sqlglot expression) over only the partitions overlapping the range."""
+        """A relation (sqlglot expression) over only the partitions overlapping the range.
+
+        ``tenants``: the caller reads only these tenants' rows (it still filters on them
+        itself); an engine that merges on read may restrict to them before merging, so
+        the cost follows the merchant, not the whole datasource."""
         ...
 
     def partition_groups(

@@ -18,13 +18,18 @@ def col(name: str) -> exp.Column:
 
 
 def bucket_expr(column: exp.Expression, granularity: str, timezone: str) -> exp.Expression:
-    """Start of the calendar bucket in ``timezone`` containing ``column``, as an instant."""
+    """Start of the calendar bucket in ``timezone`` containing ``column``, as an instant:
+    the instant's local time in the zone, truncated, read back in the zone.
+
+    Built from sqlglot's own nodes (``AtTimeZone`` around ``TimestampTrunc``), which
+    DuckDB and Postgres render as ``DATE_TRUNC('DAY', x AT TIME ZONE z) AT TIME ZONE z``
+    and Druid (``tallydruid``) as ``TIME_FLOOR(x, 'P1D', NULL, z)``. Not a zoned
+    ``TimestampTrunc``: sqlglot gives that BigQuery's meaning, where the zone is
+    ignored below a day, and an hour of a half-hour zone (Asia/Kolkata) would move."""
     zone = exp.Literal.string(timezone)
-    local = exp.Anonymous(this="timezone", expressions=[zone, column])
-    truncated = exp.Anonymous(
-        this="date_trunc", expressions=[exp.Literal.string(granularity), local]
-    )
-    return exp.Anonymous(this="timezone", expressions=[zone.copy(), truncated])
+    local = exp.AtTimeZone(this=column, zone=zone)
+    truncated = exp.TimestampTrunc(this=local, unit=exp.var(granularity.upper()))
+    return exp.AtTimeZone(this=truncated, zone=zone.copy())
 
 
 def timestamp(value: datetime) -> exp.Expression:

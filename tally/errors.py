@@ -82,6 +82,14 @@ class OffsetMismatch(StoreError):
     code = "offset_mismatch"
 
 
+class DruidUnavailable(StoreUnavailable):
+    """Druid's overlord (or broker) is not configured or did not answer; nothing was
+    changed. The CLI exits 2, like an engine that cannot be had."""
+
+    code = "druid_unavailable"
+    exit_code = 2
+
+
 class CompactionConflict(StoreError):
     """Segments chosen for compaction were replaced meanwhile; nothing was changed."""
 

@@ -71,6 +71,12 @@ class IngestSettings(BaseModel):
     session_timeout_ms: int = Field(6000, ge=1000)
     heartbeat_interval_ms: int = Field(500, ge=100)
     metrics_port: int | None = Field(None, description="serve Prometheus metrics on this port")
+    transaction_timeout_s: float = Field(
+        10.0,
+        ge=1,
+        description="Kafka transaction timeout of the relay sink (engines that ingest from "
+        "Kafka): a crashed relay's open transaction blocks its partitions this long at most",
+    )
 
 
 class CompactionSettings(BaseModel):
@@ -138,6 +144,33 @@ class SearchSettings(BaseModel):
     elasticsearch_index_prefix: str = "tally-"
 
 
+class DruidSettings(BaseModel):
+    """Where Druid's services answer (``store.backend = "druid"``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    broker_url: str | None = Field(None, description="Druid broker, e.g. http://127.0.0.1:8082")
+    overlord_url: str | None = Field(
+        None, description="Druid overlord (or coordinator as overlord), for supervisor specs"
+    )
+    coordinator_url: str | None = Field(None, description="Druid coordinator")
+    request_timeout_s: float = Field(10.0, gt=0, description="one HTTP request to Druid at most")
+    max_subquery_rows: int = Field(
+        1_000_000,
+        ge=1,
+        description="rows the broker may hold for one merge on read (Druid's maxSubqueryRows)",
+    )
+    kafka_bootstrap: str | None = Field(
+        None, description="Kafka as Druid's tasks reach it (default: kafka_bootstrap)"
+    )
+    refined_topic_suffix: str = Field(
+        ".refined",
+        min_length=1,
+        description="the relay's topic of decoded rows, which Druid's supervisor reads, is "
+        "the events topic plus this suffix",
+    )
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TALLY_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -158,6 +191,7 @@ class Settings(BaseSettings):
     search: SearchSettings = SearchSettings()
     compaction: CompactionSettings = CompactionSettings()
     api: ApiSettings = ApiSettings()
+    druid: DruidSettings = DruidSettings()
 
     def topic(self, name: str) -> str:
         return f"{self.topic_namespace}{name}"

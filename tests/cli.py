@@ -21,7 +21,12 @@ class Ran:
         return json.loads(self.out)
 
 
-def tally(*args: str, data_dir: Path | None = None, env: dict[str, str] | None = None) -> Ran:
+def tally(
+    *args: str,
+    data_dir: Path | None = None,
+    env: dict[str, str] | None = None,
+    timeout: float = 120,
+) -> Ran:
     full_env = {**os.environ, **(env or {})}
     if data_dir is not None:
         full_env["TALLY_DATA_DIR"] = str(data_dir)
@@ -30,7 +35,7 @@ def tally(*args: str, data_dir: Path | None = None, env: dict[str, str] | None =
         capture_output=True,
         text=True,
         env=full_env,
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
     return Ran(proc.returncode, proc.stdout, proc.stderr)

@@ -15,6 +15,7 @@ from storage.embedded.store import EmbeddedStore
 from tally.settings import IngestSettings, Settings, StoreSettings
 from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
 from tests.brokers import NAMES, Broker, KafkaBroker, start
+from tests.druid import Druid, start_druid
 
 # Speed is measured in bench/, never asserted here: no per-example deadline, which a
 # loaded CI machine would trip on a correct implementation.
@@ -118,3 +119,14 @@ def kafka_settings(broker: Broker, data_dir: Path) -> Settings:
 def topics(kafka_settings: Settings, registry: SpecRegistry) -> Settings:
     ensure_topics(kafka_settings, registry)
     return kafka_settings
+
+
+# --- Apache Druid: started once per session, for every test that needs a real one ---------
+
+
+@pytest.fixture(scope="session")
+def druid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Druid]:
+    """A real Druid (``tally engines up druid``) in its own data dir; stopped at the end."""
+    running = start_druid(tmp_path_factory.mktemp("druid"))
+    yield running
+    running.stop()

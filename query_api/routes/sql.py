@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from fastapi import APIRouter
 
 from query_api.deps import MerchantDep, ServicesDep
@@ -22,16 +24,24 @@ def run_sql(body: SqlRequest, services: ServicesDep, merchant: MerchantDep) -> S
     names is narrowed to the key's merchant first. Row and time limits apply."""
     spec = services.spec
     api = services.settings.api
+    reader = services.reader
+    stored = reader.capabilities.rollup_datasources
     scoped = scope(
         body.sql,
         body.dialect.lower(),
         tenant_column=spec.datasource.tenant,
         tenant=merchant,
-        tables=[spec.name, *(r.name for r in spec.rollups)],
-        engine_dialect=services.reader.capabilities.sql_dialect,
+        tables=[spec.name, *(r.name for r in spec.rollups if stored)],
+        engine_dialect=reader.capabilities.sql_dialect,
         row_limit=api.sql_row_limit,
+        # Engines whose datasource names are raw rows read the merged relation instead.
+        **(
+            {}
+            if reader.capabilities.merged_views
+            else {"source": functools.partial(reader.relation, tenants=[merchant])}
+        ),
     )
-    result = services.reader.query(scoped.sql, timeout_s=api.sql_timeout_s)
+    result = reader.query(scoped.sql, scoped.params, timeout_s=api.sql_timeout_s)
     if len(result.rows) > api.sql_row_limit:
         raise InvalidArgument(
             f"the result has more than {api.sql_row_limit:,} rows; aggregate or add a LIMIT"

@@ -267,12 +267,18 @@ class EmbeddedReader:
         )
 
     def relation(
-        self, name: str, start: datetime | None = None, end: datetime | None = None
+        self,
+        name: str,
+        start: datetime | None = None,
+        end: datetime | None = None,
+        *,
+        tenants: Sequence[str] | None = None,
     ) -> exp.Expression:
         """Rows of a datasource (merged) or a rollup (raw deltas), reading only the
         partitions that overlap [start, end) — Druid's interval pruning. Each base
         partition is self-consistent (tombstones live where the key was), so any
-        subset of partitions deduplicates correctly on its own."""
+        subset of partitions deduplicates correctly on its own. ``tenants`` is not
+        used: DuckDB pushes the caller's tenant filter into the Parquet scan itself."""
         spec, rollup, chosen = self._chosen(name, start, end)
         if rollup is not None:
             return raw_relation(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import os
 import subprocess
 import sys
@@ -29,6 +30,8 @@ from tally.settings import Settings, load_settings
 REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
+DRUID_OVERRIDE = DOCKER / "compose.druid.yaml"
+ONE_SHOTS = {"topics", "druid-apply"}  # run to completion at each `up`, never restarted
 
 Service = dict[str, Any]
 
@@ -37,6 +40,21 @@ def load_compose(path: Path = COMPOSE) -> dict[str, Any]:
     data = yaml.safe_load(path.read_text())
     assert isinstance(data, dict), f"{path}: not a mapping"
     return data
+
+
+def merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``override`` applied to ``base`` as ``docker compose -f base -f override`` does for
+    what these files use: mappings merge key by key (a service's ``environment`` and
+    ``depends_on`` too), anything else — ``command``, ``volumes`` lists — is replaced."""
+    out = dict(base)
+    for key, value in override.items():
+        if key.startswith("x-"):
+            continue
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merged(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
 
 
 def is_tally(service: Service) -> bool:
@@ -261,7 +279,7 @@ def lifecycle_problems(tally: dict[str, Service]) -> list[str]:
     """Daemons restart and stop gracefully; consumers wait for Kafka and the topics."""
     problems = []
     for name, service in tally.items():
-        one_shot = name == "topics"
+        one_shot = name in ONE_SHOTS
         wanted = "no" if one_shot else "unless-stopped"
         if str(service.get("restart")) != wanted:
             problems.append(f"{name}: restart is {service.get('restart')!r}, not {wanted!r}")
@@ -272,10 +290,11 @@ def lifecycle_problems(tally: dict[str, Service]) -> list[str]:
             dep: cond.get("condition") if isinstance(cond, dict) else None
             for dep, cond in (service.get("depends_on") or {}).items()
         }
-        if command[:1] == ["ingest"] or command[:2] == ["compaction", "watch"] or one_shot:
+        topics = name == "topics"
+        if command[:1] == ["ingest"] or command[:2] == ["compaction", "watch"] or topics:
             if waits.get("kafka") != "service_healthy":
                 problems.append(f"{name}: does not wait for kafka to be healthy")
-            if not one_shot and waits.get("topics") != "service_completed_successfully":
+            if not topics and waits.get("topics") != "service_completed_successfully":
                 problems.append(f"{name}: does not wait for the topics to be created")
     return problems
 
@@ -339,6 +358,9 @@ def dockerignore_problems(ignore: str | None = None) -> list[str]:
     return [f"Dockerfile.dockerignore: leaves out {n}" for n in needed if f"!{n}" not in rules]
 
 
+_POM_NS = "http://maven.apache.org/POM/4.0.0"
+
+
 def kafka_version_problem(compose: dict[str, Any]) -> str | None:
     """The compose Kafka is the release `tally engines up kafka` pins (README says so)."""
     pom = ET.parse(REPO / "engines" / "poms" / "kafka" / "pom.xml")
@@ -351,3 +373,60 @@ def kafka_version_problem(compose: dict[str, Any]) -> str | None:
                 return f"kafka image {image} is not apache/kafka:{pinned}, the engines' pin"
             return None
     return "engines/poms/kafka/pom.xml pins no kafka_2.13"
+
+
+# --- the Druid override -----------------------------------------------------------
+
+
+def pinned_druid_version() -> str | None:
+    pom = ET.parse(REPO / "engines" / "poms" / "druid" / "pom.xml")
+    return pom.findtext(".//m:properties/m:druid.version", namespaces={"m": _POM_NS})
+
+
+def _host(url: str) -> str:
+    return url.split("://", 1)[-1].split("/", 1)[0].rsplit(":", 1)[0]
+
+
+def druid_problems(compose: dict[str, Any]) -> list[str]:
+    """compose.yaml with compose.druid.yaml applied: Druid's services fit together and
+    every Tally process is pointed at them."""
+    services = compose.get("services", {})
+    problems = []
+    druid = {
+        n: s for n, s in services.items() if str(s.get("image", "")).startswith("apache/druid:")
+    }
+    roles = {str((s.get("command") or [""])[0]): n for n, s in druid.items()}
+    for role in ("coordinator", "broker", "historical", "indexer"):
+        if role not in roles:
+            problems.append(f"no Druid {role} service")
+    pinned = pinned_druid_version()
+    for name, service in druid.items():
+        if service["image"] != f"apache/druid:{pinned}":
+            problems.append(f"{name}: image {service['image']} is not apache/druid:{pinned}")
+    coordinator = services.get(roles.get("coordinator", ""), {})
+    if environment(coordinator).get("druid_coordinator_asOverlord_enabled") != "true":
+        problems.append("the coordinator does not run the overlord")
+    shared = {}
+    for role in ("historical", "indexer"):  # local deep storage: both must see one volume
+        service = services.get(roles.get(role, ""), {})
+        where = environment(service).get("druid_storage_storageDirectory", "")
+        shared[role] = {v for v, t in named_mounts(service, compose).items() if where.startswith(t)}
+    if not shared["historical"] & shared["indexer"]:
+        problems.append("the historical and the indexer do not share the deep-storage volume")
+    want = {
+        "TALLY_DRUID__BROKER_URL": roles.get("broker"),
+        "TALLY_DRUID__OVERLORD_URL": roles.get("coordinator"),
+        "TALLY_DRUID__COORDINATOR_URL": roles.get("coordinator"),
+    }
+    for name, service in tally_services(compose).items():
+        env = environment(service)
+        if env.get("TALLY_STORE__BACKEND") != "druid":
+            problems.append(f"{name}: TALLY_STORE__BACKEND is not druid")
+        for key, host in want.items():
+            if host is None or _host(env.get(key, "")) != host:
+                problems.append(f"{name}: {key}={env.get(key)} is not the {host} service")
+    apply = services.get("druid-apply", {})
+    waits = apply.get("depends_on") or {}
+    if (waits.get(roles.get("coordinator", "")) or {}).get("condition") != "service_healthy":
+        problems.append("druid-apply: does not wait for the overlord to be healthy")
+    return problems

@@ -11,13 +11,16 @@ from typing import Any
 import pytest
 
 from tests.docker.checks import (
+    DRUID_OVERRIDE,
     command_problems,
     compose_problems,
     dockerfile_problems,
     dockerignore_problems,
+    druid_problems,
     environment,
     kafka_version_problem,
     load_compose,
+    merged,
     parse_problem,
     settings_problem,
     tally_services,
@@ -143,3 +146,68 @@ def test_image_checks_bite() -> None:
     assert "Dockerfile.dockerignore: leaves out query_api" in dockerignore_problems(allow)
     compose["services"]["kafka"]["image"] = "apache/kafka:4.1.0"
     assert "apache/kafka:4.1.0" in (kafka_version_problem(compose) or "")
+
+
+# --- on Druid: compose.yaml with compose.druid.yaml applied ---------------------------
+
+ON_DRUID = merged(COMPOSE, load_compose(DRUID_OVERRIDE))
+TALLY_ON_DRUID = tally_services(ON_DRUID)
+
+
+def test_the_druid_override_fits_and_points_every_tally_process_at_druid() -> None:
+    assert set(TALLY_ON_DRUID) == {*TALLY, "druid-apply"}
+    assert compose_problems(ON_DRUID) == []
+    assert druid_problems(ON_DRUID) == []
+
+
+@pytest.mark.parametrize("name", sorted(TALLY_ON_DRUID))
+def test_on_druid_each_command_and_its_settings_are_accepted(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = TALLY_ON_DRUID[name]
+    env = environment(service)
+    assert command_problems(service["command"], env, tmp_path) == []
+    assert unknown_settings(env) == []
+    assert settings_problem(env, monkeypatch, tmp_path) is None
+
+
+def test_druid_checks_bite() -> None:
+    def broken_on_druid(change: Any) -> list[str]:
+        compose = copy.deepcopy(ON_DRUID)
+        change(compose["services"])
+        return druid_problems(compose)
+
+    def env(service: str, **values: str) -> Any:
+        return lambda s: s[service].__setitem__(
+            "environment", {**s[service]["environment"], **values}
+        )
+
+    assert "druid-broker: image apache/druid:32.0.0 is not apache/druid:33.0.0" in (
+        broken_on_druid(lambda s: s["druid-broker"].__setitem__("image", "apache/druid:32.0.0"))
+    )
+    assert any(
+        p.startswith("api: TALLY_DRUID__BROKER_URL=http://druid-historical:8083")
+        for p in broken_on_druid(env("api", TALLY_DRUID__BROKER_URL="http://druid-historical:8083"))
+    )
+    assert "watcher: TALLY_STORE__BACKEND is not druid" in broken_on_druid(
+        env("watcher", TALLY_STORE__BACKEND="embedded")
+    )
+    assert "the historical and the indexer do not share the deep-storage volume" in (
+        broken_on_druid(lambda s: s["druid-indexer"].__setitem__("volumes", []))
+    )
+    assert "the coordinator does not run the overlord" in broken_on_druid(
+        env("druid-coordinator", druid_coordinator_asOverlord_enabled="false")
+    )
+    assert "no Druid indexer service" in broken_on_druid(lambda s: s.pop("druid-indexer"))
+    assert "druid-apply: does not wait for the overlord to be healthy" in broken_on_druid(
+        lambda s: s["druid-apply"].pop("depends_on")
+    )
+
+
+def test_the_override_merges_as_compose_does() -> None:
+    """Mappings merge key by key, lists and scalars are replaced."""
+    base = {"services": {"a": {"command": ["x"], "environment": {"K": "1", "L": "2"}}}}
+    over = {"x-anchor": {}, "services": {"a": {"command": ["y"], "environment": {"K": "3"}}}}
+    assert merged(base, over) == {
+        "services": {"a": {"command": ["y"], "environment": {"K": "3", "L": "2"}}}
+    }

@@ -27,8 +27,14 @@ def env_for(settings: Settings) -> dict[str, str]:
         "TALLY_INGEST__SEARCH_REFRESH_S": str(settings.ingest.search_refresh_s),
         "TALLY_INGEST__BATCH_MAX_ROWS": str(settings.ingest.batch_max_rows),
         "TALLY_INGEST__SESSION_TIMEOUT_MS": str(settings.ingest.session_timeout_ms),
+        "TALLY_INGEST__TRANSACTION_TIMEOUT_S": str(settings.ingest.transaction_timeout_s),
+        "TALLY_STORE__BACKEND": settings.store.backend,
         "TALLY_STORE__GC_GRACE_S": "0",
         "TALLY_STORE__BUSY_TIMEOUT_S": str(settings.store.busy_timeout_s),
+    } | {
+        f"TALLY_DRUID__{name.upper()}": url
+        for name in ("broker_url", "overlord_url", "coordinator_url")
+        if (url := getattr(settings.druid, name)) is not None
     }
 
 

@@ -62,6 +62,21 @@ def test_route_sql_matches_fixture(payments_spec: DatasourceSpec, name: str) -> 
     assert text == path.read_text()
 
 
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_base_route_sql_in_druid_matches_fixture(payments_spec: DatasourceSpec, name: str) -> None:
+    """The same requests answered from the base, rendered for Druid (the backend
+    stores no rollups yet): TIME_FLOOR in the datasource's zone, TIME_PARSE bounds."""
+    from storage.druid import dialect
+
+    routed = route(payments_spec, CASES[name], force_base=True)
+    text = sqlglot.transpile(routed.sql(dialect.NAME), read=dialect.NAME, pretty=True)[0] + "\n"
+    path = FIXTURES.with_name("router_druid") / f"{name}.sql"
+    if os.environ.get("UPDATE_FIXTURES"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    assert text == path.read_text()
+
+
 def test_coarsest_rollup_wins(payments_spec: DatasourceSpec) -> None:
     assert choose(payments_spec, req(group_by=("currency",))).name == "payments_daily"  # type: ignore[union-attr]
     assert choose(payments_spec, req(group_by=("status",))).name == "payments_hourly"  # type: ignore[union-attr]

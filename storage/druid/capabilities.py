@@ -1,0 +1,36 @@
+"""What Druid does natively (read by callers instead of its class)."""
+
+from __future__ import annotations
+
+from storage.druid import dialect
+from storage.protocol import Capabilities
+
+CAPABILITIES = Capabilities(
+    name="druid",
+    # sqlglot's "druid", completed for the trees Tally builds (storage.druid.dialect).
+    sql_dialect=dialect.NAME,
+    # Druid's supervisor keeps its offsets in its own metadata store, with the segments
+    # they produced. Tally's offsets (the relay's, or a direct commit's) are the Kafka
+    # group's, committed in the same Kafka transaction as the rows, but fenced only by
+    # group generation (KIP-447): a commit's start offsets are not compared with the
+    # stored ones, so a zombie without a group is not refused. Not a catalog.
+    transactional_offsets=False,
+    # Tally will submit compaction tasks for late-written intervals (the next issue).
+    # Until it does, the watcher must not call a compactor that cannot compact:
+    # ``DruidStore.compactor`` raises and the watcher sees nothing due.
+    manual_compaction=False,
+    ingests_from_kafka=True,
+    # Rollups at ingestion time (metricsSpec, retraction deltas) are the next issue;
+    # until then the router answers every aggregate from the merged base.
+    rollup_datasources=False,
+    # A Druid datasource holds every version ingested; merged rows are a subquery.
+    merged_views=False,
+    # A commit is a Kafka transaction to the refined topic; the supervisor's task
+    # makes it queryable seconds later.
+    visible_on_commit=False,
+    # Dead letters go to their topic in the commit's Kafka transaction (as the relay's).
+    dead_letter_outbox=False,
+    # Rewriting a key means rewriting its segments (a reindex of its intervals): not
+    # built; merge on read already hides every version but the latest.
+    repair=False,
+)

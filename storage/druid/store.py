@@ -1,0 +1,309 @@
+"""The Druid backend's writer side: a commit is the relay's write path, one Kafka
+transaction to the refined topic that Druid's supervisor ingests (ADR 0004).
+
+``commit`` encodes the rows in the refined format (``storage.refined``), produces
+them keyed by the datasource key (the default partitioner keeps a key on one
+partition, so per-key order holds) and the batch's dead letters to the dead-letter
+topic, and, given ``offsets``, commits them for the OLAP sink's group
+(``tally.olap.<datasource>``, the relay's) in the same transaction. So rows, letters
+and offsets are visible together or not at all to read_committed readers, Druid's
+supervisor among them. What the contract asks and Druid cannot give is a capability
+(``storage.druid.capabilities``), each with its reason:
+
+* ``visible_on_commit`` false: the rows are queryable once the supervisor's task has
+  read them, seconds later;
+* ``transactional_offsets`` false: a direct commit has no group generation, so its
+  offsets are committed unfenced (Kafka accepts a generation -1 commit for a group
+  without members) and a start that differs from the stored one is not refused;
+  ``stored_offsets`` is what the group holds;
+* ``dead_letter_outbox`` false: letters are in the topic when the commit returns,
+  ``outbox.pending`` is always empty;
+* ``manual_compaction`` false and ``repair`` false: the compactor and ``repair``
+  raise ``StoreError``, as do segment and partition statistics (only the watcher
+  reads them).
+
+The supervisor must be running (``tally druid apply``, as at deployment); the store
+does not submit it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import uuid
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, NoReturn
+
+import pyarrow as pa
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+
+from storage.deadletters import headers
+from storage.druid.capabilities import CAPABILITIES
+from storage.protocol import (
+    CommitResult,
+    CompactionResult,
+    DeadLetterRecord,
+    OffsetRange,
+    PartitionStats,
+    RebuildReport,
+    RepairResult,
+    SegmentInfo,
+)
+from storage.protocol import (
+    TopicPartition as TP,
+)
+from storage.refined import RowEncoder, refined_topic
+from storage.schema import row_schema, rows_to_table
+from tally.errors import BrokerError, BrokerUnavailable, StoreError
+from tally.settings import Settings
+from tally.specs import DatasourceSpec, SpecRegistry
+from tally.timeutil import bucket_range
+
+SINK = "olap"  # the sink whose group holds the offsets: the relay's
+
+
+def _not_here(what: str, capability: str) -> NoReturn:
+    raise StoreError(f"the Druid backend has no {what} (capabilities.{capability} is false)")
+
+
+class _NoCompactor:
+    """Druid's compaction is not driven by Tally yet (``manual_compaction`` false)."""
+
+    def compact(
+        self, datasource: str, partition: str, segment_ids: Sequence[int] | None = None
+    ) -> CompactionResult | None:
+        _not_here("Tally-driven compaction yet", "manual_compaction")
+
+    def pack(self, datasource: str, segment_ids: Sequence[int]) -> CompactionResult | None:
+        _not_here("packs", "packs")
+
+    def collect_garbage(self, *, orphan_grace_s: float | None = None) -> int:
+        return 0  # Druid's coordinator removes unused segments itself: nothing of Tally's
+
+
+class _TopicOutbox:
+    """Dead letters are produced in the commit's transaction: never pending."""
+
+    def pending(self, datasource: str) -> list[DeadLetterRecord]:
+        return []
+
+    def mark_published(self, published: Sequence[tuple[str, int, int]]) -> None:
+        return None
+
+
+class DruidStore:
+    capabilities = CAPABILITIES
+
+    def __init__(self, settings: Settings, registry: SpecRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self._timeout_s = settings.ingest.transaction_timeout_s
+        self._producer: Producer | None = None
+        self._consumers: dict[str, Consumer] = {}
+        self._encoders: dict[str, RowEncoder] = {}
+        self._compactor = _NoCompactor()
+        self._outbox = _TopicOutbox()
+
+    # --- Kafka clients -------------------------------------------------------------------
+
+    def _config(self) -> dict[str, Any]:
+        # Errors only: the client retries a coordinator that is moving or loading itself,
+        # and says so at warning level on stderr (as ingest.kafka.base_config keeps quiet).
+        conf: dict[str, Any] = {"bootstrap.servers": self.settings.kafka_bootstrap, "log_level": 3}
+        if self.settings.kafka_password is not None:
+            conf |= {
+                "security.protocol": "SASL_PLAINTEXT",
+                "sasl.mechanisms": "PLAIN",
+                "sasl.username": self.settings.kafka_user or "tally",
+                "sasl.password": self.settings.kafka_password.get_secret_value(),
+            }
+        return conf
+
+    def _producer_for_commit(self) -> Producer:
+        if self._producer is None:
+            host, pid, tag = socket.gethostname(), os.getpid(), uuid.uuid4().hex[:8]
+            namespace = self.settings.topic_namespace
+            timeout_ms = int(self._timeout_s * 1000)
+            prod = Producer(
+                self._config()
+                | {
+                    "transactional.id": f"{namespace}tally.store.{host}.{pid}.{tag}",
+                    "enable.idempotence": True,
+                    "transaction.timeout.ms": timeout_ms,
+                    "message.timeout.ms": timeout_ms,
+                    "linger.ms": 5,
+                }
+            )
+            try:
+                prod.init_transactions(self._timeout_s * 3)
+            except KafkaException as exc:
+                raise _translate(exc, "initialising transactions") from exc
+            self._producer = prod
+        return self._producer
+
+    def _group(self, spec: DatasourceSpec) -> Consumer:
+        """A consumer of the sink's group that never joins it: its metadata (generation
+        -1) commits offsets as a group without members, and it reads them back."""
+        group = self.settings.group(SINK, spec.name)
+        if group not in self._consumers:
+            self._consumers[group] = Consumer(
+                self._config()
+                | {
+                    "group.id": group,
+                    "enable.auto.commit": False,
+                    "isolation.level": "read_committed",
+                }
+            )
+        return self._consumers[group]
+
+    def _spec(self, datasource: str) -> DatasourceSpec:
+        spec, rollup = self.registry.owner(datasource)
+        if rollup is not None:
+            _not_here(f"stored rollup {datasource!r}", "rollup_datasources")
+        return spec
+
+    # --- writes --------------------------------------------------------------------------
+
+    def commit(
+        self,
+        datasource: str,
+        rows: pa.Table | Sequence[Mapping[str, Any]],
+        offsets: Mapping[TP, OffsetRange] | None = None,
+        *,
+        now: datetime | None = None,
+        dead_letters: Sequence[DeadLetterRecord] = (),
+    ) -> CommitResult:
+        spec = self._spec(datasource)
+        table = rows if isinstance(rows, pa.Table) else rows_to_table(list(rows), row_schema(spec))
+        encoder = self._encoders.setdefault(spec.name, RowEncoder(spec))
+        keys, values = encoder.encode(table)
+        topic = refined_topic(self.settings, spec)
+        letters_topic = self.settings.topic(spec.dead_letter_topic)
+        prod = self._producer_for_commit()
+        try:
+            prod.begin_transaction()
+            for key, value in zip(keys, values, strict=True):
+                _produce(prod, topic, key, value, None)
+            for letter in dead_letters:
+                _produce(prod, letters_topic, letter.key, letter.value, headers(letter))
+            if offsets:
+                tps = [TopicPartition(t, p, r.end) for (t, p), r in offsets.items()]
+                meta = self._group(spec).consumer_group_metadata()
+                prod.send_offsets_to_transaction(tps, meta, self._timeout_s)
+            prod.commit_transaction(self._timeout_s)
+        except KafkaException as exc:
+            self._abort()
+            raise _translate(exc, f"committing to {topic}") from exc
+        return CommitResult(
+            datasource=spec.name,
+            rows_in=table.num_rows,
+            rows_written=len(values),
+            stale_rows=0,  # merge on read: Druid keeps every version, reads pick the latest
+            tombstones=0,
+            segments=0,  # Druid's task decides its segments
+            rollup_rows=0,
+            late_rows=0,
+            partitions=(),
+        )
+
+    def _abort(self) -> None:
+        """A failed transaction's producer is dropped: the next commit makes a new one
+        (its id is new, so nothing waits for the old transaction but its timeout)."""
+        old, self._producer = self._producer, None
+        if old is not None:
+            with contextlib.suppress(KafkaException):
+                old.abort_transaction(5)
+
+    def stored_offsets(self, datasource: str) -> dict[TP, int]:
+        """The sink group's committed offsets on the source topic (read stable)."""
+        spec = self._spec(datasource)
+        consumer = self._group(spec)
+        source = self.settings.topic(spec.datasource.topic)
+        try:
+            meta = consumer.list_topics(source, timeout=10).topics.get(source)
+            if meta is None or meta.error is not None:
+                return {}
+            wanted = [TopicPartition(source, p) for p in sorted(meta.partitions)]
+            got = consumer.committed(wanted, timeout=self._timeout_s * 3)
+        except KafkaException as exc:
+            raise _translate(exc, f"reading the committed offsets of {source}") from exc
+        return {(tp.topic, tp.partition): tp.offset for tp in got if tp.offset >= 0}
+
+    # --- what the watcher and operators use ------------------------------------------
+
+    @property
+    def compactor(self) -> _NoCompactor:
+        return self._compactor
+
+    @property
+    def outbox(self) -> _TopicOutbox:
+        return self._outbox
+
+    def datasource_names(self, datasource: str | None = None) -> list[str]:
+        """Base datasources only: no rollup is stored (``rollup_datasources`` false)."""
+        if datasource is not None:
+            return [self._spec(datasource).name]
+        return [spec.name for spec in self.registry]
+
+    def partition_stats(self, datasource: str | None = None) -> list[PartitionStats]:
+        _not_here("partition statistics (the compaction watcher's)", "manual_compaction")
+
+    def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]:
+        _not_here("segment catalog (the compaction watcher's)", "manual_compaction")
+
+    def partition_range(self, datasource: str, partition: str) -> tuple[datetime, datetime]:
+        spec = self._spec(datasource)
+        return bucket_range(partition, spec.datasource.granularity, spec.tz)
+
+    def rebuild_rollups(
+        self, datasource: str, partition: str | None = None, rollup_name: str | None = None
+    ) -> list[RebuildReport]:
+        """Nothing to rebuild: aggregates are computed from the merged base on read."""
+        if rollup_name is not None:
+            _not_here(f"stored rollup {rollup_name!r}", "rollup_datasources")
+        self._spec(datasource)
+        return []
+
+    def repair(
+        self,
+        datasource: str,
+        rows: Sequence[Mapping[str, Any]] | pa.Table,
+        remove_keys: Sequence[str] = (),
+        *,
+        expect: Mapping[str, tuple[int, str] | None] | None = None,
+        partitions: Sequence[str] = (),
+    ) -> RepairResult:
+        _not_here("repair (rewriting a key's segments)", "repair")
+
+    def close(self) -> None:
+        if self._producer is not None:
+            self._producer.flush(5)
+            self._producer = None
+        for consumer in self._consumers.values():
+            consumer.close()
+        self._consumers.clear()
+
+
+def _produce(
+    prod: Producer,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
+    hdrs: list[tuple[str, str | bytes | None]] | None,
+) -> None:
+    while True:
+        try:
+            prod.produce(topic, value=value, key=key, headers=hdrs)
+            return
+        except BufferError:  # the local queue is full: let deliveries drain
+            prod.poll(0.05)
+
+
+def _translate(exc: KafkaException, what: str) -> BrokerUnavailable | BrokerError:
+    err = exc.args[0] if exc.args else None
+    text = err.str() if isinstance(err, KafkaError) else str(exc)
+    if isinstance(err, KafkaError) and (err.retriable() or err.code() == KafkaError._TRANSPORT):
+        return BrokerUnavailable(f"{what}: {text}")
+    return BrokerError(f"{what}: {text}")

@@ -1,0 +1,147 @@
+"""Druid Kafka supervisor specs, generated from a datasource spec (never hand-written).
+
+The supervisor reads the refined topic the relay writes (``storage.refined``: flat,
+typed, validated rows), never the raw events topic (ADR 0004). What the spec fixes:
+
+* the partition-time column is the primary timestamp (``__time``), epoch millis; every
+  other column is a typed dimension (string, or long for ints, timestamps in millis,
+  booleans 0/1), so Druid neither guesses types nor drops a column;
+* ``segmentGranularity`` is the spec's partition granularity as a simple (UTC)
+  granularity: Kafka ingestion allocates segments by simple granularities only, a
+  zoned period is ignored or fails (apache/druid#8690, #11179), so one calendar day of
+  a non-UTC datasource spans two UTC chunks, and compaction of a late day covers both;
+* no rollup on the base (merge on read needs every version), queryGranularity none;
+* no ``lateMessageRejectionPeriod`` / ``earlyMessageRejectionPeriod``: a cancellation
+  30 days after its payment must still land in its partition;
+* read_committed: what an aborted relay transaction held is never ingested;
+* one task, one replica, small in-memory limits: sized for a 2-core machine.
+
+The supervisor id is the Druid datasource name, the datasource name behind the
+settings' topic namespace (so test runs and stages can share one Druid).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from storage.refined import TIME_FORMAT, column_kinds, refined_topic
+from tally.settings import Settings
+from tally.specs import DatasourceSpec
+
+REDACTED = "<redacted>"
+
+
+def datasource_name(settings: Settings, spec: DatasourceSpec) -> str:
+    return f"{settings.topic_namespace}{spec.name}"
+
+
+def consumer_properties(settings: Settings, *, secrets: bool) -> dict[str, Any]:
+    props: dict[str, Any] = {
+        "bootstrap.servers": settings.druid.kafka_bootstrap or settings.kafka_bootstrap,
+        "isolation.level": "read_committed",
+    }
+    if settings.kafka_password is not None:
+        password = settings.kafka_password.get_secret_value() if secrets else REDACTED
+        user = settings.kafka_user or "tally"
+        props |= {
+            "security.protocol": "SASL_PLAINTEXT",
+            "sasl.mechanism": "PLAIN",
+            "sasl.jaas.config": (
+                "org.apache.kafka.common.security.plain.PlainLoginModule required "
+                f'username="{user}" password="{password}";'
+            ),
+        }
+    return props
+
+
+def supervisor_spec(
+    settings: Settings, spec: DatasourceSpec, *, secrets: bool = True
+) -> dict[str, Any]:
+    """The body of ``POST /druid/indexer/v1/supervisor`` for ``spec``'s base datasource
+    (``secrets=False``: the Kafka password redacted, for printing)."""
+    ds = spec.datasource
+    dimensions = [
+        {"type": kind, "name": name} for name, kind in column_kinds(spec).items() if name != ds.time
+    ]
+    return {
+        "type": "kafka",
+        "spec": {
+            "dataSchema": {
+                "dataSource": datasource_name(settings, spec),
+                "timestampSpec": {"column": ds.time, "format": TIME_FORMAT},
+                "dimensionsSpec": {"dimensions": dimensions},
+                "metricsSpec": [],
+                "granularitySpec": {
+                    "type": "uniform",
+                    "segmentGranularity": ds.granularity.upper(),
+                    "queryGranularity": "NONE",
+                    "rollup": False,
+                },
+            },
+            "ioConfig": {
+                "type": "kafka",
+                "topic": refined_topic(settings, spec),
+                "inputFormat": {"type": "json"},
+                "consumerProperties": consumer_properties(settings, secrets=secrets),
+                "useEarliestOffset": True,
+                "taskCount": 1,
+                "replicas": 1,
+                "taskDuration": "PT1H",
+                "completionTimeout": "PT30M",
+                "period": "PT30S",
+                "pollTimeout": 100,
+            },
+            "tuningConfig": {
+                "type": "kafka",
+                "maxRowsInMemory": 100_000,
+                "maxBytesInMemory": 64 * 1024 * 1024,
+                "maxRowsPerSegment": 5_000_000,
+                "intermediatePersistPeriod": "PT1M",
+                "maxPendingPersists": 0,
+                "resetOffsetAutomatically": False,
+                # Every row was validated by the relay: a parse exception is a bug in
+                # the format, logged and counted rather than stopping the partition.
+                "logParseExceptions": True,
+                "maxSavedParseExceptions": 100,
+            },
+        },
+    }
+
+
+def contains(actual: Any, wanted: Any) -> bool:
+    """Whether Druid's copy of a spec holds everything ``wanted`` says. Druid returns
+    what it stored with its defaults filled in (more keys, dimension objects with
+    their index options), so equality would always differ; a subset does not. Druid
+    33 also echoes some values in another form (measured): durations in seconds
+    (``PT1H`` as ``PT3600S``), a granularity name as an object (``NONE`` as
+    ``{"type": "none"}``), and the ioConfig without its ``type``; those count as equal."""
+    if isinstance(wanted, dict):
+        return isinstance(actual, dict) and all(
+            (k in actual and contains(actual[k], v)) or (k == "type" and k not in actual)
+            for k, v in wanted.items()
+        )
+    if isinstance(wanted, list):
+        return (
+            isinstance(actual, list)
+            and len(actual) == len(wanted)
+            and all(contains(a, w) for a, w in zip(actual, wanted, strict=True))
+        )
+    if isinstance(wanted, str) and isinstance(actual, dict):
+        return set(actual) == {"type"} and str(actual["type"]).lower() == wanted.lower()
+    if isinstance(wanted, str) and isinstance(actual, str) and wanted != actual:
+        a, w = _seconds(actual), _seconds(wanted)
+        return a is not None and a == w
+    return bool(actual == wanted)
+
+
+_DURATION = re.compile(r"^PT(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?$")
+
+
+def _seconds(text: str) -> int | None:
+    """Seconds of an ISO 8601 time duration (``PT1H30M``), None if it is not one."""
+    match = _DURATION.match(text)
+    if match is None or not any(match.groups()):
+        return None
+    h, m, sec = (int(g or 0) for g in match.groups())
+    return h * 3600 + m * 60 + sec

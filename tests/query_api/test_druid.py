@@ -1,0 +1,220 @@
+"""The query API on the Druid backend (a real ``tally serve`` over a real Druid 33):
+the same routes give the answers a recount of the committed events gives, every row
+is the key's merchant's, the SQL attack corpus is refused, and Druid down or stuck is
+HTTP 503 with the JSON error body within the timeouts, never a 500 or a hang.
+
+The embedded suites' own tests run here again (imported: pytest collects them in
+this module, where ``api`` is the Druid-backed server); those whose expectations are
+embedded-only (sales from a rollup, rollups named in SQL) have a Druid twin here.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from query_api.keys import KeyStore
+from query_api.ready import wait_ready
+from tally.settings import Settings
+from tally.specs import SpecRegistry
+from tests.druid import Druid
+from tests.ingest.conftest import free_port
+from tests.query_api.conftest import MERCHANTS, Api, _history, index_docs
+from tests.query_api.test_routes import (  # noqa: F401 (collected here, on Druid)
+    SEOUL_MIDNIGHT,
+    _recount,
+    test_a_cursor_belongs_to_its_query,
+    test_hybrid_search_equals_a_brute_force_scan,
+    test_no_request_to_any_route_returns_another_merchants_row,
+    test_one_transaction_is_only_its_merchants,
+    test_pages_cover_every_row_once_newest_first,
+)
+from tests.query_api.test_sql import (  # noqa: F401 (collected here, on Druid)
+    _SHAPES,
+    _sql,
+    test_dialects_answer_alike_and_only_for_the_key,
+    test_every_attack_is_refused_with_a_4xx,
+)
+from tests.storage.druid.conftest import druid_settings
+from tests.storage.druid.loading import load
+
+pytestmark = pytest.mark.slow
+SQL_TIMEOUT_S = 2.0
+REQUEST_TIMEOUT_S = 3.0
+
+
+@pytest.fixture(scope="module")
+def api(
+    druid: Druid, tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry
+) -> Iterator[Api]:
+    data_dir = tmp_path_factory.mktemp("api-druid")
+    base = Settings(data_dir=data_dir, topic_namespace=f"a{uuid.uuid4().hex[:10]}_")
+    settings = druid_settings(druid, data_dir, base)
+    spec = registry.get("payments")
+    events = _history(600, seed=7)
+    # Two tasks: versions of one key in different segments, as the supervisor leaves them.
+    load(druid, settings, spec, events[1::2])
+    load(druid, settings, spec, events[0::2])
+    index_docs(settings, spec, events)
+    keys = KeyStore(settings.keys_path)
+    issued = {m: keys.create(m)[1] for m in MERCHANTS}
+    issued["admin"] = keys.create(None, admin=True)[1]
+    keys.close()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "2"],
+        env={
+            **os.environ,
+            "TALLY_DATA_DIR": str(data_dir),
+            "TALLY_TOPIC_NAMESPACE": settings.topic_namespace,
+            "TALLY_STORE__BACKEND": "druid",
+            "TALLY_DRUID__BROKER_URL": druid.broker_url,
+            "TALLY_DRUID__OVERLORD_URL": druid.overlord_url,
+            "TALLY_DRUID__REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
+            "TALLY_API__SQL_TIMEOUT_S": str(SQL_TIMEOUT_S),
+            "TALLY_API__RATE_LIMIT": "1000000/second",
+        },
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, server)
+        yield Api(url, issued, events, spec, settings)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    merchant=st.sampled_from(MERCHANTS),
+    start_day=st.integers(0, 40),
+    days=st.integers(1, 30),
+    hour=st.sampled_from([0, 0, 5]),
+    gran=st.sampled_from(["hour", "day", "month"]),
+    groups=st.lists(st.sampled_from(["method", "status", "currency"]), unique=True, max_size=2),
+)
+def test_sales_from_the_base_equal_a_recount(
+    api: Api, merchant: str, start_day: int, days: int, hour: int, gran: str, groups: list[str]
+) -> None:
+    """Druid stores no rollups yet: every answer is from the base and says so."""
+    start = SEOUL_MIDNIGHT + timedelta(days=start_day, hours=hour)
+    end = start + timedelta(days=days)
+    params = {
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "granularity": gran,
+        "group_by": ",".join(groups),
+    }
+    with api.client(merchant) as c:
+        resp = c.get("/v1/sales", params=params)
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["source"] == "base"
+    got = {
+        (datetime.fromisoformat(b["bucket"]).astimezone(UTC), *(b[g] for g in groups)): (
+            b["count"],
+            b["gross_amount"],
+            b["canceled_amount"],
+            b["net_amount"],
+        )
+        for b in body["buckets"]
+    }
+    expected = {
+        (k[0].astimezone(UTC), *k[1:]): v
+        for k, v in _recount(api, merchant, start, end, gran, tuple(groups)).items()
+    }
+    assert got == expected
+
+
+def test_one_transaction_and_the_list_are_the_merged_rows(api: Api) -> None:
+    latest = api.latest()
+    for who in MERCHANTS:
+        with api.client(who) as c:
+            items = c.get("/v1/transactions", params={"limit": 1000}).json()["items"]
+        mine = {k: r for k, r in latest.items() if r["merchant_id"] == who}
+        assert Counter(i["txn_id"] for i in items) == Counter(list(mine))  # each key once
+        for item in items:
+            want = mine[item["txn_id"]]
+            assert (item["version"], item["status"]) == (want["version"], want["status"])
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    who=st.sampled_from(MERCHANTS),
+    # Druid has no MAX over strings: that shape is a 400 (test_sql_reads_merged_rows…).
+    shape=st.sampled_from([s for s in _SHAPES if "MAX(" not in s]),
+    dialect=st.sampled_from(["mysql", "postgres", "starrocks"]),
+)
+def test_no_query_shape_reaches_another_merchant_on_druid(
+    api: Api, who: str, shape: str, dialect: str
+) -> None:
+    sql = shape.format(t="payments", u="payments") + " LIMIT 5000"
+    status, body = _sql(api, who, sql, dialect)
+    assert status == 200, (sql, body)
+    assert {row[0] for row in body["rows"]} <= {who, None}
+
+
+def test_sql_reads_merged_rows_with_the_tenant_bound(api: Api) -> None:
+    status, body = _sql(
+        api, "m1", "SELECT COUNT(*) AS n, COUNT(DISTINCT txn_id) AS k FROM payments"
+    )
+    assert status == 200, body
+    mine = [r for r in api.latest().values() if r["merchant_id"] == "m1"]
+    assert body["rows"] == [[len(mine), len(mine)]]
+    status, body = _sql(api, "m1", "SELECT * FROM payments_daily")
+    assert status == 400 and "unknown datasource" in body["error"]["message"]
+    status, body = _sql(api, "m1", "SELECT (SELECT MAX(merchant_id) FROM payments) FROM payments")
+    assert status == 400 and body["error"]["code"] == "query_error"  # Druid's limit, not a leak
+
+
+def test_druid_stuck_is_a_503_within_the_timeouts(api: Api, druid: Druid) -> None:
+    """The broker SIGSTOPped (it accepts connections, answers nothing): every route
+    answers 503 with the JSON body within its timeout, then works again."""
+    broker = druid.engine.role_running("broker")
+    assert broker is not None
+    mine = next(r for r in api.latest().values() if r["merchant_id"] == "m1")
+    calls: list[tuple[str, str, dict[str, Any], float]] = [
+        ("post", "/v1/sql", {"json": {"sql": "SELECT COUNT(*) FROM payments"}}, SQL_TIMEOUT_S),
+        ("get", f"/v1/transactions/{mine['txn_id']}", {}, REQUEST_TIMEOUT_S),
+        ("get", "/v1/transactions", {"params": {"limit": 5}}, REQUEST_TIMEOUT_S),
+        (
+            "get",
+            "/v1/sales",
+            {"params": {"from": "2026-10-01T00:00:00+09:00", "to": "2026-10-05T00:00:00+09:00"}},
+            REQUEST_TIMEOUT_S,
+        ),
+    ]
+    os.kill(broker.pid, signal.SIGSTOP)
+    try:
+        with api.client("m1") as c:
+            for method, path, kw, limit in calls:
+                started = time.monotonic()
+                resp = getattr(c, method)(path, **kw)
+                took = time.monotonic() - started
+                assert resp.status_code == 503, (path, resp.text)
+                assert resp.json()["error"]["code"] == "druid_unavailable", resp.text
+                assert took < limit + 1.5, (path, took)
+            ready = c.get("/readyz")
+            assert ready.status_code == 503 and ready.json()["status"] == "not ready"
+    finally:
+        os.kill(broker.pid, signal.SIGCONT)
+    with api.client("m1") as c:
+        assert c.get(f"/v1/transactions/{mine['txn_id']}").status_code == 200
