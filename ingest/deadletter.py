@@ -22,7 +22,7 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from ingest.decode import Rejected
 from ingest.kafka import base_config, flush, producer, translate
@@ -74,33 +74,46 @@ class Seen:
 
 
 def read_topic(
-    settings: Settings, topic: str, start: dict[int, int] | None = None, idle_s: float = 1.5
+    settings: Settings, topic: str, start: dict[int, int] | None = None, timeout_s: float = 30.0
 ) -> Iterator[Seen]:
-    """Read a topic from ``start`` (default: the beginning) until it stays quiet for
-    ``idle_s``. End offsets are not trusted (the dev broker misreports them)."""
+    """Read a topic from ``start`` (default: the beginning) to its end: each partition
+    until a fetch answers end-of-partition. Not a quiet period (a consumer can take
+    longer than any to fetch its first message, just after a broker outage, and would
+    miss letters that are there), and not end offsets (the dev broker misreports them).
+    A partition that neither yields a message nor ends within ``timeout_s`` raises
+    BrokerUnavailable."""
     consumer = Consumer(
         base_config(settings)
         | {
-            "group.id": f"{settings.topic_namespace}tally.reader",
+            "group.id": f"{settings.topic_namespace}tally.reader",  # never joined
             "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "earliest",
+            "fetch.wait.max.ms": 100,
         }
     )
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
         if meta is None or meta.error is not None:
             return
-        parts = [
-            TopicPartition(topic, p, (start or {}).get(p, OFFSET_BEGINNING))
-            for p in meta.partitions
-        ]
-        consumer.assign(parts)
-        quiet_since = time.monotonic()
-        while time.monotonic() - quiet_since < idle_s:
-            batch = consumer.consume(1000, 0.2)
-            for m in batch:
-                if m.error():
+        consumer.assign(
+            [
+                TopicPartition(topic, p, (start or {}).get(p, OFFSET_BEGINNING))
+                for p in meta.partitions
+            ]
+        )
+        pending = set(meta.partitions)
+        deadline = time.monotonic() + timeout_s
+        while pending:
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"reading {topic}: partitions {sorted(pending)} silent")
+            for m in consumer.consume(1000, 0.2):
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF:
+                        pending.discard(m.partition())
                     continue
-                quiet_since = time.monotonic()
+                deadline = time.monotonic() + timeout_s
                 yield Seen(
                     m.partition() or 0,
                     m.offset() or 0,
@@ -117,7 +130,14 @@ def read_topic(
 class Publisher:
     """Empties the store's dead-letter outbox into the dead-letter topic: the letters of
     the source partitions its caller owns. Processes sharing a store each publish their
-    own, so no letter is ever produced by two at once (both would land)."""
+    own, so no letter is ever produced by two at once (both would land).
+
+    A letter handed to the producer stays in its queue until the broker answers or
+    ``message.timeout.ms`` passes, even after a flush gave up: it is *in flight*, and
+    is not produced again while it is (a broker frozen past the flush deadline would
+    otherwise get it twice when it resumes). One whose delivery failed may still have
+    landed (the request was written, its answer lost), so the topic is scanned for it
+    before it is produced again."""
 
     def __init__(self, settings: Settings, spec: DatasourceSpec, outbox: DeadLetterOutbox) -> None:
         self.settings = settings
@@ -126,6 +146,9 @@ class Publisher:
         self.topic = settings.topic(spec.dead_letter_topic)
         self._producer = producer(settings)
         self._recovered = False
+        self.flush_timeout_s = 30.0
+        self._in_flight: set[str] = set()
+        self._acked: list[tuple[str, int, int]] = []
 
     def _pending(self, owned: Collection[tuple[str, int]]) -> list[DeadLetterRecord]:
         return [d for d in self.outbox.pending(self.spec.name) if (d.topic, d.partition) in owned]
@@ -136,48 +159,62 @@ class Publisher:
         self._recovered = False
 
     def recover(self, owned: Collection[tuple[str, int]]) -> int:
-        """Mark pending letters a crashed predecessor already published."""
-        pending = {d.id for d in self._pending(owned)}
+        """Mark pending letters a crashed predecessor (or a delivery reported failed)
+        already published."""
+        pending = {d.id for d in self._pending(owned)} - self._in_flight
         if not pending:
             return 0
         found = []
-        for seen in read_topic(self.settings, self.topic, idle_s=1.0):
+        for seen in read_topic(self.settings, self.topic):
             if seen.meta.get("id") in pending:
                 found.append((seen.meta["id"], seen.partition, seen.offset))
         if found:
             self.outbox.mark_published(found)
         return len(found)
 
+    def _delivered(self, ident: str, err: Any, msg: Any) -> None:
+        self._in_flight.discard(ident)
+        if err is None:
+            self._acked.append((ident, msg.partition(), msg.offset()))
+        else:
+            self._recovered = False  # it may have landed: look before producing it again
+
+    def _mark_acked(self) -> None:
+        acked, self._acked = self._acked, []
+        if acked:
+            self.outbox.mark_published(acked)
+
     def publish(self, owned: Collection[tuple[str, int]]) -> int:
-        """Publish the pending letters of the source partitions ``owned``."""
+        """Publish the pending letters of the source partitions ``owned``; the number
+        acknowledged by this call (letters of earlier calls included)."""
+        self._producer.poll(0)  # answers that arrived since the last call
+        self._mark_acked()
         if not self._recovered:
             self.recover(owned)
             self._recovered = True
-        pending = self._pending(owned)
-        if not pending:
-            return 0
-        acked: list[tuple[str, int, int]] = []
-
-        def delivered(ident: str, err: Any, msg: Any) -> None:
-            if err is None:
-                acked.append((ident, msg.partition(), msg.offset()))
-
+        pending = [d for d in self._pending(owned) if d.id not in self._in_flight]
         for letter in pending:
+            self._in_flight.add(letter.id)
             self._producer.produce(
                 self.topic,
                 key=letter.key,
                 value=letter.value,
                 headers=headers(letter),
-                on_delivery=functools.partial(delivered, letter.id),
+                on_delivery=functools.partial(self._delivered, letter.id),
             )
+        if not self._in_flight:
+            return 0
+        done = 0
         try:
-            flush(self._producer, f"publishing dead letters to {self.topic}")
+            flush(self._producer, f"publishing dead letters to {self.topic}", self.flush_timeout_s)
         finally:
-            if acked:
-                self.outbox.mark_published(acked)
-        if len(acked) != len(pending):
-            raise BrokerUnavailable(f"{len(pending) - len(acked)} dead letter(s) not acknowledged")
-        return len(acked)
+            done = len(self._acked)
+            self._mark_acked()
+        if self._in_flight or not self._recovered:
+            raise BrokerUnavailable(
+                f"dead letters to {self.topic}: {len(self._in_flight)} not acknowledged"
+            )
+        return done
 
 
 def list_dead_letters(

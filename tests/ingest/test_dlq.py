@@ -3,6 +3,7 @@ reason and where it came from; it can be listed, and replayed once its cause is 
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,10 @@ from ingest.sinks import OlapSink
 from producers.malformed import Wire
 from producers.publish import Publisher
 from storage import OffsetRange, open_store
+from tally.errors import BrokerUnavailable
 from tally.settings import Settings
 from tally.specs import SpecRegistry, builtin_spec_paths
+from tests.brokers import Broker
 from tests.cli import tally
 from tests.ingest.conftest import env_for
 from tests.ingest.test_cli_ingest import Consumed, consume_exactly, ok_json, stored_latest
@@ -254,3 +257,37 @@ def test_processes_sharing_a_store_each_publish_only_their_own_dead_letters(
             sink.close()
     letters = list_dead_letters(topics, spec)
     assert sorted((d["partition"], d["offset"]) for d in letters) == [(0, 0), (1, 0)]
+
+
+def test_a_letter_still_in_flight_when_a_flush_gives_up_is_not_produced_again(
+    broker: Broker, topics: Settings, registry: SpecRegistry
+) -> None:
+    """The broker freezes while a letter is being published: the flush gives up, but
+    the letter stays in the producer's queue and lands when the broker resumes. The
+    retry must not produce it a second time (a 10 s freeze doubled four letters)."""
+    spec = registry.get("payments")
+    topic = topics.topic(spec.datasource.topic)
+    sink = OlapSink(topics, spec, open_store(topics, registry))
+    sink.publisher.flush_timeout_s = 1.0
+    try:
+        sink.start_positions([(topic, 0)])
+        for offset in (0, 1):  # the first publish also looks for a predecessor's letters
+            bad = Message(topic, 0, offset, b"txn_bad", b"{not json")
+            sink.write(Decoder(spec).decode([bad]), {(topic, 0): OffsetRange(offset, offset + 1)})
+            if offset == 0:
+                assert sink.after_write() == 1
+        broker.pause()
+        try:
+            with pytest.raises(BrokerUnavailable):
+                sink.after_write()
+        finally:
+            broker.resume()
+        for _ in range(30):  # each try waits up to its flush timeout for the answer
+            with contextlib.suppress(BrokerUnavailable):
+                sink.after_write()
+                break
+        assert sink.store.outbox.pending(spec.name) == []
+    finally:
+        sink.close()
+    letters = list_dead_letters(topics, spec)
+    assert [(d["partition"], d["offset"]) for d in letters] == [(0, 0), (0, 1)]
