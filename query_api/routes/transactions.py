@@ -223,7 +223,7 @@ def _scan(
         hi = bucket_range(chunk[-1], ds.granularity, spec.tz)[1]
         query = (
             exp.select(exp.Star())
-            .from_(subquery(reader.relation(spec.name, lo, hi, tenants=[merchant]), "m"))
+            .from_(subquery(reader.relation(spec.name, lo, hi), "m"))
             .where(exp.and_(*conditions))
             .order_by(
                 exp.Ordered(this=col(ds.time), desc=True), exp.Ordered(this=col(ds.key), desc=True)
