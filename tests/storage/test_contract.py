@@ -101,7 +101,7 @@ def _druid_settings(request: pytest.FixtureRequest, data_dir: Path) -> Iterator[
     try:
         yield settings
     finally:
-        overlord.terminate(name)
+        druid.drop(name)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -75,4 +75,4 @@ def test_suspend_resume_and_reset_the_supervisor_on_a_real_druid(
         assert reset.json() == {"supervisors": [{"supervisor": name, "result": "reset"}]}
         reaches("RUNNING")
     finally:
-        overlord.terminate(name)
+        druid.drop(name)

@@ -117,8 +117,7 @@ def test_events_through_the_relay_and_druids_supervisor_equal_the_reference(
     first = tally("druid", "apply", "--format", "json", env=env)
     assert first.code == 0, first.err
     name = datasource_name(settings, spec)
-    # Its task would hold one of the indexer's slots for the hour of its taskDuration.
-    request.addfinalizer(lambda: Overlord(settings).terminate(name))
+    request.addfinalizer(lambda: druid.drop(name))
     assert first.json() == {"supervisors": [{"supervisor": name, "result": "submitted"}]}
     again = tally("druid", "apply", "--format", "json", env=env)
     assert again.code == 0, again.err

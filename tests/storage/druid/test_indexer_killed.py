@@ -162,4 +162,4 @@ def test_the_indexer_sigkilled_mid_task_loses_and_doubles_nothing(
             " `tally engines up druid` returned"
         )
     finally:
-        overlord.terminate(name)
+        druid.drop(name)
