@@ -19,8 +19,8 @@ data dir; ``tally engines down`` stops them at the end, whatever happened). Then
   merged count (latest version per key, through the reader) must equal the
   generator's number of keys on both, or the run fails.
 * **api** — ``tally serve`` (two workers) on each backend over those rows: 90-day
-  merchant sales by day (as routed: rollups on embedded, the base on Druid, which
-  stores none yet; and forced to the base on both) and hybrid search
+  merchant sales by day (as routed: from a rollup on both, Druid's summing the
+  relay's retraction deltas; and forced to the base on both) and hybrid search
   (``/v1/transactions?q=``, keywords from the merchant's own rows), p50/p99 through
   ``bench/api.py``'s client. The embedded store is compacted first, as its watcher
   keeps it; the search index is built once by ``tally ingest --sink search`` and
@@ -46,6 +46,7 @@ the machine's at the start and the end: the numbers are only as quiet as the mac
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import random
@@ -54,6 +55,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -81,6 +83,7 @@ from query_api.ready import wait_ready  # noqa: E402
 from storage import open_reader  # noqa: E402
 from storage.druid.capabilities import CAPABILITIES as DRUID  # noqa: E402
 from storage.druid.supervisor import datasource_name  # noqa: E402
+from storage.keystate import KeyStates  # noqa: E402
 from storage.sql import subquery  # noqa: E402
 from tally.errors import EngineUnavailable, TallyError  # noqa: E402
 from tally.settings import DruidSettings, Settings, StoreSettings  # noqa: E402
@@ -252,6 +255,44 @@ def druid_rows(settings: Settings, registry: SpecRegistry) -> int | None:
     return int(got.json()[0][0]) if got.status_code == 200 else None
 
 
+def druid_rollup_keys(settings: Settings, rollup: str) -> int | None:
+    """The rollup's summed signed count: the number of keys once every delta is in."""
+    table = exp.Table(this=exp.to_identifier(f"{settings.topic_namespace}{rollup}", quoted=True))
+    sql = exp.select(exp.Sum(this=exp.column("count", quoted=True))).from_(table)
+    try:
+        got = httpx.post(
+            f"{settings.druid.broker_url}/druid/v2/sql",
+            json={"query": sql.sql(dialect=DRUID.sql_dialect), "resultFormat": "array"},
+            timeout=30,
+        )
+    except httpx.TransportError:
+        return None
+    if got.status_code != 200 or got.json()[0][0] is None:
+        return None
+    return int(got.json()[0][0])
+
+
+def key_state_bytes_per_key(wires: list[Wire], registry: SpecRegistry) -> float:
+    """Python heap held by the relay's key state (``storage.keystate``) per key, for
+    the generated events planned in batches as the relay plans them."""
+    from ingest.decode import Decoder, Message
+
+    spec = registry.get("payments")
+    decoder = Decoder(spec)
+    messages = [Message("t", 0, i, w.key, w.value) for i, w in enumerate(wires) if not w.malformed]
+    decoded = [decoder.decode(messages[i : i + 10_000]) for i in range(0, len(messages), 10_000)]
+    gc.collect()
+    tracemalloc.start()
+    states = KeyStates(spec)
+    before = tracemalloc.get_traced_memory()[0]
+    for batch in decoded:
+        states.apply(states.plan(batch.table, [0] * batch.table.num_rows))
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return held / max(1, len(states))
+
+
 def wait_for(check: Callable[[], bool], timeout_s: float, what: str, every_s: float = 0.2) -> float:
     """Poll ``check`` until true; the monotonic time it first was. TallyError past the
     deadline."""
@@ -317,6 +358,15 @@ def ingest(
                 f"Druid never served the {good:,} rows produced",
                 every_s=0.5,
             )
+            keys = len(merged_rows(wires))
+            for rollup in registry.get("payments").rollups:
+                done = wait_for(
+                    lambda r=rollup.name: druid_rollup_keys(settings, r) == keys,  # type: ignore[misc]
+                    600,
+                    f"Druid's {rollup.name} never summed to {keys:,} keys",
+                    every_s=0.5,
+                )
+                log(f"{rollup.name} exact {done - produced_at:.1f} s after the first produce")
     finally:
         probe.close()
         stop([sink])
@@ -560,6 +610,13 @@ def run(scale: dict[str, Any], scale_name: str, log: Log) -> Figures:
     for name, unit in measures(scale):
         for backend in BACKENDS:
             figures.add(f"{name}_{backend}", got[backend][name], unit)
+    for backend in BACKENDS:
+        base, rollup = (
+            got[backend][f"api_sales_base_p99_ms_c{scale['clients'][0]}"],
+            got[backend][f"api_sales_p99_ms_c{scale['clients'][0]}"],
+        )
+        figures.add(f"api_sales_base_vs_rollup_p99_ratio_{backend}", base / max(rollup, 1e-9), "x")
+    figures.add("key_state_bytes_per_key", key_state_bytes_per_key(wires, registry), "bytes")
     figures.add("load_average_1m_start", load_before[0], "")
     figures.add("load_average_1m_end", os.getloadavg()[0], "")
     return figures

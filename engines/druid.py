@@ -253,7 +253,9 @@ class DruidEngine(ProcessGroupEngine):
                 "druid.historical.cache.populateCache": "false",
             }
         return {  # indexer
-            "druid.worker.capacity": 3,
+            # A datasource's supervisors (its base and one per rollup) run a task
+            # each; one slot to spare for a batch or compaction task.
+            "druid.worker.capacity": 4,
             "druid.indexer.task.baseTaskDir": str(d / "task"),
             "druid.indexer.task.restoreTasksOnRestart": "true",
             "druid.indexer.task.gracefulShutdownTimeout": "PT20S",

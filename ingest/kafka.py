@@ -179,7 +179,6 @@ def ensure_topics(
     """Create each datasource's topic and dead-letter topic (and, where the engine
     ingests from Kafka itself, its refined topic); existing ones are kept."""
     from storage import backend
-    from storage.refined import refined_topic
 
     admin = AdminClient(base_config(settings))
     wanted = partitions or settings.ingest.partitions
@@ -212,10 +211,24 @@ def ensure_topics(
         count = len(existing[name].partitions) if name in existing else wanted
         report.append({"topic": name, "partitions": count, "created": False})
     for spec in specs if refined else ():
-        target = refined_topic(settings, spec)
-        count = ensure_like(settings, settings.topic(spec.datasource.topic), target)
-        report.append({"topic": target, "partitions": count, "created": target not in existing})
+        for target, config in derived_topics(settings, spec).items():
+            count = ensure_like(settings, settings.topic(spec.datasource.topic), target, config)
+            report.append({"topic": target, "partitions": count, "created": target not in existing})
     return report
+
+
+def derived_topics(settings: Settings, spec: DatasourceSpec) -> dict[str, dict[str, str]]:
+    """The topics the relay writes for an engine that ingests from Kafka, with their
+    config: refined rows; with rollups, one deltas topic each and the compacted
+    per-key state changelog (``storage.keystate``)."""
+    from storage.refined import refined_topic, rollup_topic, state_topic
+
+    topics: dict[str, dict[str, str]] = {refined_topic(settings, spec): {}}
+    for rollup in spec.rollups:
+        topics[rollup_topic(settings, spec, rollup)] = {}
+    if spec.rollups:
+        topics[state_topic(settings, spec)] = {"cleanup.policy": "compact"}
+    return topics
 
 
 def partition_count(settings: Settings, topic: str) -> int | None:
@@ -230,9 +243,12 @@ def partition_count(settings: Settings, topic: str) -> int | None:
     return len(meta.partitions)
 
 
-def ensure_like(settings: Settings, source: str, target: str) -> int:
+def ensure_like(
+    settings: Settings, source: str, target: str, config: Mapping[str, str] | None = None
+) -> int:
     """Create ``target`` with as many partitions as ``source`` (kept if it exists with
-    that many); returns the count. A partition-for-partition copy needs equal counts."""
+    that many), with topic ``config``; returns the count. A partition-for-partition
+    copy needs equal counts."""
     count = partition_count(settings, source)
     if count is None:
         raise BrokerError(f"topic {source} does not exist (run: tally topics create)")
@@ -240,7 +256,12 @@ def ensure_like(settings: Settings, source: str, target: str) -> int:
     if have is None:
         admin = AdminClient(base_config(settings))
         futures = admin.create_topics(
-            [NewTopic(target, num_partitions=count, replication_factor=1)], operation_timeout=10
+            [
+                NewTopic(
+                    target, num_partitions=count, replication_factor=1, config=dict(config or {})
+                )
+            ],
+            operation_timeout=10,
         )
         try:
             futures[target].result()

@@ -11,6 +11,8 @@ runs here, ahead of it (ADR 0004), and each batch becomes ONE Kafka transaction
   its source message's partition number, keyed by the datasource key;
 * every rejected message to the dead-letter topic, encoded exactly as the outbox
   publisher does (``ingest.deadletter``);
+* with rollups, each rollup's retraction deltas to its deltas topic and every
+  accepted key's new state to the state changelog (``storage.keystate``, ADR 0006);
 * the group's offsets past the batch (``send_offsets_to_transaction`` with the
   consumer's group metadata), then commit.
 
@@ -44,10 +46,25 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from ingest.deadletter import record
 from ingest.decode import Decoded
-from ingest.kafka import ensure_like, partition_count, producer, translate
+from ingest.kafka import (
+    base_config,
+    derived_topics,
+    ensure_like,
+    partition_count,
+    producer,
+    translate,
+)
 from storage import OffsetRange
 from storage.deadletters import headers
-from storage.refined import OFFSET_HEADER, RowEncoder, refined_topic
+from storage.keystate import KeyStates, encode_state, restore
+from storage.refined import (
+    OFFSET_HEADER,
+    RowEncoder,
+    encode_deltas,
+    refined_topic,
+    rollup_topic,
+    state_topic,
+)
 from tally.errors import BrokerError, BrokerUnavailable, OffsetMismatch, TallyError
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
@@ -85,6 +102,10 @@ class KafkaRelay:
         self.transactional_id = f"{group}.relay.{socket.gethostname()}.{os.getpid()}"
         self._timeout_s = settings.ingest.transaction_timeout_s
         self._encoder = RowEncoder(spec)
+        # Rollups: the per-key state deltas are planned against, and where it goes.
+        self._states = KeyStates(spec) if spec.rollups else None
+        self._state_topic = state_topic(settings, spec)
+        self._rollup_topics = {r.name: rollup_topic(settings, spec, r) for r in spec.rollups}
         self._consumer: Consumer | None = None
         # The group generation the offsets are committed under, read on the runner's
         # thread at each rebalance (start_positions, released): the client blocks a
@@ -100,7 +121,8 @@ class KafkaRelay:
     def bind(self, consumer: Consumer) -> None:
         self._consumer = consumer
         self._group_metadata = consumer.consumer_group_metadata()
-        ensure_like(self.settings, self.source, self.topic)
+        for target, config in derived_topics(self.settings, self.spec).items():
+            ensure_like(self.settings, self.source, target, config)
         if partition_count(self.settings, self.dead_letter_topic) is None:
             raise BrokerError(
                 f"topic {self.dead_letter_topic} does not exist (run: tally topics create)"
@@ -181,10 +203,16 @@ class KafkaRelay:
                 except KafkaException as exc:
                     raise translate(exc, f"reading the start of {tp.topic}") from exc
             out[(tp.topic, tp.partition)] = offset
+        if self._states is not None:
+            # The state as of these offsets (committed in the same transactions).
+            parts = [p for _, p in partitions]
+            restore(self._states, base_config(self.settings), self._state_topic, parts)
         return out
 
     def released(self, partitions: list[TP]) -> None:
         self._group_metadata = self._bound().consumer_group_metadata()
+        if self._states is not None:
+            self._states.drop(p for _, p in partitions)
 
     # --- the transaction -----------------------------------------------------------------
 
@@ -195,6 +223,9 @@ class KafkaRelay:
         keys, values = self._encoder.encode(decoded.table)
         letters = [record(r, self.spec.name, self.name) for r in decoded.rejected]
         offsets = [TopicPartition(t, p, r.end) for (t, p), r in ranges.items()]
+        plan = (
+            None if self._states is None else self._states.plan(decoded.table, decoded.partitions)
+        )
         try:
             prod.begin_transaction()
             for key, value, part, offset in zip(
@@ -207,6 +238,16 @@ class KafkaRelay:
                 self._produce(
                     prod, self.dead_letter_topic, letter.key, letter.value, None, headers(letter)
                 )
+            if plan is not None:
+                for rollup in self.spec.rollups:
+                    if (deltas := plan.deltas.get(rollup.name)) is not None:
+                        topic = self._rollup_topics[rollup.name]
+                        for value in encode_deltas(self.spec, rollup, deltas):
+                            self._produce(prod, topic, None, value, None, [])
+                for part, entity, state in plan.states:
+                    self._produce(
+                        prod, self._state_topic, entity.encode(), encode_state(state), part, []
+                    )
             group = self._group_metadata
             self._retrying(
                 lambda: prod.send_offsets_to_transaction(offsets, group, self._timeout_s),
@@ -215,6 +256,8 @@ class KafkaRelay:
             self._retrying(lambda: prod.commit_transaction(self._timeout_s), self._timeout_s)
         except KafkaException as exc:
             raise self._failed(exc) from exc
+        if plan is not None and self._states is not None:
+            self._states.apply(plan)  # committed: the state the changelog now holds
         self._letters += len(letters)
         newest = _newest(decoded.table, self.spec.datasource.time)
         if newest is not None and (self._newest is None or newest > self._newest):

@@ -9,6 +9,9 @@ latest state of every key, because every metric is a count or an integer sum.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -17,6 +20,43 @@ from tally.specs import DatasourceSpec, Rollup
 
 SIGN = "_sign"
 BUCKET = "bucket"
+_US = pa.timestamp("us", tz="UTC")
+
+
+def latest_in_batch(spec: DatasourceSpec, table: pa.Table) -> pa.Table:
+    """Keep the greatest (version, event_id) per key within the batch."""
+    ds = spec.datasource
+    if table.num_rows <= 1:
+        return table
+    if pc.count_distinct(table.column(ds.key)).as_py() == table.num_rows:
+        return table  # the usual case: nothing to deduplicate, skip the sort
+    ordered = table.sort_by(
+        [(ds.key, "ascending"), (ds.version, "descending"), (ds.event_id, "descending")]
+    )
+    keys = ordered.column(ds.key).combine_chunks()
+    first = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1))
+    return ordered.filter(pa.concat_arrays([pa.array([True]), first]))
+
+
+def signed_states(
+    spec: DatasourceSpec, added: pa.Table, retracted: Sequence[Sequence[Any]]
+) -> pa.Table:
+    """New states (``added``: the ``spec.rollup_state_columns`` of each accepted row)
+    with sign +1, and the states they replace (tuples in the same column order, time
+    as epoch microseconds) with sign −1: the input of ``signed_deltas``."""
+    ds = spec.datasource
+    signed = added.append_column(SIGN, pa.array([1] * added.num_rows, pa.int64()))
+    if not retracted:
+        return signed
+    arrays = []
+    columns = zip(*retracted, strict=True)
+    for name, values in zip(added.column_names, columns, strict=True):
+        if name == ds.time:
+            arrays.append(pa.array(values, pa.int64()).cast(_US))
+        else:
+            arrays.append(pa.array(values, added.schema.field(name).type))
+    arrays.append(pa.array([-1] * len(retracted), pa.int64()))
+    return pa.concat_tables([signed, pa.Table.from_arrays(arrays, schema=signed.schema)])
 
 
 def signed_deltas(spec: DatasourceSpec, rollup: Rollup, signed: pa.Table) -> pa.Table:

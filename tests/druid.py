@@ -97,16 +97,17 @@ class Druid:
         )
         return [str(r[0]) for r in rows]
 
-    def drop(self, supervisor: str) -> None:
-        """A test's supervisor terminated and its tasks shut down. Terminated alone, a
-        task publishes and waits for handoff first, holding one of the indexer's three
+    def drop(self, *supervisors: str) -> None:
+        """A test's supervisors terminated and their tasks shut down. Terminated alone,
+        a task publishes and waits for handoff first, holding one of the indexer's
         slots meanwhile (for ever, if the test's Kafka is gone): the next tests' tasks
         would queue behind it."""
         tasks = f"{self.overlord_url}/druid/indexer/v1"
-        httpx.post(f"{tasks}/supervisor/{supervisor}/terminate", timeout=30)
+        for supervisor in supervisors:
+            httpx.post(f"{tasks}/supervisor/{supervisor}/terminate", timeout=30)
         for state in ("runningTasks", "pendingTasks", "waitingTasks"):
             for task in httpx.get(f"{tasks}/{state}", timeout=30).json():
-                if task.get("dataSource") == supervisor:
+                if task.get("dataSource") in supervisors:
                     httpx.post(f"{tasks}/task/{task['id']}/shutdown", timeout=30)
 
     keep = False  # a developer's Druid (TALLY_TEST_DRUID_DIR): not stopped by tests

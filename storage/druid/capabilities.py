@@ -20,9 +20,9 @@ CAPABILITIES = Capabilities(
     # ``DruidStore.compactor`` raises and the watcher sees nothing due.
     manual_compaction=False,
     ingests_from_kafka=True,
-    # Rollups at ingestion time (metricsSpec, retraction deltas) are the next issue;
-    # until then the router answers every aggregate from the merged base.
-    rollup_datasources=False,
+    # Each rollup is a Druid datasource summing the retraction deltas the relay
+    # produces with its key state (ADR 0006): exact, so the router answers from it.
+    rollup_datasources=True,
     # A Druid datasource holds every version ingested; merged rows are a subquery.
     merged_views=False,
     # A commit is a Kafka transaction to the refined topic; the supervisor's task

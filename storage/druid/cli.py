@@ -21,10 +21,10 @@ druid_app = typer.Typer(
 def specs(ctx: typer.Context, fmt: FormatOption = Format.table) -> None:
     """Print the supervisor spec of every datasource, as `tally druid apply` would
     submit it (the Kafka password redacted). Needs no Druid."""
-    from storage.druid.supervisor import supervisor_spec
+    from storage.druid.supervisor import supervisors
 
     c = state(ctx)
-    out = [supervisor_spec(c.settings, spec, secrets=False) for spec in c.registry]
+    out = [s for spec in c.registry for s in supervisors(c.settings, spec, secrets=False).values()]
     if fmt is Format.json:
         emit_json({"supervisors": out})
     else:
@@ -34,18 +34,17 @@ def specs(ctx: typer.Context, fmt: FormatOption = Format.table) -> None:
 
 @druid_app.command("apply")
 def apply(ctx: typer.Context, fmt: FormatOption = Format.table) -> None:
-    """Submit each datasource's supervisor spec to Druid's overlord (idempotent: a spec
-    Druid already runs is left alone and reported unchanged)."""
+    """Submit each datasource's supervisor specs (its base and each rollup) to Druid's
+    overlord (idempotent: a spec Druid already runs is left alone, reported unchanged)."""
     from storage.druid.overlord import Overlord
-    from storage.druid.supervisor import datasource_name, supervisor_spec
+    from storage.druid.supervisor import supervisors
 
     c = state(ctx)
     overlord = Overlord(c.settings)
     results = []
     for spec in c.registry:
-        sid = datasource_name(c.settings, spec)
-        result = overlord.apply(sid, supervisor_spec(c.settings, spec))
-        results.append({"supervisor": sid, "result": result})
+        for sid, body in supervisors(c.settings, spec).items():
+            results.append({"supervisor": sid, "result": overlord.apply(sid, body)})
     if fmt is Format.json:
         emit_json({"supervisors": results})
     else:
@@ -54,7 +53,7 @@ def apply(ctx: typer.Context, fmt: FormatOption = Format.table) -> None:
 
 @druid_app.command("status")
 def status(ctx: typer.Context, fmt: FormatOption = Format.table) -> None:
-    """Each datasource's supervisor as Druid reports it: state, health, lag."""
+    """Each supervisor (base and rollups) as Druid reports it: state, health, lag."""
     from storage.druid.overlord import Overlord
 
     c = state(ctx)
@@ -82,20 +81,24 @@ def status(ctx: typer.Context, fmt: FormatOption = Format.table) -> None:
 DatasourceOption = typer.Option(None, "--datasource", help="one datasource (default: all)")
 
 
-def _supervisors(c: Context, datasource: str | None) -> list[str]:
-    from storage.druid.supervisor import datasource_name
+def _supervisors(c: Context, datasource: str | None, *, rollups: bool = True) -> list[str]:
+    from storage.druid.supervisor import datasource_name, supervisors
 
     specs = [c.registry.get(datasource)] if datasource else list(c.registry)
-    return [datasource_name(c.settings, spec) for spec in specs]
+    if not rollups:
+        return [datasource_name(c.settings, spec) for spec in specs]
+    return [sid for spec in specs for sid in supervisors(c.settings, spec)]
 
 
-def _act(ctx: typer.Context, action: str, datasource: str | None, fmt: Format) -> None:
+def _act(
+    ctx: typer.Context, action: str, datasource: str | None, fmt: Format, *, rollups: bool = True
+) -> None:
     from storage.druid.overlord import Overlord
 
     c = state(ctx)
     overlord = Overlord(c.settings)
     results = []
-    for sid in _supervisors(c, datasource):
+    for sid in _supervisors(c, datasource, rollups=rollups):
         if not overlord.act(sid, action):
             raise NotFound(f"no supervisor {sid} in Druid (`tally druid apply` submits it)")
         results.append({"supervisor": sid, "result": action})
@@ -129,9 +132,10 @@ def reset(
     yes: bool = typer.Option(False, "--yes", help="confirm: Druid forgets its offsets"),
     fmt: FormatOption = Format.table,
 ) -> None:
-    """Make the supervisor forget its stored offsets and read the refined topic again
-    from its earliest retained message: for a topic recreated or offsets Druid can no
-    longer use. Rows read twice are removed by merge on read; raw counts grow."""
+    """Make the base supervisor forget its stored offsets and read the refined topic
+    again from its earliest retained message: for a topic recreated or offsets Druid
+    can no longer use. Rows read twice are removed by merge on read; raw counts grow.
+    Rollup supervisors are not reset: deltas read twice would be summed twice."""
     if not yes:
         raise InvalidArgument("reset makes Druid forget its offsets and re-read: pass --yes")
-    _act(ctx, "reset", datasource, fmt)
+    _act(ctx, "reset", datasource, fmt, rollups=False)

@@ -13,8 +13,9 @@ merged over one Seoul day 82 ms; at 80,000 keys (103,274 rows) 34 ms, 1,741 ms a
 GROUP BY short of merge buffers). So every read names its time range, and the API's
 pages read the newest days first.
 
-What Druid cannot do here is a capability (``storage.druid.capabilities``): no stored
-rollup datasources yet (the router answers from the base), no resident rollup state.
+Each rollup is a Druid datasource of summed retraction deltas (ADR 0006): its
+``relation`` is its rows, which the router sums. What Druid cannot do here is a
+capability (``storage.druid.capabilities``): no resident rollup state.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ from storage.druid import dialect
 from storage.druid.broker import Broker
 from storage.druid.capabilities import CAPABILITIES
 from storage.druid.overlord import Overlord
-from storage.druid.sqlgen import TIME, empty, merged, time_range
-from storage.druid.supervisor import datasource_name
+from storage.druid.sqlgen import TIME, empty, empty_rollup, merged, rollup_rows, time_range
+from storage.druid.supervisor import datasource_name, rollup_datasource_name
 from storage.protocol import IngestFigures, QueryResult
 from storage.sql import bucket_expr, col
 from tally.errors import DruidUnavailable, QueryError
@@ -79,15 +80,23 @@ class DruidReader:
     def _spec(self, name: str) -> DatasourceSpec:
         spec, rollup = self.registry.owner(name)
         if rollup is not None:
-            raise QueryError(
-                f"{name!r} is a rollup: the Druid backend stores no rollups yet"
-                " (capabilities.rollup_datasources is false; aggregates read the base)"
-            )
+            raise QueryError(f"{name!r} is a rollup: only a datasource's rows can be merged")
         return spec
 
-    def _served_name(self, spec: DatasourceSpec) -> str | None:
-        """The Druid datasource of ``spec`` if the broker serves it (None: not yet)."""
-        name = datasource_name(self.settings, spec)
+    def _druid_name(self, name: str) -> str:
+        spec, rollup = self.registry.owner(name)
+        if rollup is None:
+            return datasource_name(self.settings, spec)
+        return rollup_datasource_name(self.settings, rollup)
+
+    def _served_name(self, spec: DatasourceSpec | str) -> str | None:
+        """The Druid datasource of ``spec`` (or of a rollup, by name) if the broker
+        serves it (None: not yet)."""
+        name = (
+            datasource_name(self.settings, spec)
+            if isinstance(spec, DatasourceSpec)
+            else self._druid_name(spec)
+        )
         if name in self._served:
             return name
         _, _, rows = self.broker.sql(
@@ -108,17 +117,20 @@ class DruidReader:
         *,
         tenants: Sequence[str] | None = None,
     ) -> exp.Expression:
-        """Merged on read within [start, end); with ``tenants``, only their rows are
-        ranked (the window partitions by tenant, so the condition commutes with it):
-        Druid's planner does not push a filter from outside the window below it, and
-        without this a merchant's query ranks every merchant's rows of the range."""
-        spec = self._spec(name)
-        served = self._served_name(spec)
+        """A datasource merged on read, or a rollup's summable rows, within
+        [start, end); with ``tenants``, only their rows (for a datasource, the window
+        partitions by tenant, so the condition commutes with it: Druid's planner does
+        not push a filter from outside the window below it, and without this a
+        merchant's query ranks every merchant's rows of the range)."""
+        spec, rollup = self.registry.owner(name)
+        served = self._served_name(name)
         if served is None:
-            return empty(spec)
+            return empty(spec) if rollup is None else empty_rollup(spec, rollup)
         # Literals, not placeholders: the tree is embedded in callers' queries whose
         # own parameters are positional (sqlglot quotes the values).
         pushed = [] if tenants is None else [col(spec.datasource.tenant).isin(*tenants)]
+        if rollup is not None:
+            return rollup_rows(spec, rollup, served, start, end, pushed)
         return merged(spec, served, start, end, pushed)
 
     def partition_groups(

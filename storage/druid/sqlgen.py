@@ -41,9 +41,10 @@ from datetime import datetime
 
 from sqlglot import exp
 
+from storage.deltas import BUCKET
 from storage.refined import column_kinds
 from storage.sql import col, subquery, timestamp
-from tally.specs import DatasourceSpec
+from tally.specs import DatasourceSpec, Rollup
 
 TIME = "__time"
 RANK = "__tally_rank"
@@ -116,11 +117,42 @@ def merged(
     )
 
 
+def rollup_rows(
+    spec: DatasourceSpec,
+    rollup: Rollup,
+    datasource: str,
+    start: datetime | None = None,
+    end: datetime | None = None,
+    pushed: Sequence[exp.Expression] = (),
+) -> exp.Select:
+    """A rollup datasource's rows as the router reads every rollup: ``bucket``, the
+    dimensions, one summable column per metric (callers sum: Druid may hold several
+    rows of one group, from several tasks' segments)."""
+    table = exp.Table(this=exp.to_identifier(datasource, quoted=True))
+    query = exp.select(
+        exp.alias_(col(TIME), exp.to_identifier(BUCKET, quoted=True)),
+        *(col(d) for d in rollup.dimensions),
+        *(col(m.name) for m in spec.parsed_metrics),
+    ).from_(table)
+    conditions = [*time_range(start, end), *pushed]
+    return query.where(exp.and_(*conditions)) if conditions else query
+
+
+def empty_rollup(spec: DatasourceSpec, rollup: Rollup) -> exp.Select:
+    """A rollup's columns, typed, and no rows: a rollup Druid does not serve yet."""
+    columns = {BUCKET: "timestamp"} | {d: spec.columns[d].type for d in rollup.dimensions}
+    return _no_rows(columns | {m.name: "int" for m in spec.parsed_metrics})
+
+
 def empty(spec: DatasourceSpec) -> exp.Select:
     """The spec's columns, typed, and no rows: a datasource Druid does not serve yet."""
+    return _no_rows({n: c.type for n, c in spec.columns.items()})
+
+
+def _no_rows(columns: dict[str, str]) -> exp.Select:
     projections = [
-        exp.alias_(exp.cast(exp.Null(), _DRUID_TYPES[c.type]), exp.to_identifier(n, quoted=True))
-        for n, c in spec.columns.items()
+        exp.alias_(exp.cast(exp.Null(), _DRUID_TYPES[t]), exp.to_identifier(n, quoted=True))
+        for n, t in columns.items()
     ]
     # Druid needs a FROM for a WHERE: one inline row, filtered out.
     one = exp.values([(exp.Literal.number(1),)], alias="v", columns=["x"])

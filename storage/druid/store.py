@@ -32,6 +32,7 @@ import contextlib
 import os
 import socket
 import uuid
+import zlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any, NoReturn
@@ -41,6 +42,7 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, Topi
 
 from storage.deadletters import headers
 from storage.druid.capabilities import CAPABILITIES
+from storage.keystate import KeyStates, encode_state, restore
 from storage.protocol import (
     CommitResult,
     CompactionResult,
@@ -54,7 +56,7 @@ from storage.protocol import (
 from storage.protocol import (
     TopicPartition as TP,
 )
-from storage.refined import RowEncoder, refined_topic
+from storage.refined import RowEncoder, encode_deltas, refined_topic, rollup_topic, state_topic
 from storage.schema import row_schema, rows_to_table
 from tally.errors import BrokerError, BrokerUnavailable, StoreError
 from tally.settings import Settings
@@ -103,6 +105,7 @@ class DruidStore:
         self._producer: Producer | None = None
         self._consumers: dict[str, Consumer] = {}
         self._encoders: dict[str, RowEncoder] = {}
+        self._states: dict[str, tuple[KeyStates, int]] = {}  # spec → its state, partitions
         self._compactor = _NoCompactor()
         self._outbox = _TopicOutbox()
 
@@ -161,8 +164,27 @@ class DruidStore:
     def _spec(self, datasource: str) -> DatasourceSpec:
         spec, rollup = self.registry.owner(datasource)
         if rollup is not None:
-            _not_here(f"stored rollup {datasource!r}", "rollup_datasources")
+            raise StoreError(f"{datasource!r} is a rollup: commits go to its datasource")
         return spec
+
+    def _key_states(self, spec: DatasourceSpec) -> tuple[KeyStates, int]:
+        """The spec's key state, read back from its changelog at the first commit, and
+        the refined topic's partition count (a key's partition is chosen here, so its
+        state and its rows share it, as the relay's do)."""
+        if spec.name not in self._states:
+            topic = refined_topic(self.settings, spec)
+            try:
+                meta = self._group(spec).list_topics(topic, timeout=10).topics.get(topic)
+            except KafkaException as exc:
+                raise _translate(exc, f"describing {topic}") from exc
+            if meta is None or meta.error is not None:
+                raise BrokerError(f"topic {topic} does not exist (run: tally topics create)")
+            count = len(meta.partitions)
+            states = KeyStates(spec)
+            if spec.rollups:
+                restore(states, self._config(), state_topic(self.settings, spec), range(count))
+            self._states[spec.name] = states, count
+        return self._states[spec.name]
 
     # --- writes --------------------------------------------------------------------------
 
@@ -179,15 +201,27 @@ class DruidStore:
         table = rows if isinstance(rows, pa.Table) else rows_to_table(list(rows), row_schema(spec))
         encoder = self._encoders.setdefault(spec.name, RowEncoder(spec))
         keys, values = encoder.encode(table)
+        states, count = self._key_states(spec)
+        parts = [zlib.crc32(k) % count for k in keys]
+        plan = states.plan(table, parts) if spec.rollups else None
         topic = refined_topic(self.settings, spec)
         letters_topic = self.settings.topic(spec.dead_letter_topic)
         prod = self._producer_for_commit()
         try:
             prod.begin_transaction()
-            for key, value in zip(keys, values, strict=True):
-                _produce(prod, topic, key, value, None)
+            for key, value, part in zip(keys, values, parts, strict=True):
+                _produce(prod, topic, key, value, None, part)
             for letter in dead_letters:
                 _produce(prod, letters_topic, letter.key, letter.value, headers(letter))
+            if plan is not None:
+                for rollup in spec.rollups:
+                    if (deltas := plan.deltas.get(rollup.name)) is not None:
+                        target = rollup_topic(self.settings, spec, rollup)
+                        for delta in encode_deltas(spec, rollup, deltas):
+                            _produce(prod, target, None, delta, None)
+                changelog = state_topic(self.settings, spec)
+                for part, entity, state in plan.states:
+                    _produce(prod, changelog, entity.encode(), encode_state(state), None, part)
             if offsets:
                 tps = [TopicPartition(t, p, r.end) for (t, p), r in offsets.items()]
                 meta = self._group(spec).consumer_group_metadata()
@@ -196,6 +230,8 @@ class DruidStore:
         except KafkaException as exc:
             self._abort()
             raise _translate(exc, f"committing to {topic}") from exc
+        if plan is not None:
+            states.apply(plan)  # committed with the changelog
         return CommitResult(
             datasource=spec.name,
             rows_in=table.num_rows,
@@ -203,7 +239,7 @@ class DruidStore:
             stale_rows=0,  # merge on read: Druid keeps every version, reads pick the latest
             tombstones=0,
             segments=0,  # Druid's task decides its segments
-            rollup_rows=0,
+            rollup_rows=0 if plan is None else sum(t.num_rows for t in plan.deltas.values()),
             late_rows=0,
             partitions=(),
         )
@@ -242,10 +278,9 @@ class DruidStore:
         return self._outbox
 
     def datasource_names(self, datasource: str | None = None) -> list[str]:
-        """Base datasources only: no rollup is stored (``rollup_datasources`` false)."""
-        if datasource is not None:
-            return [self._spec(datasource).name]
-        return [spec.name for spec in self.registry]
+        """Datasources and their rollups (each a Druid datasource)."""
+        specs = [self._spec(datasource)] if datasource is not None else list(self.registry)
+        return [n for spec in specs for n in (spec.name, *(r.name for r in spec.rollups))]
 
     def partition_stats(self, datasource: str | None = None) -> list[PartitionStats]:
         _not_here("partition statistics (the compaction watcher's)", "manual_compaction")
@@ -260,10 +295,11 @@ class DruidStore:
     def rebuild_rollups(
         self, datasource: str, partition: str | None = None, rollup_name: str | None = None
     ) -> list[RebuildReport]:
-        """Nothing to rebuild: aggregates are computed from the merged base on read."""
+        """Nothing rebuilt here: Druid's rollups are sums of the deltas the commits
+        produced; checking and correcting them is ``tally verify``'s (issue 13)."""
+        spec = self._spec(datasource)
         if rollup_name is not None:
-            _not_here(f"stored rollup {rollup_name!r}", "rollup_datasources")
-        self._spec(datasource)
+            spec.rollup(rollup_name)
         return []
 
     def repair(
@@ -292,10 +328,12 @@ def _produce(
     key: bytes | None,
     value: bytes | None,
     hdrs: list[tuple[str, str | bytes | None]] | None,
+    partition: int | None = None,
 ) -> None:
+    extra: dict[str, Any] = {} if partition is None else {"partition": partition}
     while True:
         try:
-            prod.produce(topic, value=value, key=key, headers=hdrs)
+            prod.produce(topic, value=value, key=key, headers=hdrs, **extra)
             return
         except BufferError:  # the local queue is full: let deliveries drain
             prod.poll(0.05)

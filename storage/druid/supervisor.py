@@ -16,6 +16,9 @@ typed, validated rows), never the raw events topic (ADR 0004). What the spec fix
 * read_committed: what an aborted relay transaction held is never ingested;
 * one task, one replica, small in-memory limits: sized for a 2-core machine.
 
+Each rollup has a supervisor of its own (``rollup_supervisor_spec``): it ingests the
+rollup's deltas topic with rollup on and longSum metrics (ADR 0006).
+
 The supervisor id is the Druid datasource name, the datasource name behind the
 settings' topic namespace (so test runs and stages can share one Druid).
 """
@@ -25,15 +28,20 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from storage.refined import TIME_FORMAT, column_kinds, refined_topic
+from storage.deltas import BUCKET
+from storage.refined import TIME_FORMAT, column_kinds, refined_topic, rollup_kinds, rollup_topic
 from tally.settings import Settings
-from tally.specs import DatasourceSpec
+from tally.specs import DatasourceSpec, Rollup
 
 REDACTED = "<redacted>"
 
 
 def datasource_name(settings: Settings, spec: DatasourceSpec) -> str:
     return f"{settings.topic_namespace}{spec.name}"
+
+
+def rollup_datasource_name(settings: Settings, rollup: Rollup) -> str:
+    return f"{settings.topic_namespace}{rollup.name}"
 
 
 def consumer_properties(settings: Settings, *, secrets: bool) -> dict[str, Any]:
@@ -64,24 +72,72 @@ def supervisor_spec(
     dimensions = [
         {"type": kind, "name": name} for name, kind in column_kinds(spec).items() if name != ds.time
     ]
+    schema = {
+        "dataSource": datasource_name(settings, spec),
+        "timestampSpec": {"column": ds.time, "format": TIME_FORMAT},
+        "dimensionsSpec": {"dimensions": dimensions},
+        "metricsSpec": [],
+        "granularitySpec": {
+            "type": "uniform",
+            "segmentGranularity": ds.granularity.upper(),
+            "queryGranularity": "NONE",
+            "rollup": False,
+        },
+    }
+    topic = refined_topic(settings, spec)
+    return _kafka_supervisor(settings, schema, topic, secrets=secrets, memory=64 * 1024 * 1024)
+
+
+def rollup_supervisor_spec(
+    settings: Settings, spec: DatasourceSpec, rollup: Rollup, *, secrets: bool = True
+) -> dict[str, Any]:
+    """The supervisor of one rollup's datasource: it ingests the rollup's deltas
+    (``storage.keystate``) with rollup on, every metric a ``longSum`` of the signed
+    deltas (the count too: Druid's row count would count deltas, not payments), the
+    bucket start as the timestamp. A delta row is already bucketed in the spec's zone,
+    so queryGranularity is none and Druid only combines rows of one bucket."""
+    kinds = rollup_kinds(spec, rollup)
+    metrics = [m.name for m in spec.parsed_metrics]
+    schema = {
+        "dataSource": rollup_datasource_name(settings, rollup),
+        "timestampSpec": {"column": BUCKET, "format": TIME_FORMAT},
+        "dimensionsSpec": {
+            "dimensions": [{"type": kinds[d], "name": d} for d in rollup.dimensions]
+        },
+        "metricsSpec": [{"type": "longSum", "name": m, "fieldName": m} for m in metrics],
+        "granularitySpec": {
+            "type": "uniform",
+            "segmentGranularity": rollup.partition.upper(),
+            "queryGranularity": "NONE",
+            "rollup": True,
+        },
+    }
+    topic = rollup_topic(settings, spec, rollup)
+    # Deltas are few and small (one row per touched group and batch).
+    return _kafka_supervisor(settings, schema, topic, secrets=secrets, memory=16 * 1024 * 1024)
+
+
+def supervisors(
+    settings: Settings, spec: DatasourceSpec, *, secrets: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Every supervisor of ``spec`` by id: the base datasource's, then each rollup's."""
+    out = {datasource_name(settings, spec): supervisor_spec(settings, spec, secrets=secrets)}
+    for rollup in spec.rollups:
+        body = rollup_supervisor_spec(settings, spec, rollup, secrets=secrets)
+        out[rollup_datasource_name(settings, rollup)] = body
+    return out
+
+
+def _kafka_supervisor(
+    settings: Settings, schema: dict[str, Any], topic: str, *, secrets: bool, memory: int
+) -> dict[str, Any]:
     return {
         "type": "kafka",
         "spec": {
-            "dataSchema": {
-                "dataSource": datasource_name(settings, spec),
-                "timestampSpec": {"column": ds.time, "format": TIME_FORMAT},
-                "dimensionsSpec": {"dimensions": dimensions},
-                "metricsSpec": [],
-                "granularitySpec": {
-                    "type": "uniform",
-                    "segmentGranularity": ds.granularity.upper(),
-                    "queryGranularity": "NONE",
-                    "rollup": False,
-                },
-            },
+            "dataSchema": schema,
             "ioConfig": {
                 "type": "kafka",
-                "topic": refined_topic(settings, spec),
+                "topic": topic,
                 "inputFormat": {"type": "json"},
                 "consumerProperties": consumer_properties(settings, secrets=secrets),
                 "useEarliestOffset": True,
@@ -95,7 +151,7 @@ def supervisor_spec(
             "tuningConfig": {
                 "type": "kafka",
                 "maxRowsInMemory": 100_000,
-                "maxBytesInMemory": 64 * 1024 * 1024,
+                "maxBytesInMemory": memory,
                 "maxRowsPerSegment": 5_000_000,
                 "intermediatePersistPeriod": "PT1M",
                 "maxPendingPersists": 0,

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.calendar import partitions_of
-from storage.deltas import SIGN, signed_deltas
+from storage.deltas import latest_in_batch, signed_deltas, signed_states
 from storage.embedded.keyindex import Entry, KeyIndex
 from storage.embedded.segments import (
     DELETED,
@@ -34,7 +34,6 @@ from storage.schema import rollup_schema
 from tally.specs import DatasourceSpec
 from tally.timeutil import bucket_range
 
-_US = pa.timestamp("us", tz="UTC")
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PART = "_p"
 
@@ -55,21 +54,6 @@ class CommitPlan:
     tombstones: int = 0
     rollup_rows: int = 0
     partitions: tuple[str, ...] = ()
-
-
-def latest_in_batch(spec: DatasourceSpec, table: pa.Table) -> pa.Table:
-    """Keep the greatest (version, event_id) per key within the batch."""
-    ds = spec.datasource
-    if table.num_rows <= 1:
-        return table
-    if pc.count_distinct(table.column(ds.key)).as_py() == table.num_rows:
-        return table  # the usual case: nothing to deduplicate, skip the sort
-    ordered = table.sort_by(
-        [(ds.key, "ascending"), (ds.version, "descending"), (ds.event_id, "descending")]
-    )
-    keys = ordered.column(ds.key).combine_chunks()
-    first = pc.not_equal(keys.slice(1), keys.slice(0, len(keys) - 1))
-    return ordered.filter(pa.concat_arrays([pa.array([True]), first]))
 
 
 def _shared_strings(array: pa.ChunkedArray | pa.Array, index: KeyIndex) -> list[str]:
@@ -232,27 +216,13 @@ def _plan_rollups(
     retracted: list[tuple[Any, ...]],
     state_cols: tuple[str, ...],
 ) -> None:
-    ds = spec.datasource
-    added = table.select(list(state_cols)).append_column(
-        SIGN, pa.array([1] * table.num_rows, pa.int64())
-    )
-    signed = added
-    if retracted:
-        arrays = []
-        for name, values in zip(state_cols, zip(*retracted, strict=True), strict=True):
-            typ = added.schema.field(name).type
-            if name == ds.time:
-                arrays.append(pa.array(values, pa.int64()).cast(_US))
-            else:
-                arrays.append(pa.array(values, typ))
-        arrays.append(pa.array([-1] * len(retracted), pa.int64()))
-        signed = pa.concat_tables([added, pa.Table.from_arrays(arrays, schema=added.schema)])
+    signed = signed_states(spec, table.select(list(state_cols)), retracted)
     for rollup in spec.rollups:
         result = signed_deltas(spec, rollup, signed)
         if not result.num_rows:
             continue
         result = _conform(result, rollup_schema(spec, rollup))
-        parts = partitions_of(result.column("bucket"), rollup.partition, ds.timezone)
+        parts = partitions_of(result.column("bucket"), rollup.partition, spec.datasource.timezone)
         sort = rollup_sort_keys(spec, rollup)
         for partition in sorted(set(parts.to_pylist())):
             rows = result.filter(pc.equal(parts, partition))

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.calendar import partitions_of
-from storage.embedded.commit import latest_in_batch
+from storage.deltas import latest_in_batch
 from storage.embedded.core import StoreCore, require_identity, unlink_all
 from storage.embedded.gcpause import gc_paused
 from storage.embedded.keyindex import KeyIndex

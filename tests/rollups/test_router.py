@@ -64,8 +64,8 @@ def test_route_sql_matches_fixture(payments_spec: DatasourceSpec, name: str) -> 
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_base_route_sql_in_druid_matches_fixture(payments_spec: DatasourceSpec, name: str) -> None:
-    """The same requests answered from the base, rendered for Druid (the backend
-    stores no rollups yet): TIME_FLOOR in the datasource's zone, TIME_PARSE bounds."""
+    """The same requests answered from the base (forced), rendered for Druid:
+    TIME_FLOOR in the datasource's zone, TIME_PARSE bounds."""
     from storage.druid import dialect
 
     routed = route(payments_spec, CASES[name], force_base=True)

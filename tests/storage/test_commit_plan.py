@@ -6,7 +6,7 @@ import pyarrow as pa
 from hypothesis import given
 from hypothesis import strategies as st
 
-from storage.embedded.commit import latest_in_batch
+from storage.deltas import latest_in_batch
 from storage.embedded.segments import base_schema
 from tally.specs import SpecRegistry, builtin_spec_paths
 from tests.factories import latest_by_key, payment

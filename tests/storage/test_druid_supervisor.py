@@ -8,7 +8,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from storage import backend
-from storage.druid.supervisor import contains, supervisor_spec
+from storage.druid.supervisor import contains, rollup_supervisor_spec, supervisor_spec, supervisors
 from storage.refined import refined_topic
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
@@ -84,6 +84,32 @@ def test_a_spec_druid_holds_with_its_defaults_counts_as_unchanged(
     assert not contains(held, wanted)  # a column missing is a change
 
 
+def test_each_rollup_sums_its_signed_deltas_with_rollup_on(payments_spec: DatasourceSpec) -> None:
+    """Druid's own row count would count delta rows, not payments: the count is a
+    longSum of the signed count like every other metric, and nothing is re-bucketed
+    by Druid (the deltas carry their bucket in the spec's zone)."""
+    settings = Settings(topic_namespace="t.")
+    for rollup in payments_spec.rollups:
+        body = rollup_supervisor_spec(settings, payments_spec, rollup)["spec"]
+        schema = body["dataSchema"]
+        assert schema["dataSource"] == f"t.{rollup.name}"
+        assert schema["timestampSpec"] == {"column": "bucket", "format": "millis"}
+        assert [d["name"] for d in schema["dimensionsSpec"]["dimensions"]] == list(
+            rollup.dimensions
+        )
+        assert schema["metricsSpec"] == [
+            {"type": "longSum", "name": m.name, "fieldName": m.name}
+            for m in payments_spec.parsed_metrics
+        ]
+        assert "count" in {m["name"] for m in schema["metricsSpec"]}
+        assert schema["granularitySpec"]["rollup"] is True
+        assert schema["granularitySpec"]["queryGranularity"] == "NONE"
+        assert body["ioConfig"]["topic"] == f"t.payments.v1.refined.{rollup.name}"
+        assert body["ioConfig"]["consumerProperties"]["isolation.level"] == "read_committed"
+    ids = list(supervisors(settings, payments_spec))
+    assert ids == ["t.payments", *(f"t.{r.name}" for r in payments_spec.rollups)]
+
+
 def test_druid_capabilities_pick_kafka_ingestion() -> None:
     caps = backend("druid").capabilities
     assert caps.name == "druid" and caps.sql_dialect == "tallydruid"  # storage.druid.dialect
@@ -100,7 +126,7 @@ def test_tally_druid_specs_prints_what_apply_would_submit(
     ran = tally("druid", "specs", "--format", "json", data_dir=data_dir, env=env)
     assert ran.code == 0, ran.err
     settings = Settings(topic_namespace="ci.", kafka_bootstrap="kafka:9092")
-    assert ran.json() == {"supervisors": [supervisor_spec(settings, payments_spec)]}
+    assert ran.json() == {"supervisors": list(supervisors(settings, payments_spec).values())}
 
 
 def test_tally_druid_apply_without_a_reachable_overlord_says_so_in_one_line(

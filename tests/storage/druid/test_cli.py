@@ -1,5 +1,7 @@
 """``tally druid``: without a reachable Druid one line saying so (exit 2); on the real
-Druid the supervisor's lifecycle — status, suspend, resume, reset — as Druid reports it."""
+Druid the supervisors' lifecycle — status, suspend, resume, reset — as Druid reports
+it: the base datasource's and each rollup's, reset for the base alone (a rollup's
+deltas read twice would be summed twice)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from typing import Any
 
 from ingest.kafka import ensure_topics
 from storage.druid.overlord import Overlord
-from storage.druid.supervisor import datasource_name
+from storage.druid.supervisor import datasource_name, supervisors
 from tally.specs import SpecRegistry
 from tests.brokers import KafkaBroker
 from tests.cli import tally
@@ -41,20 +43,27 @@ def test_suspend_resume_and_reset_the_supervisor_on_a_real_druid(
     settings = druid_settings(druid, data_dir, broker_settings(kafka_broker, data_dir))
     ensure_topics(settings, registry)
     env = env_for(settings)
-    name = datasource_name(settings, registry.get("payments"))
+    spec = registry.get("payments")
+    name = datasource_name(settings, spec)
+    names = list(supervisors(settings, spec))
+    assert names[0] == name and len(names) == 1 + len(spec.rollups)
     overlord = Overlord(settings)
 
     def states() -> dict[str, Any]:
         ran = tally("druid", "status", "--format", "json", env=env)
         assert ran.code == 0, ran.err
-        (row,) = ran.json()["supervisors"]
-        assert row["supervisor"] == name
-        return dict(row)
+        rows = ran.json()["supervisors"]
+        assert [r["supervisor"] for r in rows] == names
+        return {r["supervisor"]: r["state"] for r in rows}
 
-    def reaches(state: str) -> None:
-        poll(lambda: states()["state"] == state or None, 120, f"{name} never {state}")
+    def reaches(state: str, which: list[str] = names) -> None:
+        poll(
+            lambda: all(states()[n] == state for n in which) or None,
+            120,
+            f"{which} never {state}",
+        )
 
-    assert states()["state"] == "absent"
+    assert set(states().values()) == {"absent"}
     missing = tally("druid", "suspend", env=env)
     assert missing.code != 0 and len(missing.err.strip().splitlines()) == 1, missing.err
     assert "tally druid apply" in missing.err
@@ -64,9 +73,11 @@ def test_suspend_resume_and_reset_the_supervisor_on_a_real_druid(
         for action, state in (("suspend", "SUSPENDED"), ("resume", "RUNNING")):
             ran = tally("druid", action, "--datasource", "payments", "--format", "json", env=env)
             assert ran.code == 0, ran.err
-            assert ran.json() == {"supervisors": [{"supervisor": name, "result": action}]}
+            assert ran.json() == {
+                "supervisors": [{"supervisor": n, "result": action} for n in names]
+            }
             reaches(state)
-            assert overlord.status(name)["state"] == state  # type: ignore[index]
+            assert all(overlord.status(n)["state"] == state for n in names)  # type: ignore[index]
         unconfirmed = tally("druid", "reset", env=env)
         assert unconfirmed.code != 0 and "--yes" in unconfirmed.err
         assert len(unconfirmed.err.strip().splitlines()) == 1
@@ -75,4 +86,4 @@ def test_suspend_resume_and_reset_the_supervisor_on_a_real_druid(
         assert reset.json() == {"supervisors": [{"supervisor": name, "result": "reset"}]}
         reaches("RUNNING")
     finally:
-        druid.drop(name)
+        druid.drop(*names)

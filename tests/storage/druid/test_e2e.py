@@ -25,16 +25,16 @@ from rollups.request import AggregateRequest
 from rollups.router import run
 from storage.druid.overlord import Overlord
 from storage.druid.reader import DruidReader
-from storage.druid.supervisor import datasource_name
+from storage.druid.supervisor import datasource_name, supervisors
 from storage.refined import refined_topic
 from storage.sql import col, subquery
 from tally.settings import Settings
-from tally.specs import DatasourceSpec, SpecRegistry
+from tally.specs import DatasourceSpec, Rollup, SpecRegistry
 from tests.brokers import KafkaBroker
 from tests.cli import tally
 from tests.conftest import broker_settings
 from tests.druid import Druid, poll
-from tests.factories import latest_by_key
+from tests.factories import latest_by_key, normalise, reference_rollup
 from tests.ingest.conftest import env_for, start_ingest
 from tests.ingest.reference import Published, build
 from tests.storage.druid.conftest import druid_settings
@@ -80,6 +80,26 @@ def topic_ends(settings: Settings, topic: str) -> dict[int, int]:
         consumer.close()
 
 
+def rollup_groups(
+    reader: DruidReader, spec: DatasourceSpec, rollup: Rollup
+) -> dict[tuple[Any, ...], tuple[int, ...]]:
+    """(bucket, *dimensions) → summed metrics of the rollup's datasource, zero groups
+    left out (a key that moved away nets to zero where it was)."""
+    keys = [col("bucket"), *(col(d) for d in rollup.dimensions)]
+    metrics = [exp.Sum(this=col(m.name)) for m in spec.parsed_metrics]
+    query = (
+        exp.select(*keys, *metrics)
+        .from_(subquery(reader.relation(rollup.name), "r"))
+        .group_by(*(exp.Literal.number(i + 1) for i in range(len(keys))))
+    )
+    out = {}
+    for row in reader.query(query.sql(dialect=reader.capabilities.sql_dialect)).rows:
+        values = tuple(int(v) for v in row[len(keys) :])
+        if any(values):
+            out[tuple(normalise(x) for x in row[: len(keys)])] = values
+    return out
+
+
 def recount(spec: DatasourceSpec, published: Published) -> dict[tuple[str, str], tuple[int, ...]]:
     """(merchant, status) → count, gross, canceled, from the reference merge."""
     out: dict[tuple[str, str], list[int]] = {}
@@ -117,11 +137,16 @@ def test_events_through_the_relay_and_druids_supervisor_equal_the_reference(
     first = tally("druid", "apply", "--format", "json", env=env)
     assert first.code == 0, first.err
     name = datasource_name(settings, spec)
-    request.addfinalizer(lambda: druid.drop(name))
-    assert first.json() == {"supervisors": [{"supervisor": name, "result": "submitted"}]}
+    names = list(supervisors(settings, spec))  # the base's, then each rollup's
+    request.addfinalizer(lambda: druid.drop(*names))
+    assert first.json() == {
+        "supervisors": [{"supervisor": n, "result": "submitted"} for n in names]
+    }
     again = tally("druid", "apply", "--format", "json", env=env)
     assert again.code == 0, again.err
-    assert again.json() == {"supervisors": [{"supervisor": name, "result": "unchanged"}]}
+    assert again.json() == {
+        "supervisors": [{"supervisor": n, "result": "unchanged"} for n in names]
+    }
     overlord = Overlord(settings)
     state = poll(
         lambda: s if (s := overlord.status(name)) and s.get("state") == "RUNNING" else None,
@@ -160,7 +185,21 @@ def test_events_through_the_relay_and_druids_supervisor_equal_the_reference(
         r["txn_id"]: (r["version"], r["status"]) for r in late[:50]
     }
 
-    # Per-merchant daily sales through the router (from the base: no rollups on Druid).
+    # Each rollup, once its supervisor has summed every delta, equals the reference.
+    for rollup in spec.rollups:
+        rel = subquery(reader.relation(rollup.name), "r")
+        summed = exp.select(exp.Sum(this=col("count"))).from_(rel).sql(dialect=dialect)
+
+        def all_summed(sql: str = summed) -> bool | None:
+            return reader.query(sql).rows[0][0] == len(latest) or None
+
+        poll(all_summed, 300, f"{rollup.name}: deltas not all summed")
+        assert rollup_groups(reader, spec, rollup) == {
+            tuple(normalise(x) for x in k): v
+            for k, v in reference_rollup(spec, rollup.name, latest).items()
+        }
+
+    # Per-merchant daily sales through the router: from the daily rollup.
     start = min(r["approved_at"] for r in latest.values()).replace(hour=0, minute=0, second=0)
     end = max(r["approved_at"] for r in latest.values()) + timedelta(days=1)
     merchant = next(iter(got))[0]
@@ -171,7 +210,7 @@ def test_events_through_the_relay_and_druids_supervisor_equal_the_reference(
             start=start, end=end, granularity="day", filters={"merchant_id": (merchant,)}
         ),
     )
-    assert routed.source == "base"
+    assert routed.source == "payments_daily"
     want = sum(v[0] for k, v in recount(spec, published).items() if k[0] == merchant)
     assert sum(r[result.columns.index("count")] for r in result.rows) == want
     buckets = [r[0] for r in result.rows]
