@@ -4,8 +4,9 @@ is the key's merchant's, the SQL attack corpus is refused, and Druid down or stu
 HTTP 503 with the JSON error body within the timeouts, never a 500 or a hang.
 
 The embedded suites' own tests run here again (imported: pytest collects them in
-this module, where ``api`` is the Druid-backed server); those whose expectations are
-embedded-only (sales from a rollup, rollups named in SQL) have a Druid twin here.
+this module, where ``api`` is the Druid-backed server), sales from the rollups among
+them; those whose expectations are embedded-only (MAX over strings in SQL) have a
+Druid twin here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -34,15 +34,16 @@ from tests.ingest.conftest import free_port
 from tests.query_api.conftest import MERCHANTS, Api, _history, index_docs
 from tests.query_api.test_routes import (  # noqa: F401 (collected here, on Druid)
     SEOUL_MIDNIGHT,
-    _recount,
     test_a_cursor_belongs_to_its_query,
     test_hybrid_search_equals_a_brute_force_scan,
     test_no_request_to_any_route_returns_another_merchants_row,
     test_one_transaction_is_only_its_merchants,
     test_pages_cover_every_row_once_newest_first,
+    test_sales_equal_a_recount,
 )
 from tests.query_api.test_sql import (  # noqa: F401 (collected here, on Druid)
     _SHAPES,
+    _SOURCES,
     _sql,
     test_dialects_answer_alike_and_only_for_the_key,
     test_every_attack_is_refused_with_a_4xx,
@@ -100,63 +101,6 @@ def api(
         server.wait(30)
 
 
-@settings(
-    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    merchant=st.sampled_from(MERCHANTS),
-    start_day=st.integers(0, 40),
-    days=st.integers(1, 30),
-    hour=st.sampled_from([0, 0, 5]),
-    gran=st.sampled_from(["hour", "day", "month"]),
-    groups=st.lists(st.sampled_from(["method", "status", "currency"]), unique=True, max_size=2),
-    force_base=st.booleans(),
-)
-def test_sales_from_a_rollup_or_the_base_equal_a_recount(
-    api: Api,
-    merchant: str,
-    start_day: int,
-    days: int,
-    hour: int,
-    gran: str,
-    groups: list[str],
-    force_base: bool,
-) -> None:
-    """From the rollup datasources (summed deltas) unless the base is forced, and
-    every range starts and ends on an hour, so the hourly rollup can always answer."""
-    start = SEOUL_MIDNIGHT + timedelta(days=start_day, hours=hour)
-    end = start + timedelta(days=days)
-    params = {
-        "from": start.isoformat(),
-        "to": end.isoformat(),
-        "granularity": gran,
-        "group_by": ",".join(groups),
-        "force_base": str(force_base).lower(),
-    }
-    who = "admin" if force_base else merchant
-    if force_base:
-        params["merchant"] = merchant
-    with api.client(who) as c:
-        resp = c.get("/v1/sales", params=params)
-    assert resp.status_code == 200, resp.text
-    body = resp.json()
-    assert (body["source"] == "base") == force_base
-    got = {
-        (datetime.fromisoformat(b["bucket"]).astimezone(UTC), *(b[g] for g in groups)): (
-            b["count"],
-            b["gross_amount"],
-            b["canceled_amount"],
-            b["net_amount"],
-        )
-        for b in body["buckets"]
-    }
-    expected = {
-        (k[0].astimezone(UTC), *k[1:]): v
-        for k, v in _recount(api, merchant, start, end, gran, tuple(groups)).items()
-    }
-    assert got == expected
-
-
 def test_one_transaction_and_the_list_are_the_merged_rows(api: Api) -> None:
     latest = api.latest()
     for who in MERCHANTS:
@@ -176,12 +120,14 @@ def test_one_transaction_and_the_list_are_the_merged_rows(api: Api) -> None:
     who=st.sampled_from(MERCHANTS),
     # Druid has no MAX over strings: that shape is a 400 (test_sql_reads_merged_rows…).
     shape=st.sampled_from([s for s in _SHAPES if "MAX(" not in s]),
+    t=st.sampled_from(_SOURCES),
+    u=st.sampled_from(_SOURCES),
     dialect=st.sampled_from(["mysql", "postgres", "starrocks"]),
 )
 def test_no_query_shape_reaches_another_merchant_on_druid(
-    api: Api, who: str, shape: str, dialect: str
+    api: Api, who: str, shape: str, t: str, u: str, dialect: str
 ) -> None:
-    sql = shape.format(t="payments", u="payments") + " LIMIT 5000"
+    sql = shape.format(t=t, u=u) + " LIMIT 5000"
     status, body = _sql(api, who, sql, dialect)
     assert status == 200, (sql, body)
     assert {row[0] for row in body["rows"]} <= {who, None}
@@ -194,8 +140,12 @@ def test_sql_reads_merged_rows_with_the_tenant_bound(api: Api) -> None:
     assert status == 200, body
     mine = [r for r in api.latest().values() if r["merchant_id"] == "m1"]
     assert body["rows"] == [[len(mine), len(mine)]]
-    status, body = _sql(api, "m1", "SELECT * FROM payments_daily")
-    assert status == 400 and "unknown datasource" in body["error"]["message"]
+    # A rollup is its summed deltas, narrowed to the key's merchant like the base.
+    status, body = _sql(
+        api, "m1", "SELECT merchant_id, SUM(count) AS n FROM payments_daily GROUP BY 1"
+    )
+    assert status == 200, body
+    assert body["rows"] == [["m1", len(mine)]]
     status, body = _sql(api, "m1", "SELECT (SELECT MAX(merchant_id) FROM payments) FROM payments")
     assert status == 400 and body["error"]["code"] == "query_error"  # Druid's limit, not a leak
 

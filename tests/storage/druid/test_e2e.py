@@ -200,8 +200,12 @@ def test_events_through_the_relay_and_druids_supervisor_equal_the_reference(
         }
 
     # Per-merchant daily sales through the router: from the daily rollup.
-    start = min(r["approved_at"] for r in latest.values()).replace(hour=0, minute=0, second=0)
-    end = max(r["approved_at"] for r in latest.values()) + timedelta(days=1)
+    # Seoul midnights: a day bucket the daily rollup holds whole.
+    earliest = min(r["approved_at"] for r in latest.values()).astimezone(spec.tz)
+    start = earliest.replace(hour=0, minute=0, second=0, microsecond=0)
+    end = max(r["approved_at"] for r in latest.values()).astimezone(spec.tz).replace(
+        hour=0, minute=0, second=0, microsecond=0
+    ) + timedelta(days=1)
     merchant = next(iter(got))[0]
     routed, result = run(
         reader,

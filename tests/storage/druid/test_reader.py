@@ -116,7 +116,7 @@ def test_errors_are_translated_at_the_boundary(
     with pytest.raises(QueryError):
         dreader.query("SELECT ? + 1")  # a parameter left unbound
     with pytest.raises(QueryError, match="rollup"):
-        dreader.relation("payments_hourly")
+        dreader.lookup("payments_hourly", ["a"])  # a rollup has no rows by key
     with pytest.raises(QueryError):
         dreader.rollup_state("payments_hourly")
 
