@@ -45,8 +45,8 @@ def load_rollups(
     spec: DatasourceSpec,
     batches: Sequence[Sequence[Mapping[str, Any]]],
 ) -> None:
-    """Each rollup's deltas for ``batches`` (one task per batch and rollup, so one
-    group's deltas sit in several segments); wait until the counts add up."""
+    """Each rollup's deltas for ``batches``, planned batch by batch as the relay
+    plans them; wait until the counts add up."""
     states = KeyStates(spec)
     deltas: dict[str, list[list[bytes]]] = {r.name: [] for r in spec.rollups}
     for batch in batches:
@@ -59,8 +59,9 @@ def load_rollups(
     keys = len(states)
     for rollup in spec.rollups:
         schema = rollup_supervisor_spec(settings, spec, rollup)["spec"]["dataSchema"]
-        for values in deltas[rollup.name]:
-            _index(druid, schema, values)
+        # One task for all batches' deltas (a task costs seconds): a group's deltas
+        # of two batches are still two rows, which Druid rolls up or the query sums.
+        _index(druid, schema, [v for values in deltas[rollup.name] for v in values])
         name = rollup_datasource_name(settings, rollup)
 
         def served(name: str = name) -> bool | None:
