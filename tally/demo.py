@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta, tzinfo
 from typing import Any
 
 from tally.errors import InvalidArgument
@@ -27,10 +27,14 @@ from tally.settings import Settings
 from tally.specs import SpecRegistry
 
 
-def _config(rate: float, seed: int) -> Any:
+def _config(rate: float, seed: int, zone: tzinfo) -> Any:
+    """The last 30 calendar days in the datasource's zone, today included: what a
+    dashboard asks for. UTC's days would put the first events streamed outside that
+    window for the hours when the zone's today is UTC's tomorrow (15:00–24:00 UTC in
+    Seoul), and the demo would show no sales at first."""
     from producers.generate import GeneratorConfig
 
-    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    today = datetime.now(zone).replace(hour=0, minute=0, second=0, microsecond=0)
     return GeneratorConfig(
         transactions=int(rate * 3600),
         merchants=50,
@@ -40,11 +44,11 @@ def _config(rate: float, seed: int) -> Any:
     )
 
 
-def busiest_merchant(rate: float, seed: int) -> str:
+def busiest_merchant(rate: float, seed: int, zone: tzinfo) -> str:
     """The merchant the stream favours most (the demo key's merchant)."""
     from producers.generate import PaymentGenerator
 
-    gen = PaymentGenerator(_config(rate, seed))
+    gen = PaymentGenerator(_config(rate, seed, zone))
     return str(gen.merchant_ids[int(gen.merchant_p.argmax())])
 
 
@@ -56,7 +60,7 @@ def _stream(
     from producers.publish import Publisher
 
     spec = registry.get("payments")
-    config = _config(rate, seed)
+    config = _config(rate, seed, spec.tz)
     wires = with_malformed(generate_events(config), 0.002, seed)
 
     def until_stopped() -> Any:
@@ -232,7 +236,7 @@ def run_demo(
         ]
         for t in threads:
             t.start()
-        merchant = busiest_merchant(rate, seed)
+        merchant = busiest_merchant(rate, seed, registry.get("payments").tz)
         with KeyStore(settings.keys_path) as keys:
             _, key = keys.create(merchant)
         chosen = _port(settings, port)
