@@ -8,7 +8,7 @@ store against it checks the store's incremental machinery, not a copy of it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -99,3 +99,19 @@ def normalise(value: Any) -> Any:
     if isinstance(value, datetime):
         return value.astimezone(UTC)
     return value
+
+
+def assert_summed_deltas_equal_reference(
+    spec: DatasourceSpec,
+    totals: Mapping[str, Mapping[tuple[Any, ...], Sequence[int]]],
+    latest: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """Each rollup's summed deltas (rollup → (bucket, *dims) → metric sums, normalised
+    keys) equal the rollup recomputed from the latest state of every key."""
+    for rollup in spec.rollups:
+        got = {k: tuple(v) for k, v in totals[rollup.name].items() if any(v)}
+        want = {
+            tuple(normalise(x) for x in k): v
+            for k, v in reference_rollup(spec, rollup.name, latest).items()
+        }
+        assert got == want, rollup.name

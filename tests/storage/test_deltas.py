@@ -14,7 +14,14 @@ from hypothesis import strategies as st
 from storage.deltas import SIGN, signed_deltas
 from storage.embedded.segments import base_schema
 from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
-from tests.factories import METHODS, T0, latest_by_key, normalise, payment, reference_rollup
+from tests.factories import (
+    METHODS,
+    T0,
+    assert_summed_deltas_equal_reference,
+    latest_by_key,
+    normalise,
+    payment,
+)
 
 SPEC = SpecRegistry.load(builtin_spec_paths()).get("payments")
 
@@ -65,10 +72,4 @@ def test_summed_deltas_equal_recomputation(changes: list[dict[str, Any]]) -> Non
                     acc[i] += row[m.name]
                 assert any(row[m.name] for m in SPEC.parsed_metrics)  # zero groups dropped
     latest = latest_by_key(SPEC, current.values())
-    for rollup in SPEC.rollups:
-        got = {k: tuple(v) for k, v in totals[rollup.name].items() if any(v)}
-        want = {
-            tuple(normalise(x) for x in k): v
-            for k, v in reference_rollup(SPEC, rollup.name, latest).items()
-        }
-        assert got == want
+    assert_summed_deltas_equal_reference(SPEC, totals, latest)
