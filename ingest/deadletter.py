@@ -148,6 +148,7 @@ class Publisher:
         self._recovered = False
         self.flush_timeout_s = 30.0
         self._in_flight: set[str] = set()
+        self._failed = 0  # deliveries reported failed since the last publish returned
         self._acked: list[tuple[str, int, int]] = []
 
     def _pending(self, owned: Collection[tuple[str, int]]) -> list[DeadLetterRecord]:
@@ -177,6 +178,7 @@ class Publisher:
         if err is None:
             self._acked.append((ident, msg.partition(), msg.offset()))
         else:
+            self._failed += 1
             self._recovered = False  # it may have landed: look before producing it again
 
     def _mark_acked(self) -> None:
@@ -210,9 +212,11 @@ class Publisher:
         finally:
             done = len(self._acked)
             self._mark_acked()
-        if self._in_flight or not self._recovered:
+        failed, self._failed = self._failed, 0
+        if self._in_flight or failed:
             raise BrokerUnavailable(
-                f"dead letters to {self.topic}: {len(self._in_flight)} not acknowledged"
+                f"dead letters to {self.topic}: {len(self._in_flight)} in flight,"
+                f" {failed} not delivered"
             )
         return done
 

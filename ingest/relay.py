@@ -170,12 +170,22 @@ class KafkaRelay:
     # --- positions -----------------------------------------------------------------------
 
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+        """Taking ``partitions`` over: where to resume them, and their key state as of
+        those offsets (committed in the same transactions)."""
+        self._group_metadata = self._bound().consumer_group_metadata()
+        out = self.resume_positions(partitions)
+        if self._states is not None:
+            parts = [p for _, p in partitions]
+            restore(self._states, base_config(self.settings), self._state_topic, parts)
+        return out
+
+    def resume_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         """The group's committed offsets: exactly what the transactions committed.
         Fetched as read_committed (stable offsets: a pending transaction of a crashed
         member is waited out, never read half-way). A partition without one starts at
-        its beginning — said explicitly, so a re-seek after a fence rewinds it too."""
+        its beginning — said explicitly, so a re-seek after a fence rewinds it too.
+        Only asks: the runner's idle probe asks for partitions it does not own."""
         consumer = self._bound()
-        self._group_metadata = consumer.consumer_group_metadata()
         if not partitions:
             return {}
         wanted = [TopicPartition(t, p) for t, p in partitions]
@@ -203,10 +213,6 @@ class KafkaRelay:
                 except KafkaException as exc:
                     raise translate(exc, f"reading the start of {tp.topic}") from exc
             out[(tp.topic, tp.partition)] = offset
-        if self._states is not None:
-            # The state as of these offsets (committed in the same transactions).
-            parts = [p for _, p in partitions]
-            restore(self._states, base_config(self.settings), self._state_topic, parts)
         return out
 
     def released(self, partitions: list[TP]) -> None:

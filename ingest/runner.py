@@ -316,7 +316,7 @@ class Runner:
         if meta is None or meta.error is not None or not meta.partitions:
             raise BrokerUnavailable(f"no partitions known for {self.topic}")
         tps: list[TP] = [(self.topic, p) for p in sorted(meta.partitions)]
-        starts = self.sink.start_positions(tps)
+        starts = self.sink.resume_positions(tps)  # asks; taking over is for assignments
         positions = {p: start for (_t, p), start in starts.items() if start is not None}
         others = [TopicPartition(t, p) for t, p in tps if p not in positions]
         for tp in consumer.committed(others, timeout=5) if others else []:

@@ -38,7 +38,13 @@ class Sink(Protocol):
         ...
 
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
-        """Where to resume each newly assigned partition (None: Kafka's committed/earliest)."""
+        """Take over newly assigned partitions: where to resume each (None: Kafka's
+        committed/earliest)."""
+        ...
+
+    def resume_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+        """Where each partition would resume, owned or not, with no side effect (the
+        idle probe asks for every partition of the topic)."""
         ...
 
     def released(self, partitions: list[TP]) -> None: ...
@@ -78,6 +84,9 @@ class OlapSink:
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         self._owned.update(partitions)
         self.publisher.taken_over()
+        return self.resume_positions(partitions)
+
+    def resume_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         stored = self.store.stored_offsets(self.spec.name)
         return {tp: stored.get(tp) for tp in partitions}
 
@@ -118,6 +127,9 @@ class SearchSink:
         pass
 
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+        return dict.fromkeys(partitions)
+
+    def resume_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         return dict.fromkeys(partitions)
 
     def released(self, partitions: list[TP]) -> None:
