@@ -130,12 +130,7 @@ def build(settings: Settings, registry: SpecRegistry, n: int, log: Log) -> None:
             log(f"built {done:,}")
     # The API is measured on the store as the platform keeps it: the watcher has
     # compacted the partitions the late cancellations wrote into.
-    assert isinstance(store, EmbeddedStore)
-    later = datetime.now(UTC) + timedelta(days=1)  # past every debounce
-    watcher = Watcher(settings, registry, store, clock=lambda: later)
-    while watcher.tick():
-        pass
-    log(f"compacted: {watcher.report.compactions} partitions")
+    compact_as_the_watcher_would(settings, registry, store, log)
     index.close()
     store.close()
 
@@ -314,3 +309,16 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def compact_as_the_watcher_would(
+    settings: Settings, registry: SpecRegistry, store: Any, log: Callable[[str], None]
+) -> None:
+    """Run the compaction watcher until nothing is due, its clock a day ahead (past
+    every debounce): the embedded store as the platform keeps it."""
+    assert isinstance(store, EmbeddedStore)
+    later = datetime.now(UTC) + timedelta(days=1)
+    watcher = Watcher(settings, registry, store, clock=lambda: later)
+    while watcher.tick():
+        pass
+    log(f"compacted: {watcher.report.compactions} partitions")

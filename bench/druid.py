@@ -454,17 +454,10 @@ def api(
 
 def compact(settings: Settings, registry: SpecRegistry, log: Logger) -> None:
     """The embedded store as its watcher keeps it (late partitions compacted)."""
-    from compaction.watcher import Watcher
     from storage import open_store
-    from storage.embedded.store import EmbeddedStore
 
     store = open_store(settings, registry)
-    assert isinstance(store, EmbeddedStore)
-    later = datetime.now(UTC) + timedelta(days=1)  # past every debounce
-    watcher = Watcher(settings, registry, store, clock=lambda: later)
-    while watcher.tick():
-        pass
-    log(f"compacted: {watcher.report.compactions} partitions")
+    api_bench.compact_as_the_watcher_would(settings, registry, store, log)
     store.close()
 
 

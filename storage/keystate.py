@@ -62,7 +62,6 @@ class KeyStates:
     def __init__(self, spec: DatasourceSpec) -> None:
         self.spec = spec
         self.columns = spec.rollup_state_columns
-        self._time = self.columns.index(spec.datasource.time)
         # Dimension values repeat across keys (a few merchants, methods, statuses):
         # one string object each, not one per key.
         self._shared: dict[str, str] = {}
