@@ -93,8 +93,22 @@ from tally.settings import DruidSettings, Settings, StoreSettings  # noqa: E402
 from tally.specs import SpecRegistry, builtin_spec_paths  # noqa: E402
 
 SCALES = {
-    "small": {"events": 60_000, "steady_s": 10, "rate": 1000, "requests": 40, "clients": (1,)},
-    "full": {"events": 120_000, "steady_s": 30, "rate": 1000, "requests": 30, "clients": (1,)},
+    "small": {
+        "events": 60_000,
+        "steady_s": 10,
+        "rate": 1000,
+        "requests": 40,
+        "clients": (1,),
+        "late_rounds": 4,
+    },
+    "full": {
+        "events": 120_000,
+        "steady_s": 30,
+        "rate": 1000,
+        "requests": 30,
+        "clients": (1,),
+        "late_rounds": 10,
+    },
 }
 BACKENDS = ("embedded", "druid")
 DAYS = 120
@@ -478,6 +492,138 @@ def index(settings: Settings, others: list[Settings], log: Logger) -> None:
         shutil.copytree(settings.data_dir / "search", other.data_dir / "search")
 
 
+# --- late writes ---------------------------------------------------------------------------
+
+
+def late_compactions(
+    backend: str,
+    settings: Settings,
+    registry: SpecRegistry,
+    latest: dict[str, dict[str, Any]],
+    rounds: int,
+    log: Logger,
+) -> dict[str, float]:
+    """Cancellations of payments in old days, one day per round, into the ingested
+    namespace while its OLAP sink runs (the relay and the supervisors on Druid) and
+    the real watcher (``compaction.watcher.Watcher``, default settings) runs in a
+    thread here: per round, from the produce to the Done of the day's base partition
+    (one segment, or one Druid segment set, again), and the watcher's own detection →
+    start (the Druid task submitted) and detection → done."""
+    import threading
+
+    from compaction.policy import Done
+    from compaction.watcher import Watcher
+    from storage import open_store
+
+    store = open_store(settings, registry)
+    topic = settings.topic("payments.v1")
+    procs = [spawn(settings, "ingest", "--sink", "olap")]
+    finished: list[Done] = []
+    stop_watch = threading.Event()
+    try:
+        if backend == "druid":
+            # Everything the supervisors read so far is published first, so each old
+            # chunk starts as published segments (the state a day later in production).
+            for name in supervisor_ids(settings, registry):
+                httpx.post(
+                    f"{settings.druid.overlord_url}/druid/indexer/v1/supervisor/{name}"
+                    "/taskGroups/handoff",
+                    json={"taskGroupIds": [0]},
+                    timeout=30,
+                )
+            wait_for(
+                lambda: all(s.sealed for s in store.live_segments()),
+                600,
+                "Druid never published the ingested rows",
+                every_s=1.0,
+            )
+        watcher = Watcher(settings, registry, store)
+        # The state the watcher keeps: nothing late before the first round.
+        for task in watcher.due():
+            watcher.run_task(task)
+        thread = threading.Thread(
+            target=watcher.run, args=(stop_watch, finished.extend), daemon=True
+        )
+        thread.start()
+        pub = Publisher(settings, topic)
+        by_day: dict[str, list[dict[str, Any]]] = {}
+        for row in latest.values():
+            at = datetime.fromisoformat(row["approved_at"]).astimezone(UTC)
+            # 03:00-11:00 UTC: one Seoul day and one UTC day alike.
+            if row["status"] == "DONE" and 3 <= at.hour < 11:
+                by_day.setdefault(at.date().isoformat(), []).append(row)
+        days = sorted(d for d, rows in by_day.items() if len(rows) >= 20)[10 : 10 + 4 * rounds : 4]
+        to_done, detect_start, detect_done = [], [], []
+        for day in days:
+            partition = store_partition(store, day)
+            sent = datetime.now(UTC)
+            pub.send([cancel_wire(r) for r in by_day[day][:20]])
+            done = wait_for_done(finished, partition, sent, 180)
+            to_done.append((done.finished_at - sent).total_seconds())
+            if done.detect_to_start_s is not None and done.detect_to_done_s is not None:
+                detect_start.append(done.detect_to_start_s)
+                detect_done.append(done.detect_to_done_s)
+            log(
+                f"late write into {partition}: compacted {to_done[-1]:.1f} s after the produce"
+                f" (detected → started {detect_start[-1] if detect_start else float('nan'):.1f} s)"
+            )
+    finally:
+        stop_watch.set()
+        stop(procs)
+        store.close()
+    return {
+        "late_write_to_compacted_p50_s": percentile(to_done, 50),
+        "late_write_to_compacted_p99_s": percentile(to_done, 99),
+        "late_detect_to_started_p50_s": percentile(detect_start, 50),
+        "late_detect_to_started_p99_s": percentile(detect_start, 99),
+        "late_detect_to_compacted_p50_s": percentile(detect_done, 50),
+        "late_detect_to_compacted_p99_s": percentile(detect_done, 99),
+    }
+
+
+def supervisor_ids(settings: Settings, registry: SpecRegistry) -> list[str]:
+    from storage.druid.supervisor import supervisors
+
+    return list(supervisors(settings, registry.get("payments")))
+
+
+def store_partition(store: Any, day: str) -> str:
+    """The base partition holding 03:00-11:00 UTC of ``day`` in ``store``'s naming."""
+    at = datetime.fromisoformat(day).replace(hour=6, tzinfo=UTC)
+    for stats in store.partition_stats("payments"):
+        if stats.datasource != "payments":
+            continue
+        lo, hi = store.partition_range("payments", stats.partition)
+        if lo <= at < hi:
+            return str(stats.partition)
+    raise TallyError(f"no partition holds {at}")
+
+
+def cancel_wire(row: dict[str, Any]) -> Wire:
+    version = row["version"] + 1
+    event = row | {
+        "event_id": f"{row['txn_id']}-late-v{version}",
+        "event_type": "payment.canceled",
+        "version": version,
+        "canceled_amount": row["amount"],
+        "status": "CANCELED",
+        "occurred_at": datetime.now(UTC).isoformat(),
+    }
+    return Wire(row["txn_id"].encode(), orjson.dumps(event), None)
+
+
+def wait_for_done(finished: list[Any], partition: str, after: datetime, timeout_s: float) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for done in list(finished):
+            task = done.task
+            key = (task.datasource, task.partition, task.kind)
+            if key == ("payments", partition, "late") and done.finished_at > after:
+                return done
+        time.sleep(0.1)
+    raise TallyError(f"the late write into {partition} was not compacted in {timeout_s:g} s")
+
+
 # --- freshness -----------------------------------------------------------------------------
 
 
@@ -591,6 +737,10 @@ def run(scale: dict[str, Any], scale_name: str, log: Log) -> Figures:
                 got[backend] |= api(
                     backend, settings, merchant, searches, scale, tagged(log, backend)
                 )
+            for backend, settings in stores.items():
+                got[backend] |= late_compactions(
+                    backend, settings, registry, latest, scale["late_rounds"], tagged(log, backend)
+                )
             for backend in BACKENDS:
                 fresh = backend_settings(
                     backend, tmp / f"fresh-{backend}", engines, f"f{backend[0]}{run_id}_"
@@ -625,7 +775,12 @@ def measures(scale: dict[str, Any]) -> list[tuple[str, str]]:
         for route in ROUTES
         for q in (50, 99)
     ]
-    return MEASURES[:2] + api_measures + MEASURES[2:]
+    late = [
+        (f"late_{what}_p{q}_s", "s")
+        for what in ("write_to_compacted", "detect_to_started", "detect_to_compacted")
+        for q in (50, 99)
+    ]
+    return MEASURES[:2] + api_measures + late + MEASURES[2:]
 
 
 def pick_merchant(latest: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:

@@ -24,10 +24,12 @@ from compaction.logstate import (
     SOURCE_PARTITION,
     LogState,
     committed_offsets,
+    end_offsets,
 )
 from search import Doc, SearchIndex
 from storage import OlapReader
 from storage.deltas import SIGN, signed_deltas
+from storage.sql import col, subquery
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, Rollup, SpecRegistry
 
@@ -59,7 +61,7 @@ class Check:
     def _olap(self, keys: Iterable[str] | None = None) -> pa.Table:
         if keys is not None:
             return self.reader.lookup(self.spec.name, sorted(keys))
-        return self.reader.arrow(_select_all(self.reader, self.spec.name))
+        return self.reader.arrow(merged_rows(self.reader, self.spec.name))
 
     def _expected_groups(self, rollup: Rollup, rows: pa.Table) -> dict[Group, tuple[int, ...]]:
         if not rows.num_rows:
@@ -68,7 +70,8 @@ class Check:
         return _groups(self.spec, rollup, signed_deltas(self.spec, rollup, signed))
 
     def _stored_groups(self, rollup: Rollup) -> dict[Group, tuple[int, ...]]:
-        return _groups(self.spec, rollup, self.reader.arrow(_select_all(self.reader, rollup.name)))
+        summed = summed_groups(self.reader, self.spec, rollup)
+        return _groups(self.spec, rollup, self.reader.arrow(summed))
 
     def _search(self, keys: Iterable[str] | None = None) -> list[Difference]:
         found = self.index.all_versions()
@@ -115,13 +118,25 @@ class Check:
 
     def committed(self) -> tuple[dict[int, int], dict[int, int]]:
         """Committed offsets of the OLAP sink (catalog) and the search sink (Kafka);
-        read before the sinks are re-read, so the data is at least that new."""
+        read before the sinks are re-read, so the data is at least that new.
+
+        Where the engine ingests from Kafka itself (Druid), the OLAP sink's offsets
+        (the relay's) say what reached the engine's topic, not what it ingested: they
+        count only once the engine has read its topics to their ends; until then
+        nothing counts as ingested, and what differs is lagging, not reported."""
         log = self.log
-        olap = {
-            p: o
-            for (t, p), o in self.reader.ingest_figures(self.spec.name).offsets.items()
-            if t == log.topic
-        }
+        figures = self.reader.ingest_figures(self.spec.name).offsets
+        if self.reader.capabilities.visible_on_commit:
+            olap = {p: o for (t, p), o in figures.items() if t == log.topic}
+        elif figures and _read_to_the_end(self.settings, figures):
+            olap = committed_offsets(
+                self.settings,
+                self.settings.group("olap", self.spec.name),
+                log.topic,
+                log.partitions,
+            )
+        else:
+            olap = {}
         group = self.settings.group("search", self.spec.name)
         search = committed_offsets(self.settings, group, log.topic, log.partitions)
         return olap, search
@@ -198,6 +213,18 @@ class Check:
         return out
 
 
+def _read_to_the_end(settings: Settings, read: Mapping[tuple[str, int], int]) -> bool:
+    """Whether the engine's read positions are at its topics' ends."""
+    topics: dict[str, list[int]] = {}
+    for topic, partition in read:
+        topics.setdefault(topic, []).append(partition)
+    for topic, partitions in topics.items():
+        ends = end_offsets(settings, topic, partitions)
+        if any(read[(topic, p)] < end for p, end in ends.items()):
+            return False
+    return True
+
+
 def _in_flight(
     d: Difference,
     source: Mapping[str, tuple[int, int]],
@@ -228,6 +255,24 @@ def by_report_order(d: Difference) -> tuple[Any, ...]:
     return ("olap", "rollup", "search").index(d.sink), d.rollup or "", d.kind, d.key or "", group
 
 
-def _select_all(reader: OlapReader, view: str) -> str:
-    dialect = reader.capabilities.sql_dialect
-    return exp.select(exp.Star()).from_(exp.table_(view, quoted=True)).sql(dialect=dialect)
+def merged_rows(reader: OlapReader, name: str) -> str:
+    """Every merged row of a datasource, through the reader's relation (a view on the
+    embedded store, merge on read on Druid)."""
+    rel = subquery(reader.relation(name), "m")
+    return exp.select(exp.Star()).from_(rel).sql(dialect=reader.capabilities.sql_dialect)
+
+
+def summed_groups(reader: OlapReader, spec: DatasourceSpec, rollup: Rollup) -> str:
+    """A rollup's groups, each metric summed (an engine may hold several rows of one
+    group: Druid's segments of several tasks, its signed deltas)."""
+    keys = [col("bucket"), *(col(d) for d in rollup.dimensions)]
+    sums = [
+        exp.alias_(exp.Sum(this=col(m.name)), exp.to_identifier(m.name, quoted=True))
+        for m in spec.parsed_metrics
+    ]
+    query = (
+        exp.select(*keys, *sums)
+        .from_(subquery(reader.relation(rollup.name), "r"))
+        .group_by(*(exp.Literal.number(i + 1) for i in range(len(keys))))
+    )
+    return query.sql(dialect=reader.capabilities.sql_dialect)

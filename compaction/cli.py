@@ -49,10 +49,11 @@ def status(
     store = open_store(c.settings, c.registry)
     try:
         stats = store.partition_stats(datasource)
+        now = datetime.now(UTC)
+        old = window_test(c.registry, store)
+        due = [is_due(s, old(s.datasource, s.partition, now)) for s in stats]
     finally:
         store.close()
-    now = datetime.now(UTC)
-    old = window_test(c.registry)
     rows = [
         {
             "datasource": s.datasource,
@@ -62,9 +63,9 @@ def status(
             "bytes": s.bytes,
             "late_rows": s.late_rows,
             "last_compacted_at": _iso(s.last_compacted_at),
-            "due": is_due(s, old(s.datasource, s.partition, now)),
+            "due": d,
         }
-        for s in stats
+        for s, d in zip(stats, due, strict=True)
     ]
     if fmt is Format.json:
         emit_json({"partitions": rows})

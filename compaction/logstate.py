@@ -171,3 +171,17 @@ def committed_offsets(
     finally:
         consumer.close()
     return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+
+
+def end_offsets(settings: Settings, topic: str, partitions: list[int]) -> dict[int, int]:
+    """Each partition's end (high watermark: a transaction's marker included)."""
+    consumer = _consumer(settings, "tally.verify.ends")
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions
+        }
+    except KafkaException as exc:
+        raise translate(exc, f"reading the end offsets of {topic}") from exc
+    finally:
+        consumer.close()

@@ -30,6 +30,13 @@ detect_to_done = Histogram(
     ("datasource",),
     buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 120),
 )
+detect_to_start = Histogram(
+    "tally_compaction_detect_to_start_seconds",
+    "From a late partition's fragmentation to the start of its compaction (task submitted)",
+    ("datasource",),
+    buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 120),
+)
+in_flight = Gauge("tally_compaction_in_flight", "Compactions running now (engine tasks)")
 
 
 def record_due(tasks: Sequence[Task], datasources: Sequence[str]) -> None:
@@ -45,9 +52,11 @@ def record_done(done: Done) -> None:
     compactions.labels(task.datasource, task.kind).inc()
     if done.result is not None:
         rewritten.labels(task.datasource, task.kind).inc(done.result.bytes_in)
-    lag = done.detect_to_done_s
+    lag, start = done.detect_to_done_s, done.detect_to_start_s
     if lag is not None and task.kind == "late":
         detect_to_done.labels(task.datasource).observe(lag)
+    if start is not None and task.kind == "late":
+        detect_to_start.labels(task.datasource).observe(start)
 
 
 def serve(port: int) -> None:

@@ -48,6 +48,7 @@ class PolicyConfig:
     tier_ratio: float = 4.0  # largest / smallest segment size within one tier
     pack_delay_s: float = 600.0  # a unit is repacked once no file of it is younger
     pack_max_files: int = 8  # ...or once it spans this many files
+    whole_partitions: bool = False  # a merge rewrites the partition (capabilities)
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,13 @@ def tiers(segments: Sequence[SegmentInfo], config: PolicyConfig) -> list[list[Se
 
 
 def tiered_merge(segments: Sequence[SegmentInfo], config: PolicyConfig) -> list[SegmentInfo]:
-    """The segments to merge next in a hot partition (smallest full tier), or []."""
-    for tier in tiers(segments, config):
+    """The segments to merge next in a hot partition (smallest full tier), or []; only
+    sealed ones (a streaming task's are still being written). Where a merge rewrites
+    the whole partition, a full tier makes every sealed segment the merge."""
+    sealed = [s for s in segments if s.sealed]
+    for tier in tiers(sealed, config):
         if len(tier) >= config.min_merge:
-            return tier[: config.max_merge]
+            return sealed if config.whole_partitions else tier[: config.max_merge]
     return []
 
 
@@ -191,8 +195,14 @@ class Done:
     task: Task
     result: CompactionResult | None
     finished_at: datetime
+    started_at: datetime | None = None  # when the compaction began (an engine's task submitted)
 
     @property
     def detect_to_done_s(self) -> float | None:
         since = self.task.due_since
         return None if since is None else (self.finished_at - since).total_seconds()
+
+    @property
+    def detect_to_start_s(self) -> float | None:
+        since, started = self.task.due_since, self.started_at
+        return None if since is None or started is None else (started - since).total_seconds()

@@ -51,13 +51,19 @@ def repair_olap(
                 partitions=sorted(set(seen.to_pylist())),
             )
             partitions |= set(result.partitions)
+            if result.unrepairable:
+                notes.append(
+                    f"olap: {len(result.unrepairable)} key(s) the {store.capabilities.name}"
+                    " backend could not rewrite (their chunks were too large to reindex):"
+                    f" {', '.join(result.unrepairable[:10])}"
+                )
             if result.skipped:
                 notes.append(
                     f"olap: {len(result.skipped)} key(s) changed since they were read, left"
                     f" alone (verify again): {', '.join(result.skipped[:10])}"
                 )
             for d in olap:
-                if d.key not in result.skipped:
+                if d.key not in result.skipped and d.key not in result.unrepairable:
                     done[d.ident] = "removed" if d.key in remove else "rewrote"
         coarse = {
             r.name for r in spec.rollups if not coarser_or_equal(ds.granularity, r.granularity)

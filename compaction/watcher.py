@@ -12,9 +12,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from zoneinfo import ZoneInfo
 
 from compaction import metrics
 from compaction.policy import Done, PolicyConfig, Task, ended_before, plan
@@ -70,20 +70,20 @@ def pack_units(registry: SpecRegistry) -> Callable[[str, str], str | None]:
     return unit_of
 
 
-def window_test(registry: SpecRegistry) -> Callable[[str, str, datetime], bool]:
+def window_test(registry: SpecRegistry, store: OlapStore) -> Callable[[str, str, datetime], bool]:
     """``(datasource, partition, now) → ended before the active window?`` for base and
-    rollup datasources alike (a rollup partitions by its own granularity)."""
-    shapes: dict[str, tuple[Granularity, ZoneInfo, timedelta]] = {}
+    rollup datasources alike, a partition's bounds as the store has them (a rollup
+    partitions by its own granularity; Druid's chunks are UTC)."""
+    windows: dict[str, timedelta] = {}
     for spec in registry:
         window = parse_duration(spec.datasource.active_window)
-        shapes[spec.name] = (spec.datasource.granularity, spec.tz, window)
+        windows[spec.name] = window
         for rollup in spec.rollups:
-            shapes[rollup.name] = (rollup.partition, spec.tz, window)
+            windows[rollup.name] = window
 
     def ended_before_window(datasource: str, partition: str, now: datetime) -> bool:
-        granularity, tz, window = shapes[datasource]
-        _, end = bucket_range(partition, granularity, tz)
-        return ended_before(end, now, window)
+        _, end = store.partition_range(datasource, partition)
+        return ended_before(end, now, windows[datasource])
 
     return ended_before_window
 
@@ -99,13 +99,22 @@ class Watcher:
         self.settings = settings
         self.store = store
         self.clock = clock
-        self.config = policy_config(settings)
-        self._old = window_test(registry)
         caps = store.capabilities
+        self.config = replace(policy_config(settings), whole_partitions=not caps.partial_compaction)
+        self._old = window_test(registry, store)
         # Packing is the embedded engine's; an engine without it keeps a file per partition.
         self._unit_of = pack_units(registry) if caps.packs else lambda _d, _p: None
         self._manual = caps.manual_compaction
         self.report = WatchReport()
+        # An engine's compaction is a task it runs: several may be in flight while
+        # polls go on (each in a worker that waits for its task); Tally's own
+        # compactions run in the polling thread, one after another.
+        self._pool = (
+            ThreadPoolExecutor(settings.compaction.max_in_flight, "compaction")
+            if caps.compacts_in_engine
+            else None
+        )
+        self._in_flight: dict[tuple[str, str], Future[Done | None]] = {}
 
     def due(self, datasource: str | None = None) -> list[Task]:
         """What to compact now; nothing where the engine compacts by itself."""
@@ -121,8 +130,12 @@ class Watcher:
         return tasks
 
     def tick(self, datasource: str | None = None) -> list[Done]:
-        """One poll: run due tasks in order until the byte budget is spent, then GC."""
+        """One poll: run due tasks in order until the byte budget is spent, then GC.
+        Where the engine runs compactions, start due ones instead (at most
+        ``max_in_flight``, one per partition) and return those that finished."""
         self.report.ticks += 1
+        if self._pool is not None:
+            return self._tick_in_engine(self._pool, datasource)
         budget = self.settings.compaction.max_bytes_per_tick
         finished: list[Done] = []
         for task in self.due(datasource):
@@ -137,7 +150,43 @@ class Watcher:
         metrics.removed.inc(removed)
         return finished
 
+    def _tick_in_engine(self, pool: ThreadPoolExecutor, datasource: str | None) -> list[Done]:
+        finished = [d for d in self.harvest() if d is not None]
+        room = self.settings.compaction.max_in_flight - len(self._in_flight)
+        for task in self.due(datasource):
+            key = (task.datasource, task.partition)
+            if room <= 0:
+                break
+            if key in self._in_flight:
+                continue
+            self._in_flight[key] = pool.submit(self.run_task, task)
+            room -= 1
+        metrics.in_flight.set(len(self._in_flight))
+        return finished
+
+    def harvest(self) -> list[Done | None]:
+        """Results of the in-flight compactions that ended (a failed one is logged:
+        the partition is planned afresh at the next poll)."""
+        out: list[Done | None] = []
+        for key, future in list(self._in_flight.items()):
+            if not future.done():
+                continue
+            del self._in_flight[key]
+            try:
+                out.append(future.result())
+            except TallyError as exc:
+                log.warning("compaction of %s/%s failed, planned afresh: %s", *key, exc)
+                out.append(None)
+        return out
+
+    def drain(self) -> list[Done]:
+        """Wait for every in-flight compaction; their results."""
+        for future in list(self._in_flight.values()):
+            wait([future])
+        return [d for d in self.harvest() if d is not None]
+
     def run_task(self, task: Task) -> Done | None:
+        started = self.clock()
         log.info(
             "compacting %s/%s (%s): %d segments, %d bytes",
             task.datasource,
@@ -158,7 +207,7 @@ class Watcher:
             metrics.conflicts.inc()
             log.info("compaction skipped, planned afresh next poll: %s", exc)
             return None
-        done = Done(task, result, self.clock())
+        done = Done(task, result, self.clock(), started)
         metrics.record_done(done)
         self.report.compactions += 1
         self.report.bytes_rewritten += result.bytes_in if result else 0
@@ -189,4 +238,9 @@ class Watcher:
                 on_done(finished)
             if not finished:
                 stop.wait(interval)
+        if self._pool is not None:
+            finished = self.drain()
+            if on_done is not None and finished:
+                on_done(finished)
+            self._pool.shutdown()
         return self.report

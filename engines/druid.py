@@ -75,7 +75,7 @@ MEMORY: dict[str, tuple[int, int]] = {
     "coordinator": (384, 128),
     "broker": (384, 256),
     "historical": (384, 256),
-    "indexer": (640, 256),
+    "indexer": (768, 256),
 }
 
 # Druid uses JDK internals (druid.apache.org/docs/latest/operations/java).
@@ -254,8 +254,9 @@ class DruidEngine(ProcessGroupEngine):
             }
         return {  # indexer
             # A datasource's supervisors (its base and one per rollup) run a task
-            # each; one slot to spare for a batch or compaction task.
-            "druid.worker.capacity": 4,
+            # each, two during an early handoff (the publishing task and its
+            # successor); two slots to spare for compaction or batch tasks.
+            "druid.worker.capacity": 7,
             "druid.indexer.task.baseTaskDir": str(d / "task"),
             "druid.indexer.task.restoreTasksOnRestart": "true",
             "druid.indexer.task.gracefulShutdownTimeout": "PT20S",

@@ -27,6 +27,12 @@ class Capabilities:
     # without it the engine compacts by itself and the watcher has nothing to do.
     manual_compaction: bool
     packs: bool = False  # ``compactor.pack``: cold partitions share one file
+    # A compaction is a task the engine runs (``compactor.compact`` waits for it): the
+    # watcher keeps up to ``compaction.max_in_flight`` going and polls meanwhile.
+    compacts_in_engine: bool = False
+    # ``compactor.compact`` can merge some of a partition's segments (a size tier);
+    # without it a compaction rewrites the partition's every sealed segment.
+    partial_compaction: bool = True
     resident_rollups: bool = False  # rollup state is served from memory (``rollup_state``)
     # The engine ingests the base datasource itself, from a Kafka topic of decoded rows
     # (its own exactly-once consumer, e.g. Druid's supervisor): the OLAP sink is then a
@@ -104,6 +110,7 @@ class RepairResult:
     keys_removed: int  # keys removed that had a live row
     partitions: tuple[str, ...]  # base partitions rewritten (rebuild their rollups next)
     skipped: tuple[str, ...] = ()  # keys whose stored state changed since the caller looked
+    unrepairable: tuple[str, ...] = ()  # keys the engine could not rewrite (its docs say why)
 
 
 @dataclass
@@ -157,6 +164,7 @@ class SegmentInfo:
     seq: int
     created_at: float
     packed: bool = False  # one of several partitions in one file (a pack)
+    sealed: bool = True  # immutable; false while an engine's streaming task still holds it
 
 
 @dataclass(frozen=True)

@@ -102,6 +102,14 @@ class CompactionSettings(BaseModel):
     max_bytes_per_tick: int = Field(
         1 << 30, gt=0, description="bytes the watcher rewrites per poll at most (bounded work)"
     )
+    max_in_flight: int = Field(
+        2,
+        ge=1,
+        description="compactions running at once where the engine runs them as tasks (Druid)",
+    )
+    task_timeout_s: float = Field(
+        600.0, gt=0, description="an engine's compaction task is shut down after this long"
+    )
 
 
 class ApiSettings(BaseModel):
@@ -162,6 +170,12 @@ class DruidSettings(BaseModel):
     )
     kafka_bootstrap: str | None = Field(
         None, description="Kafka as Druid's tasks reach it (default: kafka_bootstrap)"
+    )
+    handoff_interval_s: float = Field(
+        5.0,
+        ge=0,
+        description="early handoffs the compaction watcher asks of one supervisor are at "
+        "least this far apart (each one cuts a segment per chunk its tasks hold)",
     )
     refined_topic_suffix: str = Field(
         ".refined",

@@ -15,10 +15,14 @@ CAPABILITIES = Capabilities(
     # group generation (KIP-447): a commit's start offsets are not compared with the
     # stored ones, so a zombie without a group is not refused. Not a catalog.
     transactional_offsets=False,
-    # Tally will submit compaction tasks for late-written intervals (the next issue).
-    # Until it does, the watcher must not call a compactor that cannot compact:
-    # ``DruidStore.compactor`` raises and the watcher sees nothing due.
-    manual_compaction=False,
+    # The watcher submits Druid compaction tasks for late-written chunks within
+    # seconds (``storage.druid.compactor``, ADR 0007), rather than Druid's
+    # auto-compaction, which scans every 30 minutes and yields to ingestion.
+    manual_compaction=True,
+    compacts_in_engine=True,
+    # A Druid compaction replaces a whole time chunk (its segments inputSpec must
+    # name every visible segment of the interval).
+    partial_compaction=False,
     ingests_from_kafka=True,
     # Each rollup is a Druid datasource summing the retraction deltas the relay
     # produces with its key state (ADR 0006): exact, so the router answers from it.

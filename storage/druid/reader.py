@@ -237,13 +237,14 @@ class DruidReader:
             sql = exp.select(exp.Count(this=exp.Star())).from_(table).sql(dialect=dialect.NAME)
             count = int(self.broker.sql(sql)[2][0][0])
         return IngestFigures(
-            offsets=self._supervisor_offsets(name),
+            offsets=self.supervisor_offsets(name),
             datasets={spec.name: (segments, count, size, 0)},
             dead_letters={},
             newest_event_at=self.freshness(datasource),
         )
 
-    def _supervisor_offsets(self, supervisor: str) -> dict[tuple[str, int], int]:
+    def supervisor_offsets(self, supervisor: str) -> dict[tuple[str, int], int]:
+        """(topic, partition) → the offset ``supervisor`` has read up to."""
         try:
             payload = Overlord(self.settings).status(supervisor)
         except DruidUnavailable:

@@ -18,9 +18,11 @@ supervisor among them. What the contract asks and Druid cannot give is a capabil
   ``stored_offsets`` is what the group holds;
 * ``dead_letter_outbox`` false: letters are in the topic when the commit returns,
   ``outbox.pending`` is always empty;
-* ``manual_compaction`` false and ``repair`` false: the compactor and ``repair``
-  raise ``StoreError``, as do segment and partition statistics (only the watcher
-  reads them).
+* ``repair`` false: ``repair`` raises ``StoreError``.
+
+Compaction is Tally's (``manual_compaction``): the compactor, the partition
+statistics and the segment list are ``storage.druid.compactor``'s, per Druid time
+chunk.
 
 The supervisor must be running (``tally druid apply``, as at deployment); the store
 does not submit it.
@@ -35,17 +37,18 @@ import uuid
 import zlib
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, NoReturn
+from typing import Any
 
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
 from storage.deadletters import headers
 from storage.druid.capabilities import CAPABILITIES
+from storage.druid.compactor import DruidCompactor
+from storage.druid.repair import rebuild_rollup, repair_rows
 from storage.keystate import KeyStates, encode_state, restore
 from storage.protocol import (
     CommitResult,
-    CompactionResult,
     DeadLetterRecord,
     OffsetRange,
     PartitionStats,
@@ -60,29 +63,9 @@ from storage.refined import RowEncoder, encode_deltas, refined_topic, rollup_top
 from storage.schema import row_schema, rows_to_table
 from tally.errors import BrokerError, BrokerUnavailable, StoreError
 from tally.settings import Settings
-from tally.specs import DatasourceSpec, SpecRegistry
-from tally.timeutil import bucket_range
+from tally.specs import DatasourceSpec, Rollup, SpecRegistry
 
 SINK = "olap"  # the sink whose group holds the offsets: the relay's
-
-
-def _not_here(what: str, capability: str) -> NoReturn:
-    raise StoreError(f"the Druid backend has no {what} (capabilities.{capability} is false)")
-
-
-class _NoCompactor:
-    """Druid's compaction is not driven by Tally yet (``manual_compaction`` false)."""
-
-    def compact(
-        self, datasource: str, partition: str, segment_ids: Sequence[int] | None = None
-    ) -> CompactionResult | None:
-        _not_here("Tally-driven compaction yet", "manual_compaction")
-
-    def pack(self, datasource: str, segment_ids: Sequence[int]) -> CompactionResult | None:
-        _not_here("packs", "packs")
-
-    def collect_garbage(self, *, orphan_grace_s: float | None = None) -> int:
-        return 0  # Druid's coordinator removes unused segments itself: nothing of Tally's
 
 
 class _TopicOutbox:
@@ -106,7 +89,7 @@ class DruidStore:
         self._consumers: dict[str, Consumer] = {}
         self._encoders: dict[str, RowEncoder] = {}
         self._states: dict[str, tuple[KeyStates, int]] = {}  # spec → its state, partitions
-        self._compactor = _NoCompactor()
+        self._compactor: DruidCompactor | None = None
         self._outbox = _TopicOutbox()
 
     # --- Kafka clients -------------------------------------------------------------------
@@ -270,7 +253,11 @@ class DruidStore:
     # --- what the watcher and operators use ------------------------------------------
 
     @property
-    def compactor(self) -> _NoCompactor:
+    def compactor(self) -> DruidCompactor:
+        """The watcher's (made on first use: it needs the broker's, the overlord's and
+        the coordinator's URLs, which a relay does not)."""
+        if self._compactor is None:
+            self._compactor = DruidCompactor(self.settings, self.registry)
         return self._compactor
 
     @property
@@ -283,24 +270,42 @@ class DruidStore:
         return [n for spec in specs for n in (spec.name, *(r.name for r in spec.rollups))]
 
     def partition_stats(self, datasource: str | None = None) -> list[PartitionStats]:
-        _not_here("partition statistics (the compaction watcher's)", "manual_compaction")
+        """Per Druid time chunk (UTC, ``storage.druid.compactor``) of the datasource and
+        its rollups, from ``sys.segments``."""
+        return self.compactor.partition_stats(datasource)
 
     def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]:
-        _not_here("segment catalog (the compaction watcher's)", "manual_compaction")
+        return self.compactor.live_segments(datasource)
 
     def partition_range(self, datasource: str, partition: str) -> tuple[datetime, datetime]:
-        spec = self._spec(datasource)
-        return bucket_range(partition, spec.datasource.granularity, spec.tz)
+        """A partition here is a Druid time chunk: its UTC bounds."""
+        return self.compactor.target(datasource).chunk(partition)
 
     def rebuild_rollups(
         self, datasource: str, partition: str | None = None, rollup_name: str | None = None
     ) -> list[RebuildReport]:
-        """Nothing rebuilt here: Druid's rollups are sums of the deltas the commits
-        produced; checking and correcting them is ``tally verify``'s (issue 13)."""
+        """Each rollup (or ``rollup_name``) corrected to Druid's merged base within the
+        base partition (None: everywhere), by corrective deltas
+        (``storage.druid.repair``); returns once Druid has summed them."""
         spec = self._spec(datasource)
-        if rollup_name is not None:
-            spec.rollup(rollup_name)
-        return []
+        rollups = [spec.rollup(rollup_name)] if rollup_name is not None else list(spec.rollups)
+        return [rebuild_rollup(self, spec, r, partition) for r in rollups]
+
+    def produce_deltas(self, spec: DatasourceSpec, rollup: Rollup, deltas: Sequence[bytes]) -> None:
+        """Deltas onto the rollup's topic in one transaction (corrective ones)."""
+        prod = self._producer_for_commit()
+        topic = rollup_topic(self.settings, spec, rollup)
+        try:
+            prod.begin_transaction()
+            for delta in deltas:
+                _produce(prod, topic, None, delta, None)
+            prod.commit_transaction(self._timeout_s)
+        except KafkaException as exc:
+            self._abort()
+            raise _translate(exc, f"producing corrective deltas to {topic}") from exc
+
+    def kafka_config(self) -> dict[str, Any]:
+        return self._config()
 
     def repair(
         self,
@@ -311,7 +316,13 @@ class DruidStore:
         expect: Mapping[str, tuple[int, str] | None] | None = None,
         partitions: Sequence[str] = (),
     ) -> RepairResult:
-        _not_here("repair (rewriting a key's segments)", "repair")
+        """Keys Druid holds older than ``rows`` (or not at all) get them, committed as
+        the relay commits (rows, deltas, key states); keys it holds at that version or
+        newer, and ``remove_keys``, come back ``unrepairable`` (a reindex of their
+        chunks; ``capabilities.repair`` is false). The relay must be stopped."""
+        spec = self._spec(datasource)
+        table = rows if isinstance(rows, pa.Table) else rows_to_table(list(rows), row_schema(spec))
+        return repair_rows(self, spec, table, remove_keys)
 
     def close(self) -> None:
         if self._producer is not None:

@@ -431,7 +431,7 @@ def test_late_cancellations_are_compacted_within_10s_during_ingestion(
         for s in store.partition_stats():
             if s.segments > 1:
                 store.compactor.compact(s.datasource, s.partition)
-        ended_before_window = window_test(registry)
+        ended_before_window = window_test(registry, store)
         now = datetime.now(UTC)
         base_parts: list[Part] = [("payments", day) for day in old_days]
         watched: dict[Part, list[Part]] = {p: [p] for p in base_parts}

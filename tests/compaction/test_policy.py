@@ -4,6 +4,7 @@ on segment counts that size-tiered merging gives a partition written forever."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -43,6 +44,16 @@ def test_the_smallest_full_tier_is_merged_first() -> None:
     large = [seg(i, 10_000 + i) for i in range(10, 16)]
     assert {s.id for s in tiered_merge(small + large, CONFIG)} == {1, 2, 3, 4, 5}
     assert tiered_merge(small[:3] + large[:3], CONFIG) == []
+
+
+def test_a_streaming_tasks_segment_is_never_merged_and_whole_partitions_take_all() -> None:
+    compacted = seg(1, 10_000)
+    small = [seg(i, 10 + i) for i in range(2, 6)]
+    held = replace(seg(9, 12), sealed=False)  # still in a streaming task
+    assert {s.id for s in tiered_merge([compacted, *small, held], CONFIG)} == {2, 3, 4, 5}
+    whole = replace(CONFIG, whole_partitions=True)  # Druid: a compaction is a whole chunk
+    assert {s.id for s in tiered_merge([compacted, *small, held], whole)} == {1, 2, 3, 4, 5}
+    assert tiered_merge([compacted, *small[:3], held], whole) == []  # no tier is full
 
 
 def test_a_late_partition_waits_for_quiet_but_not_forever() -> None:

@@ -125,7 +125,7 @@ def _build(data_dir: Path, registry: SpecRegistry, workload: Workload) -> dict[P
         for table in workload.commits:
             store.commit("payments", table)
         now = datetime.now(UTC)
-        old = window_test(registry)
+        old = window_test(registry, store)
         late = {
             (s.datasource, s.partition): s.segments
             for s in store.partition_stats()

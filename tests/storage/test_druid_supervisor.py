@@ -108,12 +108,18 @@ def test_each_rollup_sums_its_signed_deltas_with_rollup_on(payments_spec: Dataso
         assert body["ioConfig"]["consumerProperties"]["isolation.level"] == "read_committed"
     ids = list(supervisors(settings, payments_spec))
     assert ids == ["t.payments", *(f"t.{r.name}" for r in payments_spec.rollups)]
+    # APPEND locks for every supervisor: the watcher's compactions run beside them.
+    assert all(
+        b["context"] == {"useConcurrentLocks": True}
+        for b in supervisors(settings, payments_spec).values()
+    )
 
 
 def test_druid_capabilities_pick_kafka_ingestion() -> None:
     caps = backend("druid").capabilities
     assert caps.name == "druid" and caps.sql_dialect == "tallydruid"  # storage.druid.dialect
-    assert caps.ingests_from_kafka and not caps.manual_compaction  # not Tally-driven yet
+    assert caps.ingests_from_kafka and caps.manual_compaction and caps.compacts_in_engine
+    assert not caps.partial_compaction  # a Druid compaction replaces a whole time chunk
     assert not caps.visible_on_commit and not caps.dead_letter_outbox and not caps.repair
     assert not caps.transactional_offsets and not caps.packs and not caps.resident_rollups
     assert not backend("embedded").capabilities.ingests_from_kafka
