@@ -8,7 +8,6 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from sqlglot import exp
 
 from compaction.differences import (
     Difference,
@@ -29,7 +28,7 @@ from compaction.logstate import (
 from search import Doc, SearchIndex
 from storage import OlapReader
 from storage.deltas import SIGN, signed_deltas
-from storage.sql import col, subquery
+from storage.sql import every_row, summed
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, Rollup, SpecRegistry
 
@@ -258,21 +257,11 @@ def by_report_order(d: Difference) -> tuple[Any, ...]:
 def merged_rows(reader: OlapReader, name: str) -> str:
     """Every merged row of a datasource, through the reader's relation (a view on the
     embedded store, merge on read on Druid)."""
-    rel = subquery(reader.relation(name), "m")
-    return exp.select(exp.Star()).from_(rel).sql(dialect=reader.capabilities.sql_dialect)
+    return every_row(reader.relation(name)).sql(dialect=reader.capabilities.sql_dialect)
 
 
 def summed_groups(reader: OlapReader, spec: DatasourceSpec, rollup: Rollup) -> str:
-    """A rollup's groups, each metric summed (an engine may hold several rows of one
-    group: Druid's segments of several tasks, its signed deltas)."""
-    keys = [col("bucket"), *(col(d) for d in rollup.dimensions)]
-    sums = [
-        exp.alias_(exp.Sum(this=col(m.name)), exp.to_identifier(m.name, quoted=True))
-        for m in spec.parsed_metrics
-    ]
-    query = (
-        exp.select(*keys, *sums)
-        .from_(subquery(reader.relation(rollup.name), "r"))
-        .group_by(*(exp.Literal.number(i + 1) for i in range(len(keys))))
-    )
+    keys = ["bucket", *rollup.dimensions]
+    metrics = [m.name for m in spec.parsed_metrics]
+    query = summed(reader.relation(rollup.name), keys, metrics)
     return query.sql(dialect=reader.capabilities.sql_dialect)

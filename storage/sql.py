@@ -8,6 +8,7 @@ user input.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 
 from sqlglot import exp
@@ -39,3 +40,19 @@ def timestamp(value: datetime) -> exp.Expression:
 
 def subquery(relation: exp.Expression, alias: str) -> exp.Subquery:
     return exp.Subquery(this=relation, alias=exp.TableAlias(this=exp.to_identifier(alias)))
+
+
+def every_row(relation: exp.Expression) -> exp.Select:
+    """``SELECT *`` over a reader's relation (a datasource merged, a rollup's rows)."""
+    return exp.select(exp.Star()).from_(subquery(relation, "r"))
+
+
+def summed(relation: exp.Expression, keys: Sequence[str], metrics: Sequence[str]) -> exp.Select:
+    """A rollup relation's groups, each metric summed: an engine may hold several rows
+    of one group (Druid's segments of several tasks, its signed deltas)."""
+    sums = [exp.alias_(exp.Sum(this=col(m)), exp.to_identifier(m, quoted=True)) for m in metrics]
+    return (
+        exp.select(*(col(k) for k in keys), *sums)
+        .from_(subquery(relation, "r"))
+        .group_by(*(exp.Literal.number(i + 1) for i in range(len(keys))))
+    )

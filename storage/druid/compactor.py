@@ -142,34 +142,36 @@ def compaction_spec(target: Target, task_id: str, segment_ids: Sequence[str]) ->
     }
 
 
-def reindex_spec(
-    target: Target, task_id: str, interval: str, values: Sequence[bytes]
+def inline_task(
+    schema: dict[str, Any],
+    values: Sequence[bytes],
+    *,
+    task_id: str | None = None,
+    interval: str | None = None,
 ) -> dict[str, Any]:
-    """A native batch task replacing one chunk with inline rows (``tally verify
-    --repair``): the supervisor's dataSchema, the chunk as its only interval, existing
-    segments dropped, a REPLACE lock beside the streaming tasks' APPEND locks."""
-    schema = dict(target.schema)
-    schema["granularitySpec"] = schema["granularitySpec"] | {"intervals": [interval]}
-    return {
+    """A native batch task over inline refined rows with ``schema`` (a supervisor's
+    dataSchema): appended, or with ``interval`` replacing that one chunk (existing
+    segments dropped, a REPLACE lock beside the streaming tasks' APPEND locks:
+    ``tally verify --repair``'s reindex)."""
+    io: dict[str, Any] = {
         "type": "index_parallel",
-        "id": task_id,
-        "spec": {
-            "dataSchema": schema,
-            "ioConfig": {
-                "type": "index_parallel",
-                "inputSource": {"type": "inline", "data": b"\n".join(values).decode()},
-                "inputFormat": {"type": "json"},
-                "appendToExisting": False,
-                "dropExisting": True,
-            },
-            "tuningConfig": {
-                "type": "index_parallel",
-                "maxNumConcurrentSubTasks": 1,
-                "partitionsSpec": {"type": "dynamic", "maxRowsPerSegment": 5_000_000},
-            },
-        },
-        "context": {"useConcurrentLocks": True},
+        "inputSource": {"type": "inline", "data": b"\n".join(values).decode()},
+        "inputFormat": {"type": "json"},
+        "appendToExisting": interval is None,
     }
+    task: dict[str, Any] = {"type": "index_parallel"}
+    if interval is not None:
+        schema = schema | {"granularitySpec": schema["granularitySpec"] | {"intervals": [interval]}}
+        io["dropExisting"] = True
+        task["context"] = {"useConcurrentLocks": True}
+    if task_id is not None:
+        task["id"] = task_id
+    task["spec"] = {
+        "dataSchema": schema,
+        "ioConfig": io,
+        "tuningConfig": {"type": "index_parallel", "maxNumConcurrentSubTasks": 1},
+    }
+    return task
 
 
 class DruidCompactor:
@@ -368,7 +370,8 @@ class DruidCompactor:
             s.version for s in self.chunks(datasource, start).get((datasource, partition), [])
         }
         task_id = f"tally_reindex_{target.druid}_{partition}_{uuid.uuid4().hex[:8]}"
-        self.tasks.submit(reindex_spec(target, task_id, f"{_iso(start)}/{_iso(end)}", values))
+        interval = f"{_iso(start)}/{_iso(end)}"
+        self.tasks.submit(inline_task(target.schema, values, task_id=task_id, interval=interval))
         status = self._wait(task_id)
         if status.get("status") != "SUCCESS":
             raise StoreError(

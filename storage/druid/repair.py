@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
-from sqlglot import exp
 
 from storage.deltas import BUCKET, SIGN, signed_deltas
 from storage.druid import dialect
@@ -46,7 +45,7 @@ from storage.druid.supervisor import datasource_name, rollup_datasource_name
 from storage.protocol import RebuildReport, RepairResult
 from storage.refined import RowEncoder, encode_deltas, refined_topic, rollup_topic
 from storage.schema import row_schema
-from storage.sql import col, subquery
+from storage.sql import every_row, summed
 from tally.errors import StoreError, StoreUnavailable
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, Rollup, SpecRegistry
@@ -147,9 +146,7 @@ def reindex(
         compactor.seal(spec.name, partition)
         start, end = target.chunk(partition)
         current = reader.arrow(
-            exp.select(exp.Star())
-            .from_(subquery(reader.relation(spec.name, start, end), "m"))
-            .sql(dialect=dialect.NAME)
+            every_row(reader.relation(spec.name, start, end)).sql(dialect=dialect.NAME)
         )
         if current.num_rows > MAX_INLINE_ROWS:
             left += sorted(chunk_keys)
@@ -237,11 +234,7 @@ def _expected_groups(
     start: datetime | None,
     end: datetime | None,
 ) -> dict[Group, tuple[int, ...]]:
-    rows = reader.arrow(
-        exp.select(exp.Star())
-        .from_(subquery(reader.relation(spec.name, start, end), "m"))
-        .sql(dialect=dialect.NAME)
-    )
+    rows = reader.arrow(every_row(reader.relation(spec.name, start, end)).sql(dialect=dialect.NAME))
     if not rows.num_rows:
         return {}
     signed = rows.append_column(SIGN, pa.repeat(pa.scalar(1, pa.int64()), rows.num_rows))
@@ -255,16 +248,9 @@ def _stored_groups(
     start: datetime | None,
     end: datetime | None,
 ) -> dict[Group, tuple[int, ...]]:
-    keys = [col(BUCKET), *(col(d) for d in rollup.dimensions)]
-    sums = [
-        exp.alias_(exp.Sum(this=col(m.name)), exp.to_identifier(m.name, quoted=True))
-        for m in spec.parsed_metrics
-    ]
-    query = (
-        exp.select(*keys, *sums)
-        .from_(subquery(reader.relation(rollup.name, start, end), "r"))
-        .group_by(*(exp.Literal.number(i + 1) for i in range(len(keys))))
-    )
+    keys = [BUCKET, *rollup.dimensions]
+    metrics = [m.name for m in spec.parsed_metrics]
+    query = summed(reader.relation(rollup.name, start, end), keys, metrics)
     return _by_group(spec, rollup, reader.arrow(query.sql(dialect=dialect.NAME)))
 
 

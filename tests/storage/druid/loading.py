@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from storage.druid.compactor import inline_task
 from storage.druid.supervisor import (
     datasource_name,
     rollup_datasource_name,
@@ -79,18 +80,5 @@ def _summed_count(druid: Druid, datasource: str) -> int | None:
 
 
 def _index(druid: Druid, schema: dict[str, Any], values: Sequence[bytes]) -> None:
-    task = {
-        "type": "index_parallel",
-        "spec": {
-            "dataSchema": schema,
-            "ioConfig": {
-                "type": "index_parallel",
-                "inputSource": {"type": "inline", "data": b"\n".join(values).decode()},
-                "inputFormat": {"type": "json"},
-                "appendToExisting": True,
-            },
-            "tuningConfig": {"type": "index_parallel", "maxNumConcurrentSubTasks": 1},
-        },
-    }
-    status = druid.wait_task(druid.submit_task(task))
+    status = druid.wait_task(druid.submit_task(inline_task(schema, values)))
     assert status["status"] == "SUCCESS", status
