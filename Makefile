@@ -21,7 +21,7 @@ demo: install ## run the platform end to end on the embedded default
 	$(BIN)/tally demo
 
 test: install ## run the whole test suite (what CI runs)
-	$(BIN)/pytest -q --durations=25
+	$(BIN)/pytest -q --durations=60
 
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .

@@ -229,10 +229,12 @@ class DruidEngine(ProcessGroupEngine):
             return {
                 "druid.coordinator.asOverlord.enabled": "true",
                 "druid.coordinator.asOverlord.overlordService": "druid/overlord",
-                # Load segments handed off by tasks within seconds, not minutes.
+                # Load segments handed off by tasks (or compacted) within seconds,
+                # not minutes: the coordinator sees a published segment at its next
+                # metadata poll and assigns it at its next run.
                 "druid.coordinator.startDelay": "PT5S",
-                "druid.coordinator.period": "PT5S",
-                "druid.manager.segments.pollDuration": "PT5S",
+                "druid.coordinator.period": "PT2S",
+                "druid.manager.segments.pollDuration": "PT2S",
                 "druid.indexer.queue.startDelay": "PT5S",
                 "druid.indexer.runner.type": "httpRemote",
                 "druid.indexer.storage.type": "metadata",
@@ -257,6 +259,10 @@ class DruidEngine(ProcessGroupEngine):
             # each, two during an early handoff (the publishing task and its
             # successor); two slots to spare for compaction or batch tasks.
             "druid.worker.capacity": 7,
+            # A task that has published waits for the historical to load its segments
+            # before it ends and frees its slot; it checks every minute by default, so
+            # an early handoff (the compaction watcher's) held two slots for a minute.
+            "druid.segment.handoff.pollDuration": "PT2S",
             "druid.indexer.task.baseTaskDir": str(d / "task"),
             "druid.indexer.task.restoreTasksOnRestart": "true",
             "druid.indexer.task.gracefulShutdownTimeout": "PT20S",

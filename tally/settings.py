@@ -103,7 +103,7 @@ class CompactionSettings(BaseModel):
         1 << 30, gt=0, description="bytes the watcher rewrites per poll at most (bounded work)"
     )
     max_in_flight: int = Field(
-        2,
+        4,
         ge=1,
         description="compactions running at once where the engine runs them as tasks (Druid)",
     )

@@ -61,6 +61,7 @@ from tally.timeutil import Granularity, bucket_key, bucket_range, parse_duration
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF_S = 300.0
+REASK_S = 30.0  # a handoff not done with its segments by then is asked for again
 _UTC = ZoneInfo("UTC")
 
 
@@ -194,7 +195,8 @@ class DruidCompactor:
         self._lock = threading.Lock()
         self._first_seen: dict[str, float] = {}  # Druid segment id → when this process saw it
         self._numbers: dict[str, int] = {}  # Druid segment id → SegmentInfo.id
-        self._handoff_at: dict[str, float] = {}  # supervisor → last early handoff (monotonic)
+        # supervisor → (last early handoff, monotonic; the segments it was asked for)
+        self._handoff_at: dict[str, tuple[float, frozenset[str]]] = {}
         self._failures: dict[tuple[str, str], tuple[int, float]] = {}  # → (count, retry at)
 
     def target(self, name: str) -> Target:
@@ -308,7 +310,7 @@ class DruidCompactor:
         late = end <= datetime.now(UTC) - target.window
         pending = seg.unsealed(served, (s.id for s in used))
         if late and pending:
-            asked = self._handoff(target)
+            asked = self._handoff(target, {s.id for s in pending})
             raise CompactionConflict(
                 f"{datasource}/{partition}: {len(pending)} segment(s) still held by a"
                 f" streaming task; {'early handoff asked' if asked else 'handoff under way'},"
@@ -352,13 +354,14 @@ class DruidCompactor:
         while True:
             used = self.coordinator.used_segments(target.druid, f"{_iso(start)}/{_iso(end)}")
             served = self.chunks(datasource, start).get((datasource, partition), [])
-            if not seg.unsealed(served, (str(s["identifier"]) for s in used)):
+            ids = [str(s["identifier"]) for s in used]
+            if not seg.unsealed(served, ids):
                 return
             if time.monotonic() > deadline:
                 raise StoreUnavailable(
                     f"{datasource}/{partition}: not handed off in {timeout_s:g} s"
                 )
-            self._handoff(target)
+            self._handoff(target, {s.id for s in seg.unsealed(served, ids)})
             time.sleep(0.5)
 
     def replace(self, datasource: str, partition: str, values: Sequence[bytes]) -> None:
@@ -390,14 +393,20 @@ class DruidCompactor:
 
     # --- the steps -----------------------------------------------------------------------
 
-    def _handoff(self, target: Target) -> bool:
-        """Early handoff of the target's supervisor, unless one was asked recently."""
+    def _handoff(self, target: Target, pending: set[str]) -> bool:
+        """Early handoff of the target's supervisor for ``pending`` segments, unless
+        one was asked within ``handoff_interval_s``, or was asked for these same
+        segments less than ``REASK_S`` ago: that handoff is still publishing them, and
+        asking again would only cut the successor task short."""
         now = time.monotonic()
         with self._lock:
-            last = self._handoff_at.get(target.druid)
-            if last is not None and now - last < self.settings.druid.handoff_interval_s:
+            last, asked_for = self._handoff_at.get(target.druid, (None, frozenset()))
+            if last is not None and (
+                now - last < self.settings.druid.handoff_interval_s
+                or (pending <= asked_for and now - last < REASK_S)
+            ):
                 return False
-            self._handoff_at[target.druid] = now
+            self._handoff_at[target.druid] = (now, frozenset(pending))
         self.tasks.handoff(target.druid, list(range(target.task_groups)))
         log.info("asked %s for an early handoff", target.druid)
         return True
