@@ -192,6 +192,7 @@ class DruidCompactor:
         self.tasks = Tasks(settings)
         self.coordinator = Coordinator(settings)
         self.clock = clock
+        self.monotonic = time.monotonic  # the retry backoff's clock
         self._lock = threading.Lock()
         self._first_seen: dict[str, float] = {}  # Druid segment id → when this process saw it
         self._numbers: dict[str, int] = {}  # Druid segment id → SegmentInfo.id
@@ -453,16 +454,16 @@ class DruidCompactor:
 
     def _backing_off(self, datasource: str, partition: str) -> None:
         count, retry_at = self._failures.get((datasource, partition), (0, 0.0))
-        if count and time.monotonic() < retry_at:
+        if count and self.monotonic() < retry_at:
             raise CompactionConflict(
                 f"{datasource}/{partition}: {count} failed compaction(s); next try in"
-                f" {retry_at - time.monotonic():.0f} s"
+                f" {retry_at - self.monotonic():.0f} s"
             )
 
     def _failed(self, datasource: str, partition: str) -> None:
         count, _ = self._failures.get((datasource, partition), (0, 0.0))
         delay = min(MAX_BACKOFF_S, 2.0**count)
-        self._failures[(datasource, partition)] = (count + 1, time.monotonic() + delay)
+        self._failures[(datasource, partition)] = (count + 1, self.monotonic() + delay)
 
 
 def _iso(at: datetime) -> str:

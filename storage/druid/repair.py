@@ -199,7 +199,11 @@ def rebuild_rollup(
             store.produce_deltas(
                 spec, rollup, encode_deltas(spec, rollup, _table(spec, rollup, fixes))
             )
-            caught_up(store, reader, supervisor, deltas)
+            # Summed once Druid has read them (sooner than its status says so).
+            _wait(
+                lambda: _stored_groups(reader, spec, rollup, start, end) == expected,
+                f"Druid has not summed the corrective deltas of {rollup.name}",
+            )
         return report
     finally:
         reader.close()

@@ -61,7 +61,7 @@ def test_exactly_once_across_repeated_sigkills(
     assert len(published.wires) >= 50_000 and published.malformed
     spec = registry.get("payments")
     publisher = Publisher(settings, settings.topic(spec.datasource.topic))
-    stages = 6
+    stages = 5
     size = -(-len(published.wires) // stages)
     rng = random.Random(5)
     kills = 0

@@ -64,12 +64,16 @@ def api(
     base = Settings(data_dir=data_dir, topic_namespace=f"a{uuid.uuid4().hex[:10]}_")
     settings = druid_settings(druid, data_dir, base)
     spec = registry.get("payments")
-    events = _history(600, seed=7)
+    history = _history(600, seed=7)
     # Two tasks: versions of one key in different segments, as the supervisor leaves
-    # them; the rollups get the deltas of the same two batches.
-    load(druid, settings, spec, events[1::2])
-    load(druid, settings, spec, events[0::2])
-    load_rollups(druid, settings, spec, [events[1::2], events[0::2]])
+    # them, the second before the first for some keys (out of order), and the second
+    # redelivering every tenth event of the first (duplicates); the rollups get the
+    # deltas of the same two batches.
+    first, second = history[1::2], history[0::2] + history[1::2][::10]
+    events = first + second
+    load(druid, settings, spec, first)
+    load(druid, settings, spec, second)
+    load_rollups(druid, settings, spec, [first, second])
     index_docs(settings, spec, events)
     keys = KeyStore(settings.keys_path)
     issued = {m: keys.create(m)[1] for m in MERCHANTS}

@@ -15,10 +15,13 @@ raw row count (every version Druid holds) never goes down and never exceeds hist
 plus late versions (a segment swap that showed both sets, or neither, would), and
 their merged gross amount (unchanged by cancellations) is constant.
 
+A failed compaction task (here one naming a segment that is gone, as when the chunk's
+segment set changed after it was listed) is a conflict, refused while the chunk backs
+off, then retried: the last test.
+
 What it does not prove: the 10 s bound on a busier machine or with large chunks (a
-chunk here compacts in seconds); a compaction failing on a lock or a changed segment
-set (concurrent locks make neither happen here: the failure path is a conflict,
-planned afresh, see ``tests/compaction/test_watcher.py``); several watchers.
+chunk here compacts in seconds); a task losing its lock to ingestion (concurrent
+locks make that not happen: it would fail like the stale task); several watchers.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
@@ -42,6 +46,7 @@ from storage.druid.reader import DruidReader
 from storage.druid.store import DruidStore
 from storage.druid.supervisor import datasource_name, supervisors
 from storage.sql import col, subquery
+from tally.errors import CompactionConflict
 from tally.settings import CompactionSettings, Settings
 from tally.specs import SpecRegistry
 from tally.timeutil import Granularity, floor
@@ -287,3 +292,42 @@ def _observe(
     while not stop.is_set():
         out.append(_old_day_rows(druid, reader, base, days))
         stop.wait(0.2)
+
+
+def test_a_failed_compaction_task_is_retried_after_a_backoff(
+    druid: Druid, data_dir: Path, registry: SpecRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk in two segments (two batch loads, no Kafka); the first compaction task
+    Druid runs FAILS (it names a segment that does not exist, as a task whose segment
+    set changed meanwhile would), which is a conflict: planned afresh, refused while
+    the chunk backs off, then compacted for real."""
+    from storage.druid import compactor as module
+    from tests.storage.druid.loading import load
+
+    spec = registry.get("payments")
+    settings = druid_settings(druid, data_dir)
+    day = datetime.now(SEOUL).replace(hour=12, minute=0, second=0, microsecond=0)
+    day -= timedelta(days=40)
+    load(druid, settings, spec, [payment("a", approved_at=day)])
+    load(druid, settings, spec, [payment("b", approved_at=day)])
+    store = DruidStore(settings, registry)
+    compactor = store.compactor
+    now = [1000.0]
+    compactor.monotonic = lambda: now[0]
+    partition = compactor.target("payments").key(day)
+    real = module.compaction_spec
+
+    def stale(target: Any, task_id: str, ids: Sequence[str]) -> dict[str, Any]:
+        return real(target, task_id, [*ids, f"{ids[0]}_gone"])
+
+    monkeypatch.setattr(module, "compaction_spec", stale)
+    with pytest.raises(CompactionConflict, match="FAILED"):
+        compactor.compact("payments", partition)
+    monkeypatch.setattr(module, "compaction_spec", real)
+    with pytest.raises(CompactionConflict, match="next try in"):
+        compactor.compact("payments", partition)  # backing off: no task submitted
+    now[0] += 2.0
+    result = compactor.compact("payments", partition)
+    assert result is not None and result.replaced_segments == 2 and result.rows_out == 2
+    assert seg.one_set(compactor.chunks("payments")[("payments", partition)])
+    store.close()
