@@ -179,6 +179,7 @@ listener = socket.socket()
 listener.bind(("127.0.0.1", 0))
 listener.listen()
 print(listener.getsockname()[1], flush=True)
+sys.stdin.readline()  # the parent has recorded this process: the leader may leave
 threading.Thread(target=time.sleep, args=(300,)).start()
 ctypes.CDLL(None).pthread_exit(None)
 """
@@ -186,13 +187,20 @@ ctypes.CDLL(None).pthread_exit(None)
 
 def test_a_process_has_exited_only_when_its_last_thread_has(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", _LEADER_LEAVES_FIRST], stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", _LEADER_LEAVES_FIRST],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
-        assert proc.stdout is not None
+        assert proc.stdout is not None and proc.stdin is not None
         port = int(proc.stdout.readline())
+        # Recorded before its leader leaves: a zombie leader is no live process to
+        # record (a loaded CI machine once let the child get there first).
         rec = ProcessRecord.of(proc.pid)
         assert rec is not None
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
         deadline = time.monotonic() + 10
         while rec.alive() and time.monotonic() < deadline:  # until the leader is a zombie
             time.sleep(0.01)
