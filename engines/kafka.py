@@ -81,6 +81,9 @@ def server_properties(broker_port: int, controller_port: int, data: Path) -> str
         "share.coordinator.state.topic.min.isr": "1",
         # A consumer group's first member starts at once instead of after 3 s.
         "group.initial.rebalance.delay.ms": "0",
+        # A crashed member's partitions move after its session timeout; a local broker
+        # lets that be 3 s (Kafka's floor is 6 s), so a restarted ingester resumes soon.
+        "group.min.session.timeout.ms": "2000",
         # After a crash the controller refuses the restarted broker until the old
         # incarnation's session expires (default 9 s): keep that short.
         "broker.heartbeat.interval.ms": "500",

@@ -135,7 +135,9 @@ class Publisher:
     A letter handed to the producer stays in its queue until the broker answers or
     ``message.timeout.ms`` passes, even after a flush gave up: it is *in flight*, and
     is not produced again while it is (a broker frozen past the flush deadline would
-    otherwise get it twice when it resumes). One whose delivery failed may still have
+    otherwise get it twice when it resumes). The producer is idempotent, so its own
+    retries inside one delivery never write a letter twice (they did, 4 letters in 79,
+    after a 10 s broker freeze on Kafka). One whose delivery failed may still have
     landed (the request was written, its answer lost), so the topic is scanned for it
     before it is produced again."""
 
@@ -144,12 +146,18 @@ class Publisher:
         self.spec = spec
         self.outbox = outbox
         self.topic = settings.topic(spec.dead_letter_topic)
-        self._producer = producer(settings)
+        self._producer = self._new_producer()
         self._recovered = False
         self.flush_timeout_s = 30.0
         self._in_flight: set[str] = set()
         self._failed = 0  # deliveries reported failed since the last publish returned
+        self._fatal = False
         self._acked: list[tuple[str, int, int]] = []
+
+    def _new_producer(self) -> Any:
+        # Idempotent: the producer's own retries (a broker stalled mid-request answers
+        # a retriable error after it appended) never write a letter twice.
+        return producer(self.settings, **{"enable.idempotence": True})
 
     def _pending(self, owned: Collection[tuple[str, int]]) -> list[DeadLetterRecord]:
         return [d for d in self.outbox.pending(self.spec.name) if (d.topic, d.partition) in owned]
@@ -180,6 +188,18 @@ class Publisher:
         else:
             self._failed += 1
             self._recovered = False  # it may have landed: look before producing it again
+            self._fatal = self._fatal or bool(err.fatal())
+
+    def _renew_if_fatal(self) -> None:
+        """An idempotent producer that hit a fatal error (a sequence gap the broker
+        refused) delivers nothing more: start a new one. What the old one sent may have
+        landed, so the topic is looked at first."""
+        if self._fatal:
+            self._producer.purge()
+            self._producer.poll(0)
+            self._in_flight.clear()
+            self._producer = self._new_producer()
+            self._fatal, self._recovered = False, False
 
     def _mark_acked(self) -> None:
         acked, self._acked = self._acked, []
@@ -191,6 +211,7 @@ class Publisher:
         acknowledged by this call (letters of earlier calls included)."""
         self._producer.poll(0)  # answers that arrived since the last call
         self._mark_acked()
+        self._renew_if_fatal()
         if not self._recovered:
             self.recover(owned)
             self._recovered = True

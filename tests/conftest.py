@@ -100,13 +100,19 @@ def kafka_broker(
 
 def broker_settings(broker: Broker, data_dir: Path, partitions: int = 6) -> Settings:
     """Settings of one test on ``broker``: its own topics and groups (a namespace), its
-    own data directory, short lingers."""
+    own data directory, short lingers, and a 3 s session timeout (both brokers take it:
+    the local Kafka lowers its floor), so a killed member's partitions move soon."""
     return Settings(
         data_dir=data_dir,
         kafka_bootstrap=broker.bootstrap,
         topic_namespace=f"t{uuid.uuid4().hex[:10]}.",
         store=StoreSettings(gc_grace_s=0.0),
-        ingest=IngestSettings(batch_max_wait_s=0.1, search_refresh_s=0.1, partitions=partitions),
+        ingest=IngestSettings(
+            batch_max_wait_s=0.1,
+            search_refresh_s=0.1,
+            partitions=partitions,
+            session_timeout_ms=3000,
+        ),
     )
 
 

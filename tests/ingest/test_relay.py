@@ -286,7 +286,7 @@ def test_a_zombie_relay_is_fenced_by_the_group(
     seen = len(logs[1].read_text())
     a.send_signal(signal.SIGSTOP)
     try:
-        # b takes a's partitions once a's session expires (6 s); a still holds its open
+        # b takes a's partitions once a's session expires (3 s); a still holds its open
         # transaction. Let b commit batches of them before a wakes.
         deadline = time.monotonic() + 60
         while not owning.search(logs[1].read_text()[seen:]):

@@ -55,13 +55,9 @@ def _with(settings: Settings, **ingest: object) -> Settings:
 @pytest.fixture
 def small_batches(broker: Broker, data_dir: Path, registry: SpecRegistry) -> Settings:
     """Topics on ``broker``, batches small enough that a kill lands mid-run, and the
-    shortest session timeout the broker takes well: Kafka refuses less than 6 s
-    (group.min.session.timeout.ms); the development broker takes about half a session
-    timeout per rebalance step, so a shorter one keeps these tests short there."""
-    session_ms = 3000 if broker.name == "tansu" else 6000
-    settings = _with(
-        broker_settings(broker, data_dir), batch_max_rows=1000, session_timeout_ms=session_ms
-    )
+    test session timeout of 3 s: the development broker takes about half a session
+    timeout per rebalance step, so a short one keeps these tests short there."""
+    settings = _with(broker_settings(broker, data_dir), batch_max_rows=1000)
     ensure_topics(settings, registry)
     return settings
 

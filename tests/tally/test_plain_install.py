@@ -3,6 +3,9 @@
 
 Every runtime import must be a declared runtime dependency; the dev tools (httpx,
 pytest, hypothesis, ...) are not there. An undeclared import fails this test.
+
+Built and installed with uv (a dev dependency): the same wheel and the same resolution
+from PyPI as pip's, in seconds instead of most of a minute.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import os
 import signal
 import subprocess
 import sys
-import venv
 from pathlib import Path
 
 import pytest
@@ -30,16 +32,16 @@ def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
 
 
 def test_the_wheel_installed_without_extras_runs_help_and_the_demo(tmp_path: Path) -> None:
+    uv = str(Path(sys.executable).parent / "uv")
     wheels = tmp_path / "wheels"
-    built = _run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(ROOT)]
-    )
+    built = _run([uv, "build", "--wheel", "--quiet", "--out-dir", str(wheels), str(ROOT)])
     assert built.returncode == 0, built.stderr
     (wheel,) = wheels.glob("tally-*.whl")
     env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=True)
+    made = _run([uv, "venv", "--quiet", "--python", sys.executable, str(env_dir)])
+    assert made.returncode == 0, made.stderr
     python = env_dir / "bin" / "python"
-    installed = _run([str(python), "-m", "pip", "install", "-q", str(wheel)])
+    installed = _run([uv, "pip", "install", "--quiet", "--python", str(python), str(wheel)])
     assert installed.returncode == 0, installed.stderr
     missing = _run(
         [
