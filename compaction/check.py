@@ -18,13 +18,8 @@ from compaction.differences import (
     compare_search,
     table_rows,
 )
-from compaction.logstate import (
-    SOURCE_OFFSET,
-    SOURCE_PARTITION,
-    LogState,
-    committed_offsets,
-    end_offsets,
-)
+from compaction.logstate import SOURCE_OFFSET, SOURCE_PARTITION, LogState
+from ingest.kafka import committed_offsets, end_offsets
 from search import Doc, SearchIndex
 from storage import OlapReader
 from storage.deltas import SIGN, signed_deltas

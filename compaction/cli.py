@@ -8,7 +8,6 @@ import sys
 import threading
 from collections.abc import Sequence
 from contextlib import nullcontext
-from datetime import UTC, datetime
 from typing import Annotated
 
 import typer
@@ -31,42 +30,16 @@ DatasourceOption = Annotated[
 _MAX_ROUNDS = 64
 
 
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
-
-
 @compaction_app.command("status")
 def status(
     ctx: typer.Context, datasource: DatasourceOption = None, fmt: FormatOption = Format.table
 ) -> None:
     """Per partition: live segments, rows, bytes, late rows since the last compaction,
     when it was last compacted, and whether a compaction is due."""
-    from compaction.policy import is_due
-    from compaction.watcher import window_test
-    from storage import open_store
+    from compaction.status import partition_status
 
     c = state(ctx)
-    store = open_store(c.settings, c.registry)
-    try:
-        stats = store.partition_stats(datasource)
-        now = datetime.now(UTC)
-        old = window_test(c.registry, store)
-        due = [is_due(s, old(s.datasource, s.partition, now)) for s in stats]
-    finally:
-        store.close()
-    rows = [
-        {
-            "datasource": s.datasource,
-            "partition": s.partition,
-            "segments": s.segments,
-            "rows": s.rows,
-            "bytes": s.bytes,
-            "late_rows": s.late_rows,
-            "last_compacted_at": _iso(s.last_compacted_at),
-            "due": d,
-        }
-        for s, d in zip(stats, due, strict=True)
-    ]
+    rows = partition_status(c.settings, c.registry, datasource)
     if fmt is Format.json:
         emit_json({"partitions": rows})
         return

@@ -157,31 +157,3 @@ def _decode(decoder: Decoder, messages: list[Message], state: LogState) -> pa.Ta
     return decoded.table.append_column(
         SOURCE_PARTITION, pa.array([m.partition for m in kept], pa.int32())
     ).append_column(SOURCE_OFFSET, pa.array([m.offset for m in kept], pa.int64()))
-
-
-def committed_offsets(
-    settings: Settings, group: str, topic: str, partitions: list[int]
-) -> dict[int, int]:
-    """A consumer group's committed offsets, read without joining the group."""
-    consumer = _consumer(settings, group)
-    try:
-        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
-    except KafkaException as exc:
-        raise translate(exc, f"reading the committed offsets of {group}") from exc
-    finally:
-        consumer.close()
-    return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
-
-
-def end_offsets(settings: Settings, topic: str, partitions: list[int]) -> dict[int, int]:
-    """Each partition's end (high watermark: a transaction's marker included)."""
-    consumer = _consumer(settings, "tally.verify.ends")
-    try:
-        return {
-            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
-            for p in partitions
-        }
-    except KafkaException as exc:
-        raise translate(exc, f"reading the end offsets of {topic}") from exc
-    finally:
-        consumer.close()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 
 from compaction import metrics
+from compaction.journal import Journal
 from compaction.policy import Done, PolicyConfig, Task, ended_before, plan
 from storage.protocol import OlapStore
 from tally.errors import CompactionConflict, TallyError
@@ -115,6 +116,7 @@ class Watcher:
             else None
         )
         self._in_flight: dict[tuple[str, str], Future[Done | None]] = {}
+        self.journal = Journal(settings.compaction_journal_path)
 
     def due(self, datasource: str | None = None) -> list[Task]:
         """What to compact now; nothing where the engine compacts by itself."""
@@ -209,6 +211,10 @@ class Watcher:
             return None
         done = Done(task, result, self.clock(), started)
         metrics.record_done(done)
+        try:
+            self.journal.record(done)
+        except TallyError as exc:  # history only: never fail a compaction that was done
+            log.warning("%s", exc)
         self.report.compactions += 1
         self.report.bytes_rewritten += result.bytes_in if result else 0
         self.report.done.append(done)

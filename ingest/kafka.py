@@ -278,3 +278,39 @@ def ensure_like(
             " (each row goes to its source message's partition number)"
         )
     return count
+
+
+def _reader(settings: Settings, group: str) -> Consumer:
+    """A consumer that never joins ``group`` nor commits: for reading positions."""
+    return Consumer(
+        base_config(settings)
+        | {"group.id": group, "enable.auto.commit": False, "enable.auto.offset.store": False}
+    )
+
+
+def committed_offsets(
+    settings: Settings, group: str, topic: str, partitions: list[int]
+) -> dict[int, int]:
+    """A consumer group's committed offsets, read without joining the group."""
+    consumer = _reader(settings, group)
+    try:
+        found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+    except KafkaException as exc:
+        raise translate(exc, f"reading the committed offsets of {group}") from exc
+    finally:
+        consumer.close()
+    return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+
+
+def end_offsets(settings: Settings, topic: str, partitions: list[int]) -> dict[int, int]:
+    """Each partition's end (high watermark: a transaction's marker included)."""
+    consumer = _reader(settings, f"{settings.topic_namespace}tally.ends")
+    try:
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in partitions
+        }
+    except KafkaException as exc:
+        raise translate(exc, f"reading the end offsets of {topic}") from exc
+    finally:
+        consumer.close()

@@ -9,7 +9,17 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from query_api import errors, metrics
-from query_api.routes import health, sales, sql, transactions
+from query_api.routes import (
+    backends,
+    compaction,
+    dead_letters,
+    health,
+    ingestion,
+    pages,
+    sales,
+    sql,
+    transactions,
+)
 from query_api.services import Services
 from tally.settings import HANDOFF_ENV, Settings, from_handoff, load_settings
 from tally.specs import SpecRegistry, builtin_spec_paths
@@ -41,6 +51,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(sales.router)
     app.include_router(transactions.build(spec))
     app.include_router(sql.router)
+    for admin in (ingestion, dead_letters, compaction, backends):
+        app.include_router(admin.router)
+    app.include_router(pages.router)
+    app.mount("/static", pages.static_files(), name="static")
     return app
 
 

@@ -74,3 +74,99 @@ def transactions_model(item: type[BaseModel]) -> type[BaseModel]:
         next_cursor=(str | None, None),
         freshness=(Freshness, ...),
     )
+
+
+# --- operator routes (/v1/admin, admin keys) ----------------------------------------
+
+
+class PartitionPosition(BaseModel):
+    partition: int
+    committed: int | None = Field(description="next offset the sink will read (durable)")
+    end: int | None = Field(description="the partition's end on the broker")
+    lag: int | None = Field(description="end minus committed")
+
+
+class SinkStatus(BaseModel):
+    sink: str
+    group: str
+    freshness: datetime | None = Field(description="newest event time the sink committed")
+    partitions: list[PartitionPosition]
+
+
+class IngestionStatus(BaseModel):
+    datasource: str
+    topic: str
+    sinks: list[SinkStatus]
+
+
+class DeadLetter(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    reason: str | None = None
+    sink: str | None = None
+    topic: str | None = None
+    partition: int | None = None
+    offset: int | None = None
+    failed_at: float | None = None
+    key: str | None = None
+    value: str | None = None
+
+
+class DeadLetters(BaseModel):
+    datasource: str
+    topic: str
+    recorded: int = Field(description="letters the sinks recorded")
+    unpublished: int = Field(description="recorded, not yet on the dead-letter topic")
+    dead_letters: list[DeadLetter] = Field(description="the newest first")
+
+
+class Replayed(BaseModel):
+    replayed: int = Field(description="letters republished to their source topic")
+
+
+class CompactionPartition(BaseModel):
+    datasource: str
+    partition: str
+    segments: int
+    rows: int
+    bytes: int
+    late_rows: int
+    last_compacted_at: datetime | None
+    due: bool
+
+
+class CompactionRun(BaseModel):
+    datasource: str
+    partition: str
+    kind: str
+    segments_in: int
+    rows_in: int | None
+    rows_out: int | None
+    bytes_in: int | None
+    bytes_out: int | None
+    due_since: datetime | None
+    started_at: datetime | None
+    finished_at: datetime
+    detect_to_done_s: float | None
+
+
+class CompactionStatus(BaseModel):
+    partitions: list[CompactionPartition]
+    runs: list[CompactionRun] = Field(description="the newest first")
+
+
+class Backend(BaseModel):
+    role: str
+    backend: str
+    status: str = Field(description="'ok', or why not")
+    detail: dict[str, Any] = {}
+
+
+class Backends(BaseModel):
+    backends: list[Backend]
+
+
+ADMIN_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody} for status in (401, 403, 422, 429, 503)
+}

@@ -113,7 +113,10 @@ def demo_command(
         end = (today + timedelta(days=1)).isoformat()
         typer.echo(
             f"\nThe query API is at {info.url} (OpenAPI: {info.url}/docs); demo key for"
-            f" merchant {info.merchant_id}:\n  {info.api_key}\n\nTry:\n"
+            f" merchant {info.merchant_id}:\n  {info.api_key}\n"
+            f"\nMerchant dashboard: {info.url}/dashboard   (sign in with the key above)\n"
+            f"Operator console:   {info.url}/console     (admin key: {info.admin_key})\n"
+            "\nTry:\n"
             f'  curl {auth} "{info.url}/v1/sales?from={start}T00:00:00%2B09:00'
             f'&to={end}T00:00:00%2B09:00&granularity=day&group_by=method"\n'
             f'  curl {auth} "{info.url}/v1/transactions?limit=5"\n'

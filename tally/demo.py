@@ -124,6 +124,7 @@ class Ready:
     url: str
     api_key: str
     merchant_id: str
+    admin_key: str  # for the operator console
 
 
 def _watch(settings: Settings, registry: SpecRegistry, stop: threading.Event) -> None:
@@ -239,13 +240,14 @@ def run_demo(
         merchant = busiest_merchant(rate, seed, registry.get("payments").tz)
         with KeyStore(settings.keys_path) as keys:
             _, key = keys.create(merchant)
+            _, admin_key = keys.create(None, admin=True)
         chosen = _port(settings, port)
         url = f"http://{settings.api.host}:{chosen}"
         server = _serve(settings, chosen)
         wait_ready(url, server, stop=stop)
         if stop.is_set():
             return {}
-        ready(Ready(url, key, merchant))
+        ready(Ready(url, key, merchant, admin_key))
         deadline = None if duration is None else time.monotonic() + duration
         last: dict[str, Any] = {}
         while not stop.is_set() and (deadline is None or time.monotonic() < deadline):

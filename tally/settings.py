@@ -238,6 +238,10 @@ class Settings(BaseSettings):
         return self.data_dir / "keys.sqlite"
 
     @property
+    def compaction_journal_path(self) -> Path:
+        return self.data_dir / "compaction-runs.sqlite"
+
+    @property
     def rate_limit_path(self) -> Path:
         return self.data_dir / "ratelimit.sqlite"
 

@@ -88,6 +88,12 @@ def broker(
 
 
 @pytest.fixture(scope="session")
+def dev_broker(_brokers: dict[str, Broker], tmp_path_factory: pytest.TempPathFactory) -> Broker:
+    """The development broker alone, what ``make demo`` runs on."""
+    return _broker("tansu", _brokers, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
 def kafka_broker(
     _brokers: dict[str, Broker], tmp_path_factory: pytest.TempPathFactory
 ) -> KafkaBroker:

@@ -17,7 +17,7 @@ ALLOWED = {
     "producers": {"ingest", "storage", "tally"},
     "engines": {"tally"},
     "compaction": {"ingest", "search", "storage", "tally"},
-    "query_api": {"rollups", "search", "storage", "tally"},
+    "query_api": {"compaction", "ingest", "rollups", "search", "storage", "tally"},
 }
 
 

@@ -19,6 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
+from ingest.kafka import ensure_topics
+from producers.generate import GeneratorConfig, generate_events
+from producers.malformed import Wire, with_malformed
+from producers.publish import Publisher
 from query_api.keys import KeyStore
 from query_api.ready import wait_ready
 from search import Doc
@@ -26,8 +30,10 @@ from search.tantivy_index import TantivyIndex
 from storage import open_store
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
+from tests.brokers import Broker
+from tests.conftest import broker_settings
 from tests.factories import METHODS, latest_by_key, payment
-from tests.ingest.conftest import free_port
+from tests.ingest.conftest import env_for, free_port
 
 MERCHANTS = ("m1", "m2")
 NAMES = ("김민지", "이서준", "Kim Minji", "Olivia Park", "박지훈", "Liam Choi")
@@ -136,6 +142,86 @@ def api(tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry) -> Ite
     try:
         wait_ready(url, server)
         yield Api(url, issued, events, spec, settings)
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+# --- a live platform for the pages: the broker, `tally ingest`, `tally serve` ----------
+
+
+@dataclass(repr=False)
+class Live:
+    """A store and index filled through the development broker by ``tally ingest``
+    (malformed messages included, so there are dead letters), served by ``tally
+    serve``; keys for three merchants, and an admin key."""
+
+    url: str
+    settings: Settings
+    keys: dict[str, str]  # merchant id (or "admin") → key
+    events: list[dict[str, Any]]  # what was published, valid events only
+    malformed: int
+    published: int = 0  # messages on the topic
+
+    def publish(self, wires: list[Wire]) -> None:
+        Publisher(self.settings, self.settings.topic("payments.v1")).send(wires)
+        self.published += len(wires)
+
+    def client(self, who: str) -> httpx.Client:
+        return httpx.Client(
+            base_url=self.url, headers={"Authorization": f"Bearer {self.keys[who]}"}, timeout=30
+        )
+
+    def __repr__(self) -> str:
+        return f"Live({self.url})"
+
+    def merchants(self) -> list[str]:
+        return sorted(k for k in self.keys if k != "admin")
+
+    def ingest(self, sink: str = "all") -> None:
+        done = subprocess.run(
+            [sys.executable, "-m", "tally", "ingest", "--sink", sink, "--until-idle", "2"],
+            env=env_for(self.settings),
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+@pytest.fixture(scope="session")
+def live(
+    tmp_path_factory: pytest.TempPathFactory,
+    registry: SpecRegistry,
+    dev_broker: Broker,
+) -> Iterator[Live]:
+    data_dir = tmp_path_factory.mktemp("live")
+    settings = broker_settings(dev_broker, data_dir)
+    ensure_topics(settings, registry)
+    now = datetime.now(UTC)
+    config = GeneratorConfig(
+        transactions=3000, merchants=3, days=40, start=now - timedelta(days=40), seed=14
+    )
+    events = list(generate_events(config))
+    wires = list(with_malformed(iter(events), 0.01, 14))
+    keys = KeyStore(settings.keys_path)
+    issued = {m: keys.create(m)[1] for m in sorted({e["merchant_id"] for e in events})}
+    issued["admin"] = keys.create(None, admin=True)[1]
+    keys.close()
+    platform = Live("", settings, issued, events, len(wires) - len(events))
+    platform.publish(wires)
+    platform.ingest()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "1"],
+        env=env_for(settings) | {"TALLY_API__RATE_LIMIT": "1000000/second"},
+        stdout=subprocess.DEVNULL,
+        stderr=(data_dir / "serve.log").open("ab"),  # a pipe nobody reads would fill
+    )
+    platform.url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(platform.url, server)
+        yield platform
     finally:
         server.terminate()
         server.wait(30)
