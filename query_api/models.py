@@ -83,7 +83,9 @@ class PartitionPosition(BaseModel):
     partition: int
     committed: int | None = Field(description="next offset the sink will read (durable)")
     end: int | None = Field(description="the partition's end on the broker")
-    lag: int | None = Field(description="end minus committed")
+    lag: int | None = Field(
+        description="end minus committed; null when unknown (an end below the committed offset)"
+    )
 
 
 class SinkStatus(BaseModel):

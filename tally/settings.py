@@ -122,6 +122,9 @@ class ApiSettings(BaseModel):
     page_max: int = Field(500, ge=1, description="largest page /v1/transactions returns")
     sql_row_limit: int = Field(10_000, ge=1, description="rows /v1/sql returns at most")
     sql_timeout_s: float = Field(10.0, gt=0, description="a /v1/sql query is cancelled after")
+    page_refresh_s: float = Field(
+        4.0, ge=0.2, description="how often /dashboard and /console refresh while open"
+    )
     rate_limit: str = Field(
         "50/second",
         description="requests each API key may make to /v1, summed over the workers, in "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -9,13 +11,40 @@ from pathlib import Path
 import pytest
 from hypothesis import settings as hypothesis_settings
 
+from engines import maven
+from engines.base import engines_home
 from ingest.kafka import ensure_topics
 from storage import OlapReader, open_reader, open_store
 from storage.embedded.store import EmbeddedStore
 from tally.settings import IngestSettings, Settings, StoreSettings
 from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
-from tests.brokers import NAMES, Broker, KafkaBroker, start
+from tests.brokers import NAMES, Broker, KafkaBroker, missing_tools, start
 from tests.druid import Druid, start_druid
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Fetch the engines' artifacts from Maven Central in the background while the
+    first tests run: on a fresh machine Druid's take minutes to download, which its
+    fixture would otherwise wait out later. Resolution is idempotent and file-locked,
+    so a fixture that needs an engine first simply waits for it; a failure here is
+    left for that fixture to meet and report."""
+    if session.config.option.collectonly:
+        return
+    used = set().union(*(getattr(item, "fixturenames", ()) for item in session.items))
+    wanted = [
+        name
+        for name, fixtures in (("kafka", {"broker", "kafka_broker"}), ("druid", {"druid"}))
+        if used & fixtures
+    ]
+    if wanted and missing_tools() is None:
+        threading.Thread(target=_resolve, args=(wanted,), name="maven", daemon=True).start()
+
+
+def _resolve(names: list[str]) -> None:
+    for name in names:
+        with contextlib.suppress(Exception):
+            maven.resolve(name, engines_home())
+
 
 # Speed is measured in bench/, never asserted here: no per-example deadline, which a
 # loaded CI machine would trip on a correct implementation.

@@ -20,7 +20,9 @@ def _positions(
     out = []
     for p in partitions:
         at, end = committed.get(p), ends.get(p)
-        lag = None if end is None else max(0, end - (at or 0))
+        # An end before what was committed is no end (the development broker
+        # misreports them): the lag is then unknown, not zero.
+        lag = None if end is None or end < (at or 0) else end - (at or 0)
         out.append(PartitionPosition(partition=p, committed=at, end=end, lag=lag))
     return out
 

@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse
 from fastapi.staticfiles import StaticFiles
 
 from query_api.deps import ServicesDep
+from query_api.services import Services
 from tally.specs import DatasourceSpec
 
 WEB = Path(__file__).resolve().parents[1] / "web"
@@ -38,7 +39,7 @@ def static_files() -> StaticFiles:
     return StaticFiles(directory=WEB)
 
 
-def page_config(spec: DatasourceSpec) -> dict[str, object]:
+def page_config(spec: DatasourceSpec, refresh_s: float) -> dict[str, object]:
     ds = spec.datasource
 
     def values(name: str) -> list[str]:
@@ -55,6 +56,7 @@ def page_config(spec: DatasourceSpec) -> dict[str, object]:
         "columns": list(spec.columns),
         "statuses": values("status"),
         "methods": values("method"),
+        "refresh_ms": int(refresh_s * 1000),
     }
 
 
@@ -63,17 +65,18 @@ def _template(name: str) -> str:
     return (WEB / name).read_text(encoding="utf-8")
 
 
-def _page(name: str, spec: DatasourceSpec) -> HTMLResponse:
-    config = json.dumps(page_config(spec)).replace("</", "<\\/")
-    html = _template(name).replace("<!--CONFIG-->", config)
+def _page(name: str, services: Services) -> HTMLResponse:
+    config = page_config(services.spec, services.settings.api.page_refresh_s)
+    text = json.dumps(config).replace("</", "<\\/")
+    html = _template(name).replace("<!--CONFIG-->", text)
     return HTMLResponse(html, headers=HEADERS)
 
 
 @router.get("/dashboard", response_class=HTMLResponse)
 def dashboard(services: ServicesDep) -> HTMLResponse:
-    return _page("dashboard.html", services.spec)
+    return _page("dashboard.html", services)
 
 
 @router.get("/console", response_class=HTMLResponse)
 def console(services: ServicesDep) -> HTMLResponse:
-    return _page("console.html", services.spec)
+    return _page("console.html", services)

@@ -4,11 +4,11 @@
 "use strict";
 
 (() => {
-  const { api, count, el, render } = Tally;
+  const { config, api, count, el, render } = Tally;
   const $ = (id) => document.getElementById(id);
-  const store = Tally.keyStore("tally.console.key");
-  const REFRESH_MS = 5000;
-  const state = { key: null, poller: null };
+  const REFRESH_MS = config.refresh_ms;
+  const state = { key: null };
+  let session = null;
 
   function badge(status) {
     return el("span", { class: `badge ${status === "ok" ? "ok" : "bad"}` }, status);
@@ -37,7 +37,8 @@
         el("td", {}, p.partition),
         el("td", { class: "num committed" }, p.committed === null ? "—" : count(p.committed)),
         el("td", { class: "num" }, p.end === null ? "—" : count(p.end)),
-        el("td", { class: `num lag${p.lag ? " error" : ""}` }, p.lag === null ? "—" : count(p.lag)))));
+        el("td", { class: `num lag${p.lag ? " error" : ""}` },
+          p.lag === null ? el("span", { title: "the broker reported an end below the committed offset" }, "unknown") : count(p.lag)))));
   }
 
   function showLetters(body) {
@@ -56,7 +57,8 @@
 
   function showCompaction(body) {
     const due = body.partitions.filter((p) => p.due);
-    const shown = body.partitions.filter((p) => p.due || p.segments > 1 || p.late_rows > 0);
+    const shown = body.partitions.filter((p) => p.due || p.segments > 1)
+      .sort((a, b) => Number(b.due) - Number(a.due) || b.segments - a.segments).slice(0, 50);
     const runs = body.runs;
     const lags = runs.map((r) => r.detect_to_done_s).filter((v) => v !== null).sort((a, b) => a - b);
     const p50 = lags.length ? lags[Math.floor((lags.length - 1) / 2)] : null;
@@ -88,7 +90,7 @@
   const SECTIONS = [
     ["/v1/admin/backends", showBackends],
     ["/v1/admin/ingestion", showIngestion],
-    ["/v1/admin/dead-letters", showLetters],
+    ["/v1/admin/dead-letters?limit=20", showLetters],
     ["/v1/admin/compaction", showCompaction],
   ];
 
@@ -101,7 +103,7 @@
     });
     const auth = failed.find((e) => e.status === 401 || e.status === 403);
     if (auth) {
-      signOut(auth.message);
+      session.signOut(auth.message);
       return;
     }
     $("error").textContent = failed.map((e) => e.message).join(" · ");
@@ -121,36 +123,16 @@
       $("error").textContent = err.message;
     } finally {
       button.disabled = false;
-      if (state.poller) state.poller.now();
+      session.refreshNow();
     }
   }
 
-  function start(key) {
-    state.key = key;
-    $("signin").hidden = true;
-    $("app").hidden = false;
-    $("sign-out").hidden = false;
-    state.poller = Tally.poll(refresh, REFRESH_MS);
-  }
-
-  function signOut(message) {
-    store.clear();
-    if (state.poller) state.poller.stop();
-    state.poller = null;
-    $("app").hidden = true;
-    $("sign-out").hidden = true;
-    $("signin").hidden = false;
-    $("error").textContent = message || "";
-  }
-
   $("replay").addEventListener("click", replay);
-  $("sign-out").addEventListener("click", () => signOut(""));
-  Tally.signIn({
-    store,
-    form: $("signin"),
-    input: $("api-key"),
-    error: $("error"),
-    onReady: start,
+  session = Tally.signIn({
+    storeName: "tally.console.key",
     probe: (key) => api(key, "/v1/admin/backends"),
+    onStart: (key) => { state.key = key; },
+    refresh,
+    everyMs: REFRESH_MS,
   });
 })();

@@ -6,8 +6,7 @@
 (() => {
   const { config, api, money, count, el, render } = Tally;
   const $ = (id) => document.getElementById(id);
-  const store = Tally.keyStore("tally.dashboard.key");
-  const REFRESH_MS = 4000;
+  const REFRESH_MS = config.refresh_ms;
   const PAGE = 25;
   const state = {
     key: null,
@@ -16,7 +15,7 @@
     currency: null,
     filters: { q: "", status: "", method: "" },
     txn: { items: [], cursor: null, pages: 0, signature: "" },
-    poller: null,
+    session: null,
     chart: null,
     generation: 0, // bumped when the range or a filter changes: older answers are dropped
   };
@@ -45,7 +44,7 @@
 
   function showError(err) {
     $("error").textContent = err ? err.message : "";
-    if (err && err.status === 401) signOut(err.message);
+    if (err && err.status === 401) state.session.signOut(err.message);
   }
 
   /* --- totals, chart, breakdowns ----------------------------------------------- */
@@ -268,7 +267,7 @@
     state.generation += 1;
     state.txn.pages = 0;
     state.txn.cursor = null;
-    if (state.poller) state.poller.now();
+    if (state.session) state.session.refreshNow();
   }
 
   function selectRange(name) {
@@ -284,23 +283,8 @@
 
   function start(key) {
     state.key = key;
-    $("signin").hidden = true;
-    $("app").hidden = false;
-    $("sign-out").hidden = false;
     $("who").textContent = `signed in · ${config.datasource}`;
     selectRange(state.range);
-    state.poller = Tally.poll(refresh, REFRESH_MS);
-  }
-
-  function signOut(message) {
-    store.clear();
-    if (state.poller) state.poller.stop();
-    state.poller = null;
-    $("app").hidden = true;
-    $("sign-out").hidden = true;
-    $("signin").hidden = false;
-    $("who").textContent = "";
-    $("error").textContent = message || "";
   }
 
   function wire() {
@@ -342,18 +326,16 @@
       }
     });
     $("details-close").addEventListener("click", () => $("details").close());
-    $("sign-out").addEventListener("click", () => signOut(""));
     window.addEventListener("resize", () => {
       if (state.chart) state.chart.setSize({ width: Math.max(280, $("sales-chart").clientWidth - 16), height: 280 });
     });
-    const r = rangeOf("today");
-    Tally.signIn({
-      store,
-      form: $("signin"),
-      input: $("api-key"),
-      error: $("error"),
-      onReady: start,
-      probe: (key) => api(key, "/v1/sales", { params: { from: r.from, to: r.to, granularity: "day" } }),
+    const today = rangeOf("today");
+    state.session = Tally.signIn({
+      storeName: "tally.dashboard.key",
+      probe: (key) => api(key, "/v1/sales", { params: { from: today.from, to: today.to, granularity: "day" } }),
+      onStart: start,
+      refresh,
+      everyMs: REFRESH_MS,
     });
   }
 

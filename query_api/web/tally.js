@@ -206,8 +206,30 @@ const Tally = (() => {
     return true;
   }
 
-  /* The sign-in form: check the key with ``probe`` before keeping it. */
-  function signIn({ store, form, input, error, onReady, probe }) {
+  /* Sign-in and the page's life after it. Both pages have the same elements: the
+     form #signin with #api-key, #error, #app and #sign-out. A key is kept only once
+     ``probe`` accepted it; then ``onStart(key)`` runs and ``refresh`` polls every
+     ``everyMs``. The returned session's ``signOut(message)`` forgets the key. */
+  function signIn({ storeName, probe, onStart, refresh, everyMs }) {
+    const $ = (id) => document.getElementById(id);
+    const store = keyStore(storeName);
+    const error = $("error");
+    let poller = null;
+
+    function show(signedIn) {
+      $("signin").hidden = signedIn;
+      $("app").hidden = !signedIn;
+      $("sign-out").hidden = !signedIn;
+    }
+
+    function signOut(message) {
+      store.clear();
+      if (poller) poller.stop();
+      poller = null;
+      show(false);
+      error.textContent = message || "";
+    }
+
     async function accept(key, fromForm) {
       error.textContent = "";
       try {
@@ -215,28 +237,32 @@ const Tally = (() => {
       } catch (err) {
         store.clear();
         error.textContent = err.message;
-        if (fromForm) input.focus();
-        return false;
-      }
-      store.set(key);
-      onReady(key);
-      return true;
-    }
-    form.addEventListener("submit", (ev) => {
-      ev.preventDefault();
-      const key = input.value.trim();
-      if (!key) {
-        error.textContent = "enter an API key";
+        if (fromForm) $("api-key").focus();
         return;
       }
-      accept(key, true);
+      store.set(key);
+      show(true);
+      onStart(key);
+      poller = poll(refresh, everyMs);
+    }
+
+    $("signin").addEventListener("submit", (ev) => {
+      ev.preventDefault();
+      const key = $("api-key").value.trim();
+      if (!key) error.textContent = "enter an API key";
+      else accept(key, true);
     });
+    $("sign-out").addEventListener("click", () => signOut(""));
     const kept = store.get();
     if (kept) accept(kept, false);
+    return {
+      signOut,
+      refreshNow() { if (poller) poller.now(); },
+    };
   }
 
   return {
-    config, api, ApiError, keyStore, money, count, digits, iso, midnight, today, addDays,
+    config, api, ApiError, money, count, digits, iso, midnight, today, addDays,
     when, ago, poll, el, render, signIn,
   };
 })();

@@ -160,8 +160,9 @@ class Live:
     settings: Settings
     keys: dict[str, str]  # merchant id (or "admin") → key
     events: list[dict[str, Any]]  # what was published, valid events only
-    malformed: int
+    malformed: int  # malformed messages generated
     published: int = 0  # messages on the topic
+    dead_letters: int = 0  # letters on the dead-letter topic (a replayed one comes back)
 
     def publish(self, wires: list[Wire]) -> None:
         Publisher(self.settings, self.settings.topic("payments.v1")).send(wires)
@@ -211,10 +212,12 @@ def live(
     platform = Live("", settings, issued, events, len(wires) - len(events))
     platform.publish(wires)
     platform.ingest()
+    platform.dead_letters = platform.malformed
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "1"],
-        env=env_for(settings) | {"TALLY_API__RATE_LIMIT": "1000000/second"},
+        env=env_for(settings)
+        | {"TALLY_API__RATE_LIMIT": "1000000/second", "TALLY_API__PAGE_REFRESH_S": "1"},
         stdout=subprocess.DEVNULL,
         stderr=(data_dir / "serve.log").open("ab"),  # a pipe nobody reads would fill
     )
