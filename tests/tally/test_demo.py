@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -131,3 +132,43 @@ def test_demo_on_kafka_serves_sales_and_stops_the_kafka_it_started(tmp_path: Pat
         check=True,
     )
     assert json.loads(after.stdout)["engines"]["kafka"]["running"] is False
+
+
+def test_the_demo_prints_the_dashboard_and_console_urls_and_both_open(tmp_path: Path) -> None:
+    """The table output names both pages, with the keys that sign in to them; each
+    page answers, and the admin key it prints is an admin key."""
+    port = free_port()
+    env = {
+        **os.environ,
+        "TALLY_DATA_DIR": str(tmp_path / "demo"),
+        "TALLY_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+    }
+    proc = subprocess.Popen(
+        [*_TALLY, "demo", "--rate", "200", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "demo.err").open("w"),
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        printed = []
+        for line in proc.stdout:
+            printed.append(line)
+            if line.startswith("Operator console:"):
+                break
+        text = "".join(printed)
+        url = f"http://127.0.0.1:{port}"
+        assert f"Merchant dashboard: {url}/dashboard" in text, text
+        console = re.search(rf"Operator console: +{url}/console +\(admin key: (tly_\S+)\)", text)
+        assert console, text
+        for page in ("/dashboard", "/console"):
+            assert httpx.get(url + page).status_code == 200
+        headers = {"Authorization": f"Bearer {console.group(1)}"}
+        assert httpx.get(f"{url}/v1/admin/backends", headers=headers).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=90) == 0, (tmp_path / "demo.err").read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
