@@ -56,6 +56,7 @@ from tally.settings import Settings
 from tally.specs import DatasourceSpec
 
 log = logging.getLogger(__name__)
+RECOMMIT_S = 5.0  # how often durable positions are committed again (a lost async commit)
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Runner:
         self._done_lock = threading.Lock()
         self._done: dict[TP, int] = {}  # written but not yet committed to Kafka
         self._durable: dict[int, int] = {}  # partition → end of what the sink has made durable
+        self._next_recommit = 0.0
         self._lag_at = 0.0
         self._revoked: set[int] = set()  # partitions revoked while a batch was filling
         self._closing = False
@@ -180,6 +182,9 @@ class Runner:
                     self._fenced.clear()
                 messages = self._collect(consumer)
                 self._commit_kafka(consumer)
+                if time.monotonic() >= self._next_recommit:
+                    self._next_recommit = time.monotonic() + RECOMMIT_S
+                    self._recommit(consumer)
                 self._record_lag(consumer)
                 if messages:
                     last_message = time.monotonic()
@@ -272,8 +277,10 @@ class Runner:
         return self._consumed(consumer)
 
     def _recommit(self, consumer: Consumer) -> None:
-        """Commit what was written once more: an asynchronous commit that failed (in a
-        rebalance, say) is not retried, and the search sink resumes from these. (A sink
+        """Commit what was written once more (every ``RECOMMIT_S`` and before an idle
+        probe): an asynchronous commit that failed (in a rebalance, say) is not
+        retried, and the search sink resumes from these; a partition whose last batch's
+        commit was lost would otherwise show that lag until new messages came. (A sink
         that commits offsets itself has nothing to repeat: what it committed is exact.)"""
         with self._done_lock:
             for part, end in self._durable.items():
