@@ -14,11 +14,12 @@ import sqlite3
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 from compaction.policy import Done
 from tally.errors import StoreUnavailable
+from tally.timeutil import utc_iso
 
 KEEP = 5000
 _SCHEMA = """
@@ -57,10 +58,6 @@ class Run:
     def detect_to_done_s(self) -> float | None:
         since = self.due_since
         return None if since is None else (self.finished_at - since).total_seconds()
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
 
 
 def _time(text: str | None) -> datetime | None:
@@ -102,9 +99,9 @@ class Journal:
                     result.rows_out if result else None,
                     result.bytes_in if result else None,
                     result.bytes_out if result else None,
-                    _iso(task.due_since),
-                    _iso(done.started_at),
-                    _iso(done.finished_at),
+                    utc_iso(task.due_since),
+                    utc_iso(done.started_at),
+                    utc_iso(done.finished_at),
                 ),
             )
             conn.execute(

@@ -12,10 +12,7 @@ from compaction.watcher import window_test
 from storage import open_store
 from tally.settings import Settings
 from tally.specs import SpecRegistry
-
-
-def iso(value: datetime | None) -> str | None:
-    return None if value is None else value.astimezone(UTC).isoformat()
+from tally.timeutil import utc_iso
 
 
 def partition_status(
@@ -37,7 +34,7 @@ def partition_status(
             "rows": s.rows,
             "bytes": s.bytes,
             "late_rows": s.late_rows,
-            "last_compacted_at": iso(s.last_compacted_at),
+            "last_compacted_at": utc_iso(s.last_compacted_at),
             "due": d,
         }
         for s, d in zip(stats, due, strict=True)

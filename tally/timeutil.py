@@ -115,3 +115,9 @@ def to_micros(ts: datetime) -> int:
 def from_micros(micros: int) -> datetime:
     """The aware UTC instant ``micros`` microseconds after the epoch."""
     return _EPOCH + timedelta(microseconds=micros)
+
+
+def utc_iso(value: datetime | None) -> str | None:
+    """``value`` in UTC as ISO 8601 (None stays None): how Tally writes times it stores
+    or reports."""
+    return None if value is None else value.astimezone(UTC).isoformat()
