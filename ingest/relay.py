@@ -74,8 +74,13 @@ TP = tuple[str, int]
 T = TypeVar("T")
 
 # The coordinator refused the batch's offsets or the producer's epoch: another
-# member (or producer) owns this work now.
+# member (or producer) owns this work now — or may once the group's rebalance is done
+# (REBALANCE_IN_PROGRESS). Retrying such a batch cannot succeed: its group metadata
+# is refreshed only by the rebalance callbacks, which wait for this very batch (the
+# consumer goes unpolled until max.poll.interval.ms drops the member). So it is
+# aborted and re-sought after the rebalance, from the committed offsets.
 _FENCED = {
+    KafkaError.REBALANCE_IN_PROGRESS,
     KafkaError.ILLEGAL_GENERATION,
     KafkaError.UNKNOWN_MEMBER_ID,
     KafkaError.FENCED_INSTANCE_ID,

@@ -26,10 +26,12 @@ import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, KafkaException, TopicPartition
 
 from ingest.deadletter import list_dead_letters, raw_value
-from ingest.kafka import base_config, ensure_topics
+from ingest.kafka import base_config, consumer_config, ensure_topics
+from ingest.relay import KafkaRelay
 from producers.generate import GeneratorConfig
 from producers.publish import Publisher
 from storage.refined import OFFSET_HEADER, refined_topic, rollup_topic
+from tally.errors import BrokerUnavailable, OffsetMismatch, TallyError
 from tally.settings import Settings, StoreSettings
 from tally.specs import DatasourceSpec, SpecRegistry
 from tests.brokers import KafkaBroker
@@ -297,6 +299,52 @@ def test_a_zombie_relay_is_fenced_by_the_group(
     finally:
         a.send_signal(signal.SIGCONT)
     for proc, lg in zip((a, b), logs, strict=True):
-        proc.communicate(timeout=300)
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            tails = "\n---\n".join(f"{x.name}: {x.read_text()[-2500:]}" for x in logs)
+            pytest.fail(f"{lg.name} never finished; the logs end:\n{tails}")
         assert proc.returncode == 0, lg.read_text()[-3000:]
     assert_relayed_exactly_once(settings, registry, published)
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [
+        # The group is rebalancing: the batch's generation may be gone once it is done,
+        # and only the rebalance callbacks (which wait for this batch) renew it.
+        (KafkaError.REBALANCE_IN_PROGRESS, OffsetMismatch),
+        (KafkaError.ILLEGAL_GENERATION, OffsetMismatch),
+        (KafkaError._TIMED_OUT, BrokerUnavailable),  # the same batch, retried
+    ],
+)
+def test_an_aborted_transaction_is_re_sought_when_the_group_refused_it_else_retried(
+    kafka_broker: KafkaBroker,
+    data_dir: Path,
+    registry: SpecRegistry,
+    code: int,
+    outcome: type[TallyError],
+) -> None:
+    """A transaction the group coordinator refused because the group is rebalancing
+    must not be retried with the same group metadata (that spun until
+    max.poll.interval.ms in a CI run: the zombie test's 300 s); the abort is real, on
+    a real producer, and the producer stays usable."""
+    settings = _settings(kafka_broker, data_dir)
+    ensure_topics(settings, registry)
+    spec = registry.get("payments")
+    relay = KafkaRelay(settings, spec)
+    consumer = Consumer(consumer_config(settings, settings.group("olap", spec.name)))
+    try:
+        relay.bind(consumer)
+        prod = relay._producer
+        assert prod is not None
+        prod.begin_transaction()
+        prod.produce(relay.topic, value=b"{}", key=b"k", partition=0)
+        failure = relay._failed(KafkaException(KafkaError(code)))
+        assert type(failure) is outcome, failure.message
+        assert relay._producer is prod  # aborted, not dropped: it can begin again
+        prod.begin_transaction()
+        prod.abort_transaction(10)
+    finally:
+        relay.close()
+        consumer.close()
