@@ -21,7 +21,7 @@ demo: install ## run the platform end to end on the embedded default
 	$(BIN)/tally demo
 
 test: install ## run the whole test suite (what CI runs)
-	$(BIN)/pytest -q --durations=60
+	$(BIN)/pytest -q -n 2 --dist loadgroup --durations=60
 
 lint: install ## ruff and mypy
 	$(BIN)/ruff check .

@@ -15,6 +15,7 @@ from typing import Any
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from ingest.decode import Message
 from tally.errors import BrokerError, BrokerUnavailable, TallyError
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
@@ -314,3 +315,57 @@ def end_offsets(settings: Settings, topic: str, partitions: list[int]) -> dict[i
         raise translate(exc, f"reading the end offsets of {topic}") from exc
     finally:
         consumer.close()
+
+
+def read_ranges(
+    settings: Settings, ranges: Mapping[tuple[str, int], tuple[int, int]], timeout_s: float = 60.0
+) -> list[Message]:
+    """Every committed message at offsets [start, end) of each (topic, partition), in
+    offset order per partition, as the sinks' consumers read them (read_committed; no
+    group joined). A range the log no longer holds in full is BrokerError: what is
+    missing cannot be read again (retention removed it)."""
+    wanted = {tp: rng for tp, rng in ranges.items() if rng[1] > rng[0]}
+    if not wanted:
+        return []
+    consumer = Consumer(
+        base_config(settings)
+        | {
+            "group.id": f"{settings.topic_namespace}tally.range-reader",  # never joined
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+            "auto.offset.reset": "error",
+            "isolation.level": "read_committed",
+        }
+    )
+    out: list[Message] = []
+    try:
+        consumer.assign([TopicPartition(t, p, s) for (t, p), (s, _e) in wanted.items()])
+        done: set[tuple[str, int]] = set()
+        deadline = time.monotonic() + timeout_s
+        while len(done) < len(wanted):
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(f"reading back {sorted(set(wanted) - done)}: timed out")
+            for m in consumer.consume(1000, 0.5):
+                tp = (m.topic() or "", m.partition() or 0)
+                err = m.error()
+                if err is not None:
+                    if err.code() == KafkaError._PARTITION_EOF and tp in wanted:
+                        if (m.offset() or 0) < wanted[tp][1]:
+                            raise BrokerError(f"{tp[0]}[{tp[1]}] ends before {wanted[tp][1]}")
+                        done.add(tp)
+                        continue
+                    raise translate(KafkaException(err), f"reading back {tp[0]}[{tp[1]}]")
+                offset = m.offset() or 0
+                if tp in done or offset >= wanted[tp][1]:
+                    done.add(tp)
+                    continue
+                if offset >= wanted[tp][0]:
+                    _ts_type, ts = m.timestamp()
+                    out.append(Message(tp[0], tp[1], offset, m.key(), m.value(), ts))
+                if offset + 1 >= wanted[tp][1]:
+                    done.add(tp)
+    except KafkaException as exc:
+        raise translate(exc, "reading back a batch") from exc
+    finally:
+        consumer.close()
+    return out

@@ -224,7 +224,9 @@ class Runner:
                 return
             except queue.Full:
                 if self._consumer is not None:
-                    self._record_lag(self._consumer)  # the writer is stuck: lag grows
+                    # The writer is stuck and nothing is fetched meanwhile, so the
+                    # cached ends stop moving: ask the broker, or lag would stay flat.
+                    self._record_lag(self._consumer, fresh=True)
                 continue
 
     def _worker(self) -> None:
@@ -457,10 +459,11 @@ class Runner:
         r.rejected += len(decoded.rejected)
         r.batches += 1
 
-    def _record_lag(self, consumer: Consumer) -> None:
+    def _record_lag(self, consumer: Consumer, *, fresh: bool = False) -> None:
         """Log end minus what the sink has made durable, per partition, at most twice a
         second, from the client's cached watermarks (no round trip: fetch responses,
-        empty ones too, carry them). A partition whose durable position is not known
+        empty ones too, carry them), or asked of the broker when ``fresh`` (nothing is
+        being fetched: the writer is stuck). A partition whose durable position is not known
         yet (it resumes from Kafka's committed offset) shows once its first batch is
         written. On the development broker the ends are wrong (it misreports them)."""
         now = time.monotonic()
@@ -470,7 +473,7 @@ class Runner:
         for part, durable in list(self._durable.items()):
             try:
                 _low, high = consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, part), cached=True
+                    TopicPartition(self.topic, part), timeout=2, cached=not fresh
                 )
             except KafkaException:
                 continue

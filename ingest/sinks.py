@@ -14,7 +14,8 @@ import pyarrow as pa
 from confluent_kafka import Consumer
 
 from ingest.deadletter import Publisher, record
-from ingest.decode import Decoded
+from ingest.decode import Decoded, Decoder
+from ingest.kafka import read_ranges
 from search import Doc, SearchIndex
 from storage import OffsetRange, OlapStore
 from tally.settings import Settings
@@ -69,6 +70,7 @@ class OlapSink:
 
     def __init__(self, settings: Settings, spec: DatasourceSpec, store: OlapStore) -> None:
         self.linger_s = settings.ingest.batch_max_wait_s
+        self.settings = settings
         self.spec = spec
         self.store = store
         # An engine that commits offsets with the rows resumes from them (Kafka's are
@@ -84,7 +86,30 @@ class OlapSink:
     def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         self._owned.update(partitions)
         self.publisher.taken_over()
+        if self.store.capabilities.resumable_commits:
+            self._finish_pending(partitions)
         return self.resume_positions(partitions)
+
+    def _finish_pending(self, partitions: list[TP]) -> None:
+        """A batch whose loads were interrupted (a crash between them) is committed
+        again with exactly its ranges, read back from the topic, before these
+        partitions take new batches: the store's labels refuse what it had loaded
+        and load the rest. Whole batches: one touching a partition another member
+        owns is finished here too, which the labels make harmless if both do."""
+        mine = set(partitions)
+        for ranges in self.store.pending_batches(self.spec.name):
+            if not mine & set(ranges):
+                continue
+            log.warning(
+                "%s: finishing a batch interrupted mid-load (%s)",
+                self.spec.name,
+                ", ".join(f"{t}[{p}] {r.start}..{r.end}" for (t, p), r in sorted(ranges.items())),
+            )
+            messages = read_ranges(
+                self.settings, {tp: (r.start, r.end) for tp, r in ranges.items()}
+            )
+            decoded = Decoder(self.spec).decode(messages)
+            self.write(decoded, ranges)
 
     def resume_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
         stored = self.store.stored_offsets(self.spec.name)

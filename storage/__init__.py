@@ -30,7 +30,11 @@ from tally.errors import ConfigError
 from tally.settings import Settings
 from tally.specs import SpecRegistry
 
-BACKENDS = {"embedded": "storage.embedded", "druid": "storage.druid"}
+BACKENDS = {
+    "embedded": "storage.embedded",
+    "druid": "storage.druid",
+    "starrocks": "storage.starrocks",
+}
 
 
 def backend(name: str) -> Backend:

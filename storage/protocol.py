@@ -52,6 +52,11 @@ class Capabilities:
     # commit produces them to the dead-letter topic in its own transaction, and
     # ``outbox.pending`` is always empty.
     dead_letter_outbox: bool = True
+    # A commit is a sequence of labelled, idempotent loads (StarRocks): one that was
+    # interrupted is recorded (``store.pending_batches``) and must be committed again
+    # with exactly its ranges before those partitions take new batches; the OLAP sink
+    # re-reads those offsets from the topic when it takes the partitions over.
+    resumable_commits: bool = False
     # ``store.repair`` can overwrite a stored key whatever its version (``tally verify
     # --repair``); without it the engine's stored rows cannot be rewritten by key.
     repair: bool = True
@@ -248,6 +253,11 @@ class OlapStore(Protocol):
         ...
 
     def stored_offsets(self, datasource: str) -> dict[TopicPartition, int]: ...
+
+    def pending_batches(self, datasource: str) -> list[dict[TopicPartition, OffsetRange]]:
+        """Batches a crash interrupted mid-commit (``capabilities.resumable_commits``;
+        always empty elsewhere): commit each again with exactly these ranges."""
+        ...
 
     def datasource_names(self, datasource: str | None = None) -> list[str]:
         """Stored datasources: ``datasource`` (a base: with its rollups), or all."""

@@ -169,12 +169,14 @@ def _register_subcommands() -> None:
     from query_api.cli import register as register_api
     from rollups.cli import rollups_app
     from storage.druid.cli import druid_app
+    from storage.starrocks.cli import starrocks_app
 
     app.add_typer(broker_app, name="broker")
     app.add_typer(rollups_app, name="rollups")
     app.add_typer(compaction_app, name="compaction")
     app.add_typer(engines_app, name="engines")
     app.add_typer(druid_app, name="druid")
+    app.add_typer(starrocks_app, name="starrocks")
     app.command("verify")(verify_command)
     register_ingest(app)
     register_producers(app)

@@ -188,6 +188,35 @@ class DruidSettings(BaseModel):
     )
 
 
+class StarRocksSettings(BaseModel):
+    """Where StarRocks answers (``store.backend = "starrocks"``): SQL over the MySQL
+    protocol on the FE, Stream Load over HTTP (the FE redirects it to a BE)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field("127.0.0.1", description="a frontend (FE) host")
+    query_port: int = Field(9030, ge=1, le=65535, description="the FE's MySQL-protocol port")
+    http_url: str | None = Field(
+        None, description="the FE's HTTP address for Stream Load (default: http://host:8030)"
+    )
+    user: str = "root"
+    password: SecretStr | None = None
+    database: str = Field("tally", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    request_timeout_s: float = Field(30.0, gt=0, description="one SQL statement or load at most")
+    buckets: int = Field(8, ge=1, description="hash buckets per partition (DISTRIBUTED BY)")
+    replication_num: int = Field(1, ge=1, description="replicas of each tablet (3 in production)")
+    label_keep_s: float = Field(
+        259_200.0,
+        gt=0,
+        description="how long StarRocks keeps a load's label (its label_keep_max_second): "
+        "a batch left half-loaded for longer is recovered by rebuilding, not by labels",
+    )
+
+    @property
+    def stream_load_url(self) -> str:
+        return (self.http_url or f"http://{self.host}:8030").rstrip("/")
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="TALLY_", env_nested_delimiter="__", frozen=True, extra="forbid"
@@ -209,6 +238,7 @@ class Settings(BaseSettings):
     compaction: CompactionSettings = CompactionSettings()
     api: ApiSettings = ApiSettings()
     druid: DruidSettings = DruidSettings()
+    starrocks: StarRocksSettings = StarRocksSettings()
 
     def topic(self, name: str) -> str:
         return f"{self.topic_namespace}{name}"

@@ -20,6 +20,8 @@ from tally.settings import IngestSettings, Settings, StoreSettings
 from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
 from tests.brokers import NAMES, Broker, KafkaBroker, missing_tools, start
 from tests.druid import Druid, start_druid
+from tests.storage.starrocks.target import Target
+from tests.storage.starrocks.target import start as start_starrocks
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -38,6 +40,25 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     ]
     if wanted and missing_tools() is None:
         threading.Thread(target=_resolve, args=(wanted,), name="maven", daemon=True).start()
+
+
+# Fixtures that start a heavy service once per session, and the group their tests are
+# kept in under pytest-xdist (``--dist loadgroup``): one worker starts it, the other
+# never does. (Kafka and the development broker are light enough to run per worker.)
+_HEAVY = {"druid": "druid", "live": "pages"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test of an engine that is costly to start (Druid: a JVM per service and
+    ~45 s) runs on the one worker that starts it: tests taking its fixture, those
+    parametrized on it, and the engine's own tests (which start their own)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        group = next((g for name, g in _HEAVY.items() if name in fixtures), None)
+        if group is None and "druid" in item.nodeid.lower():
+            group = "druid"
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 def _resolve(names: list[str]) -> None:
@@ -163,6 +184,16 @@ def topics(kafka_settings: Settings, registry: SpecRegistry) -> Settings:
 
 
 # --- Apache Druid: started once per session, for every test that needs a real one ---------
+
+
+@pytest.fixture(scope="session")
+def starrocks() -> Iterator[Target]:
+    """StarRocks for the session: a real one where TALLY_TEST_STARROCKS names it,
+    else the local stand-in (no StarRocks can run on this machine)."""
+    target = start_starrocks()
+    yield target
+    if target.standin is not None:
+        target.standin.stop()
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ ALLOWED = {
     "storage": {"tally"},
     "storage.embedded": {"storage", "tally"},
     "storage.druid": {"storage", "tally"},
+    "storage.starrocks": {"storage", "tally"},
     "search": {"tally"},
     "rollups": {"storage", "tally"},
     "ingest": {"storage", "search", "tally"},

@@ -252,6 +252,9 @@ class DruidStore:
 
     # --- what the watcher and operators use ------------------------------------------
 
+    def pending_batches(self, datasource: str) -> list[dict[TP, OffsetRange]]:
+        return []  # a commit is one transaction: never left half-done
+
     @property
     def compactor(self) -> DruidCompactor:
         """The watcher's (made on first use: it needs the broker's, the overlord's and

@@ -18,24 +18,37 @@ __all__ = ["env_for", "free_port", "start_ingest"]
 
 
 def env_for(settings: Settings) -> dict[str, str]:
-    return {
-        **os.environ,
-        "TALLY_DATA_DIR": str(settings.data_dir),
-        "TALLY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "TALLY_TOPIC_NAMESPACE": settings.topic_namespace,
-        "TALLY_INGEST__BATCH_MAX_WAIT_S": str(settings.ingest.batch_max_wait_s),
-        "TALLY_INGEST__SEARCH_REFRESH_S": str(settings.ingest.search_refresh_s),
-        "TALLY_INGEST__BATCH_MAX_ROWS": str(settings.ingest.batch_max_rows),
-        "TALLY_INGEST__SESSION_TIMEOUT_MS": str(settings.ingest.session_timeout_ms),
-        "TALLY_INGEST__TRANSACTION_TIMEOUT_S": str(settings.ingest.transaction_timeout_s),
-        "TALLY_STORE__BACKEND": settings.store.backend,
-        "TALLY_STORE__GC_GRACE_S": "0",
-        "TALLY_STORE__BUSY_TIMEOUT_S": str(settings.store.busy_timeout_s),
-    } | {
-        f"TALLY_DRUID__{name.upper()}": url
-        for name in ("broker_url", "overlord_url", "coordinator_url")
-        if (url := getattr(settings.druid, name)) is not None
-    }
+    return (
+        {
+            **os.environ,
+            "TALLY_DATA_DIR": str(settings.data_dir),
+            "TALLY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+            "TALLY_TOPIC_NAMESPACE": settings.topic_namespace,
+            "TALLY_INGEST__BATCH_MAX_WAIT_S": str(settings.ingest.batch_max_wait_s),
+            "TALLY_INGEST__SEARCH_REFRESH_S": str(settings.ingest.search_refresh_s),
+            "TALLY_INGEST__BATCH_MAX_ROWS": str(settings.ingest.batch_max_rows),
+            "TALLY_INGEST__SESSION_TIMEOUT_MS": str(settings.ingest.session_timeout_ms),
+            "TALLY_INGEST__TRANSACTION_TIMEOUT_S": str(settings.ingest.transaction_timeout_s),
+            "TALLY_STORE__BACKEND": settings.store.backend,
+            "TALLY_STORE__GC_GRACE_S": "0",
+            "TALLY_STORE__BUSY_TIMEOUT_S": str(settings.store.busy_timeout_s),
+        }
+        | {
+            f"TALLY_DRUID__{name.upper()}": url
+            for name in ("broker_url", "overlord_url", "coordinator_url")
+            if (url := getattr(settings.druid, name)) is not None
+        }
+        | {
+            f"TALLY_STARROCKS__{name.upper()}": str(value)
+            for name, value in settings.starrocks.model_dump().items()
+            if value is not None and name != "password"
+        }
+        | (
+            {"TALLY_STARROCKS__PASSWORD": settings.starrocks.password.get_secret_value()}
+            if settings.starrocks.password is not None
+            else {}
+        )
+    )
 
 
 _STARTED: list[subprocess.Popen[bytes]] = []

@@ -90,6 +90,11 @@ def test_ingest_serves_prometheus_metrics_while_it_works(topics: Settings, tmp_p
                 and value(samples, "tally_ingest_committed_total", **olap) == len(wires)
                 and value(samples, "tally_ingest_committed_total", **search) == len(wires)
                 and value(samples, "tally_ingest_dead_lettered_total", **olap) == malformed
+                # each partition's lag gauge, set by the loop after the batch it follows
+                and all(
+                    len(_lags(samples, s["sink"])) == settings.ingest.partitions
+                    for s in (olap, search)
+                )
             ):
                 break
             assert time.monotonic() < deadline, f"metrics never got there: {samples}"

@@ -38,6 +38,7 @@ def assert_exact(
             stored = {
                 tuple(normalise(v) for v in r[: len(keys)]): tuple(r[len(keys) :])
                 for r in reader.query(f"SELECT {', '.join(keys + metrics)} FROM {rollup.name}").rows
+                if any(r[len(keys) :])  # a group netting to zero (StarRocks keeps its row)
             }
             reference = {
                 tuple(normalise(v) for v in k): v

@@ -7,6 +7,11 @@ A new backend adds itself to ``BACKENDS`` below (with a fixture that starts its
 engine) and must pass the whole suite unchanged; what it cannot pass is a capability
 it declares, and the test skips or branches on that capability, never on its name.
 
+StarRocks runs on the session's stand-in (tests/storage/starrocks/standin.py), or on a
+real StarRocks where ``TALLY_TEST_STARROCKS`` names one; on the stand-in these tests
+do not prove StarRocks' own SQL semantics or planner (DuckDB runs the transpiled
+statements), its tablet versions, compaction, replication or publish protocol.
+
 Druid runs on the session's real Kafka and Druid (requested only by its param, so the
 embedded param needs no Java): each test has its own topic namespace, datasource and
 supervisor, terminated at teardown. Its commits become readable once the supervisor
@@ -36,7 +41,7 @@ from tally.settings import Settings, StoreSettings
 from tally.specs import SpecRegistry
 from tests.factories import T0, latest_by_key, payment, reference_rollup
 
-BACKENDS = ["embedded", "druid"]
+BACKENDS = ["embedded", "druid", "starrocks"]
 VISIBLE_WITHIN_S = 180.0  # a first commit waits for the supervisor's first task
 
 
@@ -115,6 +120,8 @@ def backend(
     with contextlib.ExitStack() as stack:
         if request.param == "druid":  # the fixtures that start Kafka and Druid, for it alone
             settings = stack.enter_context(_druid_settings(request, data_dir))
+        elif request.param == "starrocks":  # the stand-in, or TALLY_TEST_STARROCKS
+            settings = request.getfixturevalue("starrocks").settings(data_dir, registry)
         else:
             settings = Settings(
                 data_dir=data_dir,

@@ -1,8 +1,8 @@
 """A plain install runs: the wheel, installed into a fresh venv without extras, runs
 ``tally --help`` and ``tally demo --format json`` to its ready line.
 
-Every runtime import must be a declared runtime dependency; the dev tools (httpx,
-pytest, hypothesis, ...) are not there. An undeclared import fails this test.
+Every runtime import must be a declared runtime dependency; the dev tools (pytest,
+hypothesis, mysql-mimic, ...) are not there. An undeclared import fails this test.
 
 Built and installed with uv (a dev dependency): the same wheel and the same resolution
 from PyPI as pip's, in seconds instead of most of a minute.
@@ -24,7 +24,7 @@ from tests.ingest.conftest import free_port
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-DEV_ONLY = ("httpx", "pytest", "hypothesis", "schemathesis", "osmem_server")
+DEV_ONLY = ("mysql_mimic", "pytest", "hypothesis", "schemathesis", "osmem_server")
 
 
 def _run(args: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
