@@ -550,7 +550,30 @@ class StarRocksStore:
         return sorted(out, key=lambda s: (s.datasource, s.partition))
 
     def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]:
-        return []  # no Tally-managed files: StarRocks owns its storage
+        """StarRocks owns its files; what the compaction policy needs of "segments" is
+        the versions a partition gained since it was last compacted: one per load (a
+        Stream Load adds one version to each tablet it writes), the last write's time
+        on each but the first, which stands for what the last compaction left."""
+        out: list[SegmentInfo] = []
+        for st in self.partition_stats(datasource):
+            if st.segments <= 0 or st.last_write_at is None:
+                continue
+            first = st.last_compacted_at or st.last_write_at
+            for i in range(st.segments + (1 if st.last_compacted_at else 0)):
+                at = first if i == 0 else st.last_write_at
+                out.append(
+                    SegmentInfo(
+                        id=i,
+                        datasource=st.datasource,
+                        partition=st.partition,
+                        path="",
+                        rows=st.rows // max(st.segments, 1),
+                        bytes=0,
+                        seq=i,
+                        created_at=at.timestamp(),
+                    )
+                )
+        return out
 
     def partition_range(self, datasource: str, partition: str) -> tuple[datetime, datetime]:
         spec, rollup = self.registry.owner(datasource)

@@ -31,7 +31,12 @@ REPO = Path(__file__).resolve().parents[2]
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
 DRUID_OVERRIDE = DOCKER / "compose.druid.yaml"
-ONE_SHOTS = {"topics", "druid-apply"}  # run to completion at each `up`, never restarted
+STARROCKS_OVERRIDE = DOCKER / "compose.starrocks.yaml"
+ONE_SHOTS = {
+    "topics",
+    "druid-apply",
+    "starrocks-apply",
+}  # run to completion at each `up`, never restarted
 
 Service = dict[str, Any]
 
@@ -429,4 +434,42 @@ def druid_problems(compose: dict[str, Any]) -> list[str]:
     waits = apply.get("depends_on") or {}
     if (waits.get(roles.get("coordinator", "")) or {}).get("condition") != "service_healthy":
         problems.append("druid-apply: does not wait for the overlord to be healthy")
+    return problems
+
+
+def starrocks_problems(compose: dict[str, Any]) -> list[str]:
+    """compose.yaml with compose.starrocks.yaml applied: one StarRocks, its query and
+    HTTP ports, every Tally process pointed at it, the tables created before the
+    processes that use them start."""
+    services = compose.get("services", {})
+    problems = []
+    found = [n for n, s in services.items() if str(s.get("image", "")).startswith("starrocks/")]
+    if len(found) != 1:
+        return [f"expected one StarRocks service, found {found}"]
+    (name,) = found
+    ports = {str(p).split(":")[-1] for p in services[name].get("ports", [])}
+    for port in ("9030", "8030", "8040"):
+        if port not in ports:
+            problems.append(f"{name}: port {port} is not published")
+    if not services[name].get("healthcheck"):
+        problems.append(f"{name}: no healthcheck")
+    for tally, service in tally_services(compose).items():
+        env = environment(service)
+        if env.get("TALLY_STORE__BACKEND") != "starrocks":
+            problems.append(f"{tally}: TALLY_STORE__BACKEND is not starrocks")
+        if env.get("TALLY_STARROCKS__HOST") != name:
+            problems.append(f"{tally}: TALLY_STARROCKS__HOST is not the {name} service")
+        if _host(env.get("TALLY_STARROCKS__HTTP_URL", "")) != name:
+            problems.append(f"{tally}: TALLY_STARROCKS__HTTP_URL is not the {name} service")
+    apply = services.get("starrocks-apply", {})
+    if (apply.get("command") or [])[:2] != ["starrocks", "apply"]:
+        problems.append("starrocks-apply: does not run `tally starrocks apply`")
+    if ((apply.get("depends_on") or {}).get(name) or {}).get("condition") != "service_healthy":
+        problems.append("starrocks-apply: does not wait for StarRocks to be healthy")
+    for user in ("ingest-olap", "watcher", "api"):
+        waits = services.get(user, {}).get("depends_on") or {}
+        if (waits.get("starrocks-apply") or {}).get(
+            "condition"
+        ) != "service_completed_successfully":
+            problems.append(f"{user}: starts before starrocks-apply has created the tables")
     return problems

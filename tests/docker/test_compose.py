@@ -12,6 +12,7 @@ import pytest
 
 from tests.docker.checks import (
     DRUID_OVERRIDE,
+    STARROCKS_OVERRIDE,
     command_problems,
     compose_problems,
     dockerfile_problems,
@@ -23,6 +24,7 @@ from tests.docker.checks import (
     merged,
     parse_problem,
     settings_problem,
+    starrocks_problems,
     tally_services,
     unknown_settings,
 )
@@ -211,3 +213,43 @@ def test_the_override_merges_as_compose_does() -> None:
     assert merged(base, over) == {
         "services": {"a": {"command": ["y"], "environment": {"K": "3", "L": "2"}}}
     }
+
+
+# --- on StarRocks: compose.yaml with compose.starrocks.yaml applied -------------------
+
+ON_STARROCKS = merged(COMPOSE, load_compose(STARROCKS_OVERRIDE))
+TALLY_ON_STARROCKS = tally_services(ON_STARROCKS)
+
+
+def test_the_starrocks_override_fits_and_points_every_tally_process_at_it() -> None:
+    assert set(TALLY_ON_STARROCKS) == {*TALLY, "starrocks-apply"}
+    assert compose_problems(ON_STARROCKS) == []
+    assert starrocks_problems(ON_STARROCKS) == []
+
+
+@pytest.mark.parametrize("name", sorted(TALLY_ON_STARROCKS))
+def test_on_starrocks_each_command_and_its_settings_are_accepted(
+    name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = TALLY_ON_STARROCKS[name]
+    env = environment(service)
+    assert command_problems(service["command"], env, tmp_path) == []
+    assert unknown_settings(env) == []
+    assert settings_problem(env, monkeypatch, tmp_path) is None
+
+
+def test_starrocks_checks_bite() -> None:
+    def broken(change: Any) -> list[str]:
+        compose = copy.deepcopy(ON_STARROCKS)
+        change(compose["services"])
+        return starrocks_problems(compose)
+
+    assert "watcher: TALLY_STORE__BACKEND is not starrocks" in broken(
+        lambda s: s["watcher"]["environment"].__setitem__("TALLY_STORE__BACKEND", "embedded")
+    )
+    assert "api: starts before starrocks-apply has created the tables" in broken(
+        lambda s: s["api"].__setitem__("depends_on", {})
+    )
+    assert "starrocks: port 8040 is not published" in broken(
+        lambda s: s["starrocks"].__setitem__("ports", ["9030:9030", "8030:8030"])
+    )
