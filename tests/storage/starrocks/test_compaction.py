@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from storage.protocol import OffsetRange
 from storage.starrocks.store import StarRocksStore
@@ -23,7 +24,7 @@ from tests.storage.starrocks.standin import StandIn
 TOPIC = "payments.v1"
 
 
-def _tally(settings: Settings, *args: str) -> dict:  # type: ignore[type-arg]
+def _tally(settings: Settings, *args: str) -> dict[str, Any]:
     done = subprocess.run(
         [sys.executable, "-m", "tally", *args, "--format", "json"],
         capture_output=True,
@@ -32,7 +33,8 @@ def _tally(settings: Settings, *args: str) -> dict:  # type: ignore[type-arg]
         timeout=120,
     )
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
+    out: dict[str, Any] = json.loads(done.stdout)
+    return out
 
 
 def test_late_partitions_are_due_and_running_compacts_them(
