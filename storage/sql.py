@@ -56,3 +56,20 @@ def summed(relation: exp.Expression, keys: Sequence[str], metrics: Sequence[str]
         .from_(subquery(relation, "r"))
         .group_by(*(exp.Literal.number(i + 1) for i in range(len(keys))))
     )
+
+
+def group_by_all_as_positions(node: exp.Expr) -> exp.Expr:
+    """``GROUP BY ALL`` (DuckDB's, Snowflake's) as the positions of the projections
+    that aggregate nothing, for engines whose parser has no ``ALL`` there (a sqlglot
+    ``transforms.preprocess`` step of a dialect's ``Select``)."""
+    group = node.args.get("group") if isinstance(node, exp.Select) else None
+    if group is None or not group.args.get("all"):
+        return node
+    positions = [
+        exp.Literal.number(i + 1)
+        for i, projection in enumerate(node.expressions)
+        if not projection.find(exp.AggFunc)
+    ]
+    node = node.copy()
+    node.set("group", exp.Group(expressions=positions) if positions else None)
+    return node

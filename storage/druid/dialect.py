@@ -20,6 +20,8 @@ from sqlglot import exp, transforms
 from sqlglot.dialects.druid import Druid
 from sqlglot.generators.druid import DruidGenerator
 
+from storage.sql import group_by_all_as_positions
+
 NAME = "tallydruid"
 _PERIODS = {"HOUR": "PT1H", "DAY": "P1D", "WEEK": "P1W", "MONTH": "P1M", "YEAR": "P1Y"}
 _TIME_TYPES = {exp.DType.TIMESTAMPTZ, exp.DType.TIMESTAMP, exp.DType.TIMESTAMPLTZ}
@@ -67,22 +69,6 @@ def _strpos(gen: DruidGenerator, node: exp.StrPosition) -> str:
     return f"STRPOS({gen.sql(node.this)}, {gen.sql(node.args['substr'])})"
 
 
-def _group_by_all(node: exp.Expr) -> exp.Expr:
-    """``GROUP BY ALL`` (DuckDB's, Snowflake's) as the positions of the projections
-    that aggregate nothing: Druid's parser has no ``ALL`` there."""
-    group = node.args.get("group") if isinstance(node, exp.Select) else None
-    if group is None or not group.args.get("all"):
-        return node
-    positions = [
-        exp.Literal.number(i + 1)
-        for i, projection in enumerate(node.expressions)
-        if not projection.find(exp.AggFunc)
-    ]
-    node = node.copy()
-    node.set("group", exp.Group(expressions=positions) if positions else None)
-    return node
-
-
 class TallyDruidGenerator(DruidGenerator):
     """Quotes every identifier: Druid's parser reserves words the trees use as names
     (a metric named ``count`` aliased ``AS count`` is a syntax error there). Druid
@@ -101,7 +87,7 @@ class TallyDruidGenerator(DruidGenerator):
         exp.TimestampTrunc: _trunc,
         exp.AtTimeZone: _at_time_zone,
         exp.StrPosition: _strpos,
-        exp.Select: transforms.preprocess([_group_by_all]),
+        exp.Select: transforms.preprocess([group_by_all_as_positions]),
     }
     TYPE_MAPPING = {**DruidGenerator.TYPE_MAPPING, exp.DType.TIMESTAMPTZ: "TIMESTAMP"}
 

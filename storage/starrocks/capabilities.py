@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from storage.protocol import Capabilities
+from storage.starrocks import dialect
 
 CAPABILITIES = Capabilities(
     name="starrocks",
-    sql_dialect="starrocks",
+    # sqlglot's "starrocks", completed for the zoned trees Tally builds
+    # (storage.starrocks.dialect).
+    sql_dialect=dialect.NAME,
     # Offsets live in StarRocks (``tally_offsets``), loaded after the rows they cover
     # with labels derived from the batch, and fenced by their starts: the OLAP sink
     # resumes from them. No transaction spans the tables; an interrupted batch is

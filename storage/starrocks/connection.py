@@ -16,6 +16,8 @@ from typing import Any
 import pyarrow as pa
 import pymysql
 import pymysql.cursors
+import sqlglot
+from sqlglot import exp
 
 from tally.errors import QueryError, StoreError, StoreUnavailable, TallyError
 from tally.settings import StarRocksSettings
@@ -62,10 +64,10 @@ class Connection:
     ) -> tuple[list[str], list[tuple[Any, ...]]]:
         """Run one statement; its column names and rows (naive datetimes as UTC)."""
         conn = self._conn()
-        args = [_param(p) for p in params] if params else None
+        text = bind(sql, params) if params else sql
         try:
             with conn.cursor() as cur:
-                cur.execute(sql, args)
+                cur.execute(text)
                 names = [d[0] for d in cur.description or ()]
                 rows = [tuple(_value(v) for v in row) for row in cur.fetchall()]
         except pymysql.MySQLError as exc:
@@ -98,12 +100,42 @@ def _translate(exc: pymysql.MySQLError, what: str) -> TallyError:
     return StoreError(f"{what}: {text}")
 
 
-def _param(value: Any) -> Any:
+def bind(sql: str, params: Sequence[Any]) -> str:
+    """``?`` placeholders (what Tally's trees render) bound as literals in the tree,
+    quoted by sqlglot: pymysql's own binding wants ``%s`` and would read a ``%`` in
+    the statement as one."""
+    values = iter(params)
+
+    def literal(node: exp.Expr) -> exp.Expr:
+        if not isinstance(node, exp.Placeholder):
+            return node
+        try:
+            return _literal(next(values))
+        except StopIteration:
+            raise QueryError("more placeholders than parameters") from None
+
+    tree = sqlglot.parse_one(sql, read="starrocks").transform(literal)
+    if next(values, _END) is not _END:
+        raise QueryError("more parameters than placeholders")
+    return tree.sql("starrocks")
+
+
+_END = object()
+
+
+def _literal(value: Any) -> exp.Expr:
+    if value is None:
+        return exp.null()
+    if isinstance(value, bool):
+        return exp.true() if value else exp.false()
+    if isinstance(value, int | float):
+        return exp.Literal.number(value)
     if isinstance(value, datetime):
         if value.tzinfo is None:
             raise QueryError("a time sent to StarRocks must be timezone-aware")
-        return value.astimezone(UTC).replace(tzinfo=None)
-    return value
+        text = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
+        return exp.cast(exp.Literal.string(text), "DATETIME")
+    return exp.Literal.string(str(value))
 
 
 def _value(value: Any) -> Any:
