@@ -42,6 +42,7 @@ _TRANSIENT = re.compile(
     r"rpc failed|connection refused|try again",
     re.IGNORECASE,
 )
+_PRESSURE = re.compile(r"too many (tablet )?versions", re.IGNORECASE)
 _VISIBLE_WAIT_S = 0.2
 
 
@@ -137,6 +138,11 @@ class StreamLoader:
             reasons = self._error_rows(str(reply["ErrorURL"]))
             raise RowsRejected(
                 f"{table}: StarRocks filtered {filtered} row(s): {message}", filtered, reasons
+            )
+        if _PRESSURE.search(message):
+            message += (
+                " (version pressure: StarRocks' compaction is behind the loads;"
+                " `tally compaction status` shows the partitions due)"
             )
         cls = classify_failure(message)
         raise cls(f"{table}: stream load {label} failed: {message}")

@@ -156,8 +156,8 @@ class StandIn:
         self.kills.append([table, nth, pid])
 
     def fail_next(self, table: str, *kinds: str) -> None:
-        """The next loads of ``table`` answer, in turn: ``publish_timeout`` or
-        ``transient``."""
+        """The next loads of ``table`` answer, in turn: ``publish_timeout``,
+        ``transient`` (a timeout) or ``too_many_versions``."""
         self.faults.setdefault(table, []).extend(kinds)
 
     # --- SQL -------------------------------------------------------------------------
@@ -256,6 +256,14 @@ class StandIn:
                 return reply | {"Status": "Fail", "Message": f"unknown table, tableName={table}"}
             queued = self.faults.get(table)
             fault = queued.pop(0) if queued else None
+            if fault == "too_many_versions":
+                return reply | {
+                    "TxnId": next(self._txn),
+                    "Status": "Fail",
+                    "Message": (
+                        "Too many versions. tablet_id: 10086, version_count: 1001, limit: 1000"
+                    ),
+                }
             if fault == "transient":
                 return reply | {
                     "TxnId": next(self._txn),

@@ -135,7 +135,9 @@ def test_batches_with_duplicates_out_of_order_versions_and_late_cancellations_ar
     sr_settings: Settings, registry: SpecRegistry
 ) -> None:
     """Every key holds its latest (version, event_id), each rollup the aggregate of
-    those, each dead letter once; the offsets are the last batch's end."""
+    those, each dead letter once; the offsets are the last batch's end. Not proven on
+    the stand-in: StarRocks' own merge_condition and SUM (the stand-in follows their
+    documentation)."""
     events = _events()
     batches = _batches(events)
     store = StarRocksStore(sr_settings, registry)
@@ -154,7 +156,9 @@ def test_a_crash_before_any_load_of_a_batch_is_finished_by_committing_it_again(
 ) -> None:
     """The third batch dies before its load ``point``; a new writer finds it pending,
     refuses a batch that cuts across it, commits it again with its ranges, and goes
-    on: nothing doubled (the rollups are the reference), nothing lost."""
+    on: nothing doubled (the rollups are the reference), nothing lost. Not proven on
+    the stand-in: a load StarRocks applied whose answer was lost (it is the same case
+    for the labels, but the stand-in never loses an answer)."""
     events = _events(900, seed=7)
     batches = _batches(events)
     store = StarRocksStore(sr_settings, registry)
@@ -186,7 +190,9 @@ def test_a_batch_left_pending_beyond_the_label_window_is_recovered_by_rebuilding
 ) -> None:
     """A batch died after its first rollup's deltas, and stayed pending longer than
     StarRocks keeps labels: its labels cannot be trusted, so it is committed without
-    deltas and its partitions' rollups are rebuilt from the base table — exact."""
+    deltas and its partitions' rollups are rebuilt from the base table — exact. Not
+    proven on the stand-in: StarRocks' expiry of labels (the window is crossed by
+    the commit's clock, and the stand-in still knows the labels)."""
     events = _events(600, seed=9)
     batches = _batches(events)
     store = StarRocksStore(sr_settings, registry)
@@ -228,7 +234,8 @@ def test_a_key_longer_than_starrocks_keys_hold_is_dead_lettered_before_any_load(
     sr_settings: Settings, registry: SpecRegistry
 ) -> None:
     """A merchant id (tenant, and a rollup dimension) longer than 128 bytes: refused
-    by Tally with the column named, before its deltas are planned."""
+    by Tally with the column named, before its deltas are planned. Not proven on the
+    stand-in: StarRocks' own limit (its documented 128 bytes is assumed)."""
     events = _events(200, seed=5)
     bad = dict(events[0], txn_id="txn_long", merchant_id="m" * 200, event_id="evt_long")
     store = StarRocksStore(sr_settings, registry)
@@ -244,7 +251,8 @@ def test_publish_timeouts_and_transient_fails_mid_batch_are_retried_to_the_same_
     sr_settings: Settings, registry: SpecRegistry, standin: StandIn
 ) -> None:
     """A rollup load fails transiently (the runner retries the batch: the same call
-    again) and the base load is a Publish Timeout (waited out, not loaded again)."""
+    again) and the base load is a Publish Timeout (waited out, not loaded again).
+    Not proven on the stand-in: StarRocks' publish timing (scripted here)."""
     events = _events(600, seed=11)
     batches = _batches(events)
     store = StarRocksStore(sr_settings, registry)

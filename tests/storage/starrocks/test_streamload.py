@@ -106,6 +106,17 @@ def test_a_transient_fail_frees_the_label_for_the_retry(
     assert _counts(sr_settings) == {"m1": 1}
 
 
+def test_too_many_versions_is_retried_and_names_the_compaction_pressure(
+    sr_settings: Settings, standin: StandIn
+) -> None:
+    """StarRocks refuses loads while a tablet has too many unmerged versions: a
+    transient failure, reported as compaction pressure. Not proven here: when
+    StarRocks reaches that limit (the stand-in scripts it)."""
+    standin.fail_next(HOURLY, "too_many_versions")
+    with pytest.raises(StoreUnavailable, match="version pressure"):
+        StreamLoader(sr_settings.starrocks).load(HOURLY, [_delta(1)], "l-versions")
+
+
 def test_filtered_rows_fail_the_load_with_the_error_urls_reasons(
     sr_settings: Settings, standin: StandIn
 ) -> None:
