@@ -7,6 +7,7 @@ test through the broker and ``tally ingest`` lives in test_e2e.py.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import subprocess
@@ -120,6 +121,23 @@ def api(tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry) -> Ite
         store.commit("payments", events[i : i + 150])
     store.close()
     index_docs(settings, spec, events)
+    env = {
+        "TALLY_DATA_DIR": str(data_dir),
+        "TALLY_API__SQL_TIMEOUT_S": "1",
+        # The limiter runs but never trips: hypothesis and schemathesis send bursts.
+        # test_rate_limit.py starts a server with a low limit.
+        "TALLY_API__RATE_LIMIT": "1000000/second",
+    }
+    with serving(settings, spec, events, env) as running:
+        yield running
+
+
+@contextlib.contextmanager
+def serving(
+    settings: Settings, spec: DatasourceSpec, events: list[dict[str, Any]], env: dict[str, str]
+) -> Iterator[Api]:
+    """`tally serve` (two workers) over what ``settings`` hold, a key per merchant and
+    an admin key issued, with ``env`` on top of the process's environment."""
     keys = KeyStore(settings.keys_path)
     issued = {m: keys.create(m)[1] for m in MERCHANTS}
     issued["admin"] = keys.create(None, admin=True)[1]
@@ -127,14 +145,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry) -> Ite
     port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "2"],
-        env={
-            **os.environ,
-            "TALLY_DATA_DIR": str(data_dir),
-            "TALLY_API__SQL_TIMEOUT_S": "1",
-            # The limiter runs but never trips: hypothesis and schemathesis send bursts.
-            # test_rate_limit.py starts a server with a low limit.
-            "TALLY_API__RATE_LIMIT": "1000000/second",
-        },
+        env={**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )

@@ -10,19 +10,14 @@ function StarRocks evaluates differently (CONVERT_TZ across DST, say) is not cau
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from collections.abc import Iterator
 
 import pytest
 
-from query_api.keys import KeyStore
-from query_api.ready import wait_ready
 from storage.starrocks.store import StarRocksStore
 from tally.specs import SpecRegistry
-from tests.ingest.conftest import env_for, free_port
-from tests.query_api.conftest import MERCHANTS, Api, _history, index_docs
+from tests.ingest.conftest import env_for
+from tests.query_api.conftest import Api, _history, index_docs, serving
 from tests.query_api.test_routes import (  # noqa: F401 (collected here, on StarRocks)
     SEOUL_MIDNIGHT,
     test_a_cursor_belongs_to_its_query,
@@ -61,25 +56,6 @@ def api(
     store.close()
     events = first + second
     index_docs(settings, spec, events)
-    keys = KeyStore(settings.keys_path)
-    issued = {m: keys.create(m)[1] for m in MERCHANTS}
-    issued["admin"] = keys.create(None, admin=True)[1]
-    keys.close()
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "2"],
-        env={
-            **os.environ,
-            **env_for(settings),
-            "TALLY_API__RATE_LIMIT": "1000000/second",
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, server)
-        yield Api(url, issued, events, spec, settings)
-    finally:
-        server.terminate()
-        server.wait(30)
+    env = {**env_for(settings), "TALLY_API__RATE_LIMIT": "1000000/second"}
+    with serving(settings, spec, events, env) as running:
+        yield running
