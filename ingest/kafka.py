@@ -99,17 +99,11 @@ def unread(
     transactions; a position the log no longer holds resets to its beginning). A
     partition that does not answer within ``timeout_s`` raises BrokerUnavailable.
     """
-    consumer = Consumer(
-        base_config(settings)
-        | {
-            "group.id": f"{settings.topic_namespace}tally.end-probe",  # never joined
-            "enable.auto.commit": False,
-            "enable.auto.offset.store": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "earliest",
-            "isolation.level": "read_committed",
-            "fetch.wait.max.ms": 100,
-        }
+    consumer = _reader(
+        settings,
+        f"{settings.topic_namespace}tally.end-probe",
+        **_SCAN,
+        **{"auto.offset.reset": "earliest", "fetch.wait.max.ms": 100},
     )
     pending, found = set(positions), set()
     try:
@@ -137,6 +131,11 @@ def unread(
             f"probing the end of {topic}: partitions {sorted(pending)} did not answer"
         )
     return found
+
+
+# Reading assigned partitions as the sinks do (committed transactions only), told when
+# each reaches its end.
+_SCAN: dict[str, Any] = {"enable.partition.eof": True, "isolation.level": "read_committed"}
 
 
 def _past_the_end(
@@ -281,11 +280,13 @@ def ensure_like(
     return count
 
 
-def _reader(settings: Settings, group: str) -> Consumer:
-    """A consumer that never joins ``group`` nor commits: for reading positions."""
+def _reader(settings: Settings, group: str, **extra: Any) -> Consumer:
+    """A consumer that never joins ``group`` nor commits: for reading positions, or
+    (with ``_SCAN``) messages at assigned positions."""
     return Consumer(
         base_config(settings)
         | {"group.id": group, "enable.auto.commit": False, "enable.auto.offset.store": False}
+        | extra
     )
 
 
@@ -327,15 +328,11 @@ def read_ranges(
     wanted = {tp: rng for tp, rng in ranges.items() if rng[1] > rng[0]}
     if not wanted:
         return []
-    consumer = Consumer(
-        base_config(settings)
-        | {
-            "group.id": f"{settings.topic_namespace}tally.range-reader",  # never joined
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "auto.offset.reset": "error",
-            "isolation.level": "read_committed",
-        }
+    consumer = _reader(
+        settings,
+        f"{settings.topic_namespace}tally.range-reader",
+        **_SCAN,
+        **{"auto.offset.reset": "error"},
     )
     out: list[Message] = []
     try:
@@ -359,9 +356,8 @@ def read_ranges(
                 if tp in done or offset >= wanted[tp][1]:
                     done.add(tp)
                     continue
-                if offset >= wanted[tp][0]:
-                    _ts_type, ts = m.timestamp()
-                    out.append(Message(tp[0], tp[1], offset, m.key(), m.value(), ts))
+                _ts_type, ts = m.timestamp()  # assigned at the start: offset ≥ it
+                out.append(Message(tp[0], tp[1], offset, m.key(), m.value(), ts))
                 if offset + 1 >= wanted[tp][1]:
                     done.add(tp)
     except KafkaException as exc:

@@ -31,6 +31,7 @@ from sqlglot import exp
 
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, Rollup
+from tally.timeutil import Granularity, bucket_range
 
 PT = "_pt"  # partition start, wall clock in the spec's zone
 BUCKET = "bucket"
@@ -78,6 +79,17 @@ def base_table(settings: Settings, spec: DatasourceSpec) -> str:
 
 def rollup_table(settings: Settings, rollup: Rollup) -> str:
     return rollup.name
+
+
+def table_of(settings: Settings, spec: DatasourceSpec, rollup: Rollup | None) -> str:
+    """The table of a datasource (``rollup`` None) or of one of its rollups."""
+    return base_table(settings, spec) if rollup is None else rollup_table(settings, rollup)
+
+
+def partition_pt(spec: DatasourceSpec, granularity: Granularity, partition: str) -> str:
+    """The ``_pt`` value of a partition key (``2026-11-05``): its start, wall clock."""
+    start, _end = bucket_range(partition, granularity, spec.tz)
+    return wall(start, spec)
 
 
 def _properties(settings: Settings, **extra: str) -> str:

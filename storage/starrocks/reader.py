@@ -24,7 +24,7 @@ from storage.starrocks.connection import Connection
 from tally.errors import QueryError
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
-from tally.timeutil import bucket_key, bucket_range, floor
+from tally.timeutil import bucket_key, floor
 
 
 class StarRocksReader:
@@ -47,12 +47,7 @@ class StarRocksReader:
         return self.sql.arrow(sql, params)
 
     def _table(self, name: str) -> exp.Table:
-        spec, rollup = self.registry.owner(name)
-        table = (
-            ddl.base_table(self.settings, spec)
-            if rollup is None
-            else ddl.rollup_table(self.settings, rollup)
-        )
+        table = ddl.table_of(self.settings, *self.registry.owner(name))
         return exp.table_(table, db=self.settings.starrocks.database, quoted=True)
 
     def _pt_range(
@@ -134,8 +129,9 @@ class StarRocksReader:
         if tenant is not None:
             conditions.append(col(ds.tenant).eq(exp.Literal.string(tenant)))
         if partitions is not None:
-            starts = [bucket_range(p, ds.granularity, spec.tz)[0] for p in partitions]
-            walls = [exp.Literal.string(ddl.wall(s, spec)) for s in starts]
+            walls = [
+                exp.Literal.string(ddl.partition_pt(spec, ds.granularity, p)) for p in partitions
+            ]
             conditions.append(col(ddl.PT).isin(*walls) if walls else exp.false())
         return self.sql.arrow(query.where(exp.and_(*conditions)).sql("starrocks"))
 

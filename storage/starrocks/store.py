@@ -245,11 +245,12 @@ class StarRocksStore:
         if letters:
             self._load_letters(letters, f"{batch}-dl")
         latest = latest_in_batch(spec, table)
-        accepted, retracted, stale = self._plan(spec, latest)
-        rollup_rows = rounds = 0
+        accepted, replaced, stale = self._plan(spec, latest)
+        rollup_rows = (
+            self._load_deltas(spec, accepted, replaced, batch, sign=1) if trust_labels else 0
+        )
+        rounds = 0
         while True:
-            if trust_labels:
-                rollup_rows = self._load_deltas(spec, accepted, retracted, batch)
             try:
                 self.loader.load(
                     base,
@@ -260,11 +261,10 @@ class StarRocksStore:
                 break
             except RowsRejected as exc:
                 rounds += 1
-                accepted, retracted = self._reject(
-                    spec, accepted, exc, f"{batch}-x{rounds}", ranges
+                accepted, replaced = self._reject(
+                    spec, accepted, replaced, exc, f"{batch}-x{rounds}", ranges
                 )
-        partitions = _partitions(spec, accepted)
-        late = self._load_writes(spec, accepted, f"{batch}-w", now)
+        late, partitions = self._load_writes(spec, accepted, f"{batch}-w", now)
         if ranges:
             self._offsets_load(datasource, ranges, f"{batch}-o", pending=None, now=now)
         if not trust_labels:
@@ -290,26 +290,26 @@ class StarRocksStore:
 
     def _plan(
         self, spec: DatasourceSpec, latest: pa.Table
-    ) -> tuple[pa.Table, list[tuple[Any, ...]], int]:
-        """The batch's rows that beat what is stored, and the stored states they
-        replace (``spec.rollup_state_columns``, time in epoch microseconds)."""
+    ) -> tuple[pa.Table, dict[str, tuple[Any, ...]], int]:
+        """The batch's rows that beat what is stored, and by key the stored states
+        they replace (``spec.rollup_state_columns``, time in epoch microseconds)."""
         ds = spec.datasource
         if not latest.num_rows:
-            return latest, [], 0
+            return latest, {}, 0
         keys = latest.column(ds.key).to_pylist()
         stored = self._stored_states(spec, keys)
         versions = latest.column(ds.version).to_pylist()
         events = latest.column(ds.event_id).to_pylist()
         keep: list[bool] = []
-        retracted: list[tuple[Any, ...]] = []
+        replaced: dict[str, tuple[Any, ...]] = {}
         for key, version, event in zip(keys, versions, events, strict=True):
             have = stored.get(key)
             wins = have is None or (version, event) > (have[0], have[1])
             keep.append(wins)
             if wins and have is not None:
-                retracted.append(have[2:])
+                replaced[key] = have[2:]
         accepted = latest.filter(pa.array(keep))
-        return accepted, retracted, len(keep) - accepted.num_rows
+        return accepted, replaced, len(keep) - accepted.num_rows
 
     def _stored_states(
         self, spec: DatasourceSpec, keys: Sequence[str]
@@ -318,6 +318,7 @@ class StarRocksStore:
         cols = [ds.key, ds.version, ds.event_id, *spec.rollup_state_columns]
         table = self._ref(ddl.base_table(self.settings, spec))
         out: dict[str, tuple[Any, ...]] = {}
+        t = 2 + spec.rollup_state_columns.index(ds.time)  # in (version, event_id, *state)
         for i in range(0, len(keys), _IN_CHUNK):
             chunk = keys[i : i + _IN_CHUNK]
             query = (
@@ -329,36 +330,42 @@ class StarRocksStore:
             )
             _names, rows = self.sql.execute(query.sql("starrocks"))
             for row in rows:
-                state = list(row[1:])  # version, event_id, *state columns
-                t = 2 + spec.rollup_state_columns.index(ds.time)
+                state = list(row[1:])
                 state[t] = to_micros(state[t])
                 out[row[0]] = tuple(state)
         return out
-
-    def _deltas(
-        self, spec: DatasourceSpec, accepted: pa.Table, retracted: Sequence[tuple[Any, ...]]
-    ) -> dict[str, pa.Table]:
-        if not spec.rollups or (not accepted.num_rows and not retracted):
-            return {}
-        signed = signed_states(spec, accepted.select(list(spec.rollup_state_columns)), retracted)
-        return {r.name: signed_deltas(spec, r, signed) for r in spec.rollups}
 
     def _load_deltas(
         self,
         spec: DatasourceSpec,
         accepted: pa.Table,
-        retracted: Sequence[tuple[Any, ...]],
-        batch: str,
+        replaced: Mapping[str, tuple[Any, ...]],
+        label: str,
         *,
-        sign: int = 1,
+        sign: int,
     ) -> int:
+        """Each rollup's deltas of ``accepted`` over the states they ``replaced``,
+        times ``sign`` (−1 takes them back), one labelled load per rollup."""
+        if not spec.rollups or (not accepted.num_rows and not replaced):
+            return 0
+        columns = list(spec.rollup_state_columns)
+        signed = signed_states(spec, accepted.select(columns), list(replaced.values()))
         total = 0
         for i, rollup in enumerate(spec.rollups):
-            deltas = self._deltas(spec, accepted, retracted).get(rollup.name)
-            if deltas is None or not deltas.num_rows:
+            deltas = signed_deltas(spec, rollup, signed)
+            if not deltas.num_rows:
                 continue
-            rows = _delta_rows(spec, rollup, deltas, sign)
-            self.loader.load(ddl.rollup_table(self.settings, rollup), rows, f"{batch}-r{i}")
+            rows = [
+                _rollup_row(
+                    spec,
+                    rollup,
+                    r[BUCKET],
+                    [r[d] for d in rollup.dimensions],
+                    [sign * r[m.name] for m in spec.parsed_metrics],
+                )
+                for r in deltas.to_pylist()
+            ]
+            self.loader.load(ddl.rollup_table(self.settings, rollup), rows, f"{label}-r{i}")
             total += len(rows)
         return total
 
@@ -366,12 +373,14 @@ class StarRocksStore:
         self,
         spec: DatasourceSpec,
         accepted: pa.Table,
+        replaced: Mapping[str, tuple[Any, ...]],
         exc: RowsRejected,
         label: str,
         ranges: Mapping[TP, OffsetRange],
-    ) -> tuple[pa.Table, list[tuple[Any, ...]]]:
+    ) -> tuple[pa.Table, dict[str, tuple[Any, ...]]]:
         """Rows StarRocks filtered: dead letters with its reason, their deltas taken
-        back, the rest loaded again. A key is matched by appearing in an ErrorURL line."""
+        back, the rest to be loaded again. A key is matched
+        by appearing in an ErrorURL line."""
         ds = spec.datasource
         keys = accepted.column(ds.key).to_pylist()
         reasons: dict[str, str] = {}
@@ -385,41 +394,26 @@ class StarRocksStore:
             )
         bad = pa.array([k in reasons for k in keys])
         rejected = accepted.filter(bad)
-        stored = self._stored_states(spec, list(reasons))
-        back = [stored[k][2:] for k in rejected.column(ds.key).to_pylist() if k in stored]
+        back = {k: v for k, v in replaced.items() if k in reasons}
         self._load_deltas(spec, rejected, back, label, sign=-1)
-        topic, partition = next(iter(ranges), ("", 0))
         letters = [
-            DeadLetterRecord(
-                id=f"{spec.name}:{topic}:{partition}:row:{key}",
-                datasource=spec.name,
-                sink="olap",
-                topic=topic,
-                partition=partition,
-                offset=-1,
-                key=key.encode(),
-                value=orjson.dumps(row, default=str),
-                reason=f"StarRocks filtered the row: {reasons[key][:500]}",
-                failed_at=datetime.now(UTC).timestamp(),
-            )
+            _row_letter(spec, row, ranges, f"StarRocks filtered the row: {reasons[key][:500]}")
             for key, row in zip(
                 rejected.column(ds.key).to_pylist(), rejected.to_pylist(), strict=True
             )
         ]
         self._load_letters(letters, f"{label}-dl")
-        keep = pc.invert(bad)
-        rest = accepted.filter(keep)
-        rest_keys = set(rest.column(ds.key).to_pylist())
-        still = self._stored_states(spec, list(rest_keys)) if rest_keys else {}
-        return rest, [s[2:] for k, s in still.items()]
+        rest = {k: v for k, v in replaced.items() if k not in reasons}
+        return accepted.filter(pc.invert(bad)), rest
 
     def _load_writes(
         self, spec: DatasourceSpec, accepted: pa.Table, label: str, now: datetime
-    ) -> int:
+    ) -> tuple[int, list[str]]:
         """Per partition the batch wrote: one load, its rows, and how many are late
-        (the partition ended more than ``active_window`` ago); returns the late rows."""
+        (the partition ended more than ``active_window`` ago); returns the late rows
+        and the partitions, ascending."""
         if not accepted.num_rows:
-            return 0
+            return 0, []
         ds = spec.datasource
         cutoff = now - parse_duration(ds.active_window)
         keys = partitions_of(accepted.column(ds.time), ds.granularity, ds.timezone)
@@ -441,7 +435,7 @@ class StarRocksStore:
                 }
             )
         self.loader.load(ddl.WRITES, rows, label)
-        return late_total
+        return late_total, sorted(r["partition"] for r in rows)
 
     # --- the outbox -------------------------------------------------------------------
 
@@ -519,9 +513,12 @@ class StarRocksStore:
         specs = [self._spec(datasource)] if datasource else list(self.registry)
         return [n for s in specs for n in (s.name, *(r.name for r in s.rollups))]
 
-    def partition_stats(self, datasource: str | None = None) -> list[PartitionStats]:
-        """Per partition: loads (each a version of its tablets, what compaction merges)
-        and late rows since Tally last asked StarRocks to compact it."""
+    def _figures(
+        self, datasource: str | None
+    ) -> dict[tuple[str, str], tuple[tuple[Any, ...], tuple[Any, ...]]]:
+        """Per (datasource, partition): what it received (loads, rows, late rows,
+        last write) and what its last compaction covered (the same sums then, and
+        when), from the two bookkeeping tables."""
         writes = exp.select(
             "datasource", "partition", "loads", "rows", "late_rows", "last_write_at"
         ).from_(self._ref(ddl.WRITES))
@@ -532,22 +529,21 @@ class StarRocksStore:
             cond = exp.column("datasource").eq(exp.Literal.string(datasource))
             writes, seen = writes.where(cond), seen.where(cond.copy())
         compacted = {(r[0], r[1]): r[2:] for r in self.sql.execute(seen.sql("starrocks"))[1]}
-        out = []
-        for ds_name, part, loads, rows, late, last in self.sql.execute(writes.sql("starrocks"))[1]:
-            l_seen, r_seen, late_seen, at = compacted.get((ds_name, part), (0, 0, 0, None))
-            out.append(
-                PartitionStats(
-                    datasource=ds_name,
-                    partition=part,
-                    segments=int(loads) - int(l_seen),
-                    rows=int(rows) - int(r_seen),
-                    bytes=0,
-                    late_rows=int(late) - int(late_seen),
-                    last_write_at=last,
-                    last_compacted_at=at,
-                )
-            )
-        return sorted(out, key=lambda s: (s.datasource, s.partition))
+        return {
+            (r[0], r[1]): (r[2:], compacted.get((r[0], r[1]), (0, 0, 0, None)))
+            for r in self.sql.execute(writes.sql("starrocks"))[1]
+        }
+
+    def partition_stats(self, datasource: str | None = None) -> list[PartitionStats]:
+        """Per partition: loads (each a version of its tablets, what compaction merges)
+        and late rows since Tally last asked StarRocks to compact it."""
+        return sorted(
+            (
+                _stats(ds, part, sums, seen)
+                for (ds, part), (sums, seen) in self._figures(datasource).items()
+            ),
+            key=lambda st: (st.datasource, st.partition),
+        )
 
     def live_segments(self, datasource: str | None = None) -> list[SegmentInfo]:
         """StarRocks owns its files; what the compaction policy needs of "segments" is
@@ -606,18 +602,11 @@ class StarRocksStore:
             diff = {k: v for k, v in diff.items() if any(v)}
             report = RebuildReport(rollup.name, partition, groups_repaired=len(diff))
             if diff:
-                rows = []
-                for k, v in sorted(diff.items(), key=lambda kv: str(kv[0])):
-                    bucket = k[0]
-                    row: dict[str, Any] = {
-                        BUCKET: ddl.utc_text(bucket),
-                        ddl.PT: ddl.wall(floor(bucket, rollup.partition, spec.tz), spec),
-                    }
-                    row |= dict(zip(rollup.dimensions, k[1:], strict=True))
-                    row |= {m.name: x for m, x in zip(spec.parsed_metrics, v, strict=True)}
-                    rows.append(row)
-                    if len(report.differences) < 5:
-                        report.differences.append({"group": [str(x) for x in k], "delta": list(v)})
+                ordered = sorted(diff.items(), key=lambda kv: str(kv[0]))
+                rows = [_rollup_row(spec, rollup, k[0], k[1:], v) for k, v in ordered]
+                report.differences = [
+                    {"group": [str(x) for x in k], "delta": list(v)} for k, v in ordered[:5]
+                ]
                 label = f"tally-rb{i}-{_slot(sorted(map(str, diff.items())))[:40]}"
                 self.loader.load(ddl.rollup_table(self.settings, rollup), rows, label)
             reports.append(report)
@@ -643,10 +632,8 @@ class StarRocksStore:
             self._ref(ddl.base_table(self.settings, spec))
         )
         if partition is not None:
-            start, _end = bucket_range(partition, ds.granularity, spec.tz)
-            query = query.where(
-                exp.column(ddl.PT, quoted=True).eq(exp.Literal.string(ddl.wall(start, spec)))
-            )
+            pt = ddl.partition_pt(spec, ds.granularity, partition)
+            query = query.where(exp.column(ddl.PT, quoted=True).eq(exp.Literal.string(pt)))
         names, rows = self.sql.execute(query.sql("starrocks"))
         schema = pa.schema([row_schema(spec).field(c) for c in spec.rollup_state_columns])
         return pa.Table.from_pylist([dict(zip(names, r, strict=True)) for r in rows], schema=schema)
@@ -707,47 +694,31 @@ class StarRocksCompactor:
     ) -> CompactionResult | None:
         st = self.store
         spec, rollup = st.registry.owner(datasource)
-        table = (
-            ddl.base_table(st.settings, spec)
-            if rollup is None
-            else ddl.rollup_table(st.settings, rollup)
-        )
-        stats = next((s for s in st.partition_stats(datasource) if s.partition == partition), None)
-        if stats is None:
+        table = ddl.table_of(st.settings, spec, rollup)
+        figures = st._figures(datasource).get((datasource, partition))
+        if figures is None:
             return None
+        sums, seen = figures
+        stats = _stats(datasource, partition, sums, seen)
         st.sql.execute(compact_statement(st.settings, table, partition_name(partition)))
         live = self._live_rows(spec, table, partition) if rollup is None else stats.rows
-        self._record(datasource, partition, stats)
+        self._record(datasource, partition, [int(v) for v in sums[:3]])
         return CompactionResult(datasource, partition, stats.segments, stats.rows, live, 0, 0, None)
 
     def _live_rows(self, spec: DatasourceSpec, table: str, partition: str) -> int:
         st = self.store
-        start, _end = bucket_range(partition, spec.datasource.granularity, spec.tz)
+        pt = ddl.partition_pt(spec, spec.datasource.granularity, partition)
         query = (
             exp.select(exp.Count(this=exp.Star()))
             .from_(st._ref(table))
-            .where(exp.column(ddl.PT, quoted=True).eq(exp.Literal.string(ddl.wall(start, spec))))
+            .where(exp.column(ddl.PT, quoted=True).eq(exp.Literal.string(pt)))
         )
         return int(st.sql.execute(query.sql("starrocks"))[1][0][0])
 
-    def _record(self, datasource: str, partition: str, stats: PartitionStats) -> None:
-        """What this compaction covered: the partition's sums as of now, so its late
-        rows since are the sums minus these (labelled by them: asked twice, once)."""
-        st = self.store
-        prior = {
-            (r[0], r[1]): r[2:]
-            for r in st.sql.execute(
-                exp.select("datasource", "partition", "loads_seen", "rows_seen", "late_rows_seen")
-                .from_(st._ref(ddl.COMPACTIONS))
-                .where(exp.column("datasource").eq(exp.Literal.string(datasource)))
-                .sql("starrocks")
-            )[1]
-        }.get((datasource, partition), (0, 0, 0))
-        totals = [
-            int(prior[0]) + stats.segments,
-            int(prior[1]) + stats.rows,
-            int(prior[2]) + stats.late_rows,
-        ]
+    def _record(self, datasource: str, partition: str, totals: list[int]) -> None:
+        """What this compaction covered: the partition's sums (loads, rows, late
+        rows) as of now, so its figures since are the sums minus these (labelled by
+        them: asked twice, recorded once)."""
         row = {
             "slot": _slot(datasource, partition),
             "datasource": datasource,
@@ -758,7 +729,7 @@ class StarRocksCompactor:
             "compacted_at": ddl.utc_text(datetime.now(UTC)),
         }
         label = f"tally-compacted-{_slot(datasource, partition, totals)[:40]}"
-        st.loader.load(ddl.COMPACTIONS, [row], label)
+        self.store.loader.load(ddl.COMPACTIONS, [row], label)
 
     def pack(self, datasource: str, segment_ids: Sequence[int]) -> CompactionResult | None:
         return None
@@ -783,50 +754,77 @@ def compact_statement(settings: Settings, table: str, partition: str) -> str:
 
 
 def _json_rows(spec: DatasourceSpec, table: pa.Table) -> list[dict[str, Any]]:
+    """Base rows as Stream Load's JSON: instants as UTC DATETIME text, and ``_pt``
+    from each row's partition (computed once per partition, not per row)."""
     ds = spec.datasource
+    if not table.num_rows:
+        return []
+    parts = partitions_of(table.column(ds.time), ds.granularity, ds.timezone).to_pylist()
+    pts = {p: ddl.partition_pt(spec, ds.granularity, p) for p in set(parts)}
     times = [n for n, c in spec.columns.items() if c.type == "timestamp"]
     out = []
-    for row in table.to_pylist():
+    for row, part in zip(table.to_pylist(), parts, strict=True):
         for name in times:
             if row[name] is not None:
                 row[name] = ddl.utc_text(row[name])
-        start = floor(table_time(row, ds.time), ds.granularity, spec.tz)
-        row[ddl.PT] = ddl.wall(start, spec)
+        row[ddl.PT] = pts[part]
         out.append(row)
     return out
 
 
-def table_time(row: Mapping[str, Any], column: str) -> datetime:
-    value = row[column]
-    return (
-        datetime.strptime(value, ddl.DATETIME_FORMAT).replace(tzinfo=UTC)
-        if isinstance(value, str)
-        else value
+def _rollup_row(
+    spec: DatasourceSpec,
+    rollup: Rollup,
+    bucket: datetime,
+    dims: Sequence[Any],
+    values: Sequence[int],
+) -> dict[str, Any]:
+    """One Aggregate-table row: the bucket, its rollup partition's ``_pt``, the
+    dimensions and a value per metric."""
+    row: dict[str, Any] = {
+        BUCKET: ddl.utc_text(bucket),
+        ddl.PT: ddl.wall(floor(bucket, rollup.partition, spec.tz), spec),
+    }
+    row |= dict(zip(rollup.dimensions, dims, strict=True))
+    row |= {m.name: v for m, v in zip(spec.parsed_metrics, values, strict=True)}
+    return row
+
+
+def _row_letter(
+    spec: DatasourceSpec, row: Mapping[str, Any], ranges: Mapping[TP, OffsetRange], reason: str
+) -> DeadLetterRecord:
+    """A dead letter for a decoded row StarRocks cannot hold (its source offset is not
+    known here: the batch's first partition stands for it, offset -1)."""
+    ds = spec.datasource
+    topic, partition = next(iter(ranges), ("", 0))
+    return DeadLetterRecord(
+        id=f"{spec.name}:{topic}:{partition}:row:{row[ds.key][:200]}:{row[ds.event_id]}",
+        datasource=spec.name,
+        sink="olap",
+        topic=topic,
+        partition=partition,
+        offset=-1,
+        key=str(row[ds.key]).encode(),
+        value=orjson.dumps(row, default=str),
+        reason=reason,
+        failed_at=datetime.now(UTC).timestamp(),
     )
 
 
-def _delta_rows(
-    spec: DatasourceSpec, rollup: Rollup, deltas: pa.Table, sign: int
-) -> list[dict[str, Any]]:
-    rows = []
-    for r in deltas.to_pylist():
-        bucket = r[BUCKET]
-        row = {
-            BUCKET: ddl.utc_text(bucket),
-            ddl.PT: ddl.wall(floor(bucket, rollup.partition, spec.tz), spec),
-        }
-        row |= {d: r[d] for d in rollup.dimensions}
-        row |= {m.name: sign * r[m.name] for m in spec.parsed_metrics}
-        rows.append(row)
-    return rows
-
-
-def _partitions(spec: DatasourceSpec, table: pa.Table) -> list[str]:
-    if not table.num_rows:
-        return []
-    ds = spec.datasource
-    return sorted(
-        set(partitions_of(table.column(ds.time), ds.granularity, ds.timezone).to_pylist())
+def _stats(
+    datasource: str, partition: str, sums: Sequence[Any], seen: Sequence[Any]
+) -> PartitionStats:
+    loads, rows, late, last = sums
+    l_seen, r_seen, late_seen, at = seen
+    return PartitionStats(
+        datasource=datasource,
+        partition=partition,
+        segments=int(loads) - int(l_seen),
+        rows=int(rows) - int(r_seen),
+        bytes=0,
+        late_rows=int(late) - int(late_seen),
+        last_write_at=last,
+        last_compacted_at=at,
     )
 
 
@@ -849,27 +847,12 @@ def _split_oversized(
         bad = long if bad is None else pc.or_(bad, long)
     if bad is None or not pc.any(bad).as_py():
         return table, []
-    topic, partition = next(iter(ranges), ("", 0))
     letters = []
     for row in table.filter(bad).to_pylist():
         column = next(c for c in capped if len((row[c] or "").encode()) > limit)
-        letters.append(
-            DeadLetterRecord(
-                id=f"{spec.name}:{topic}:{partition}:row:{row[ds.key][:200]}:{row[ds.event_id]}",
-                datasource=spec.name,
-                sink="olap",
-                topic=topic,
-                partition=partition,
-                offset=-1,
-                key=str(row[ds.key]).encode(),
-                value=orjson.dumps(row, default=str),
-                reason=(
-                    f"{column} is {len(row[column].encode())} bytes; StarRocks' key"
-                    f" columns hold {limit}"
-                ),
-                failed_at=datetime.now(UTC).timestamp(),
-            )
-        )
+        size = len(row[column].encode())
+        reason = f"{column} is {size} bytes; StarRocks' key columns hold {limit}"
+        letters.append(_row_letter(spec, row, ranges, reason))
     return table.filter(pc.invert(bad)), letters
 
 

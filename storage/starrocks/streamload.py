@@ -110,9 +110,8 @@ class StreamLoader:
             headers["partial_update"] = "true"
             headers["columns"] = ",".join(partial_columns)
         body = orjson.dumps(list(rows))
-        reply = self._put(
-            f"{self.base}/api/{self.settings.database}/{table}/_stream_load", body, headers
-        )
+        url = f"{self.base}/api/{self.settings.database}/{table}/_stream_load"
+        reply = self._request("PUT", url, content=body, headers=headers)
         status = str(reply.get("Status", ""))
         loaded = int(reply.get("NumberLoadedRows") or 0)
         txn = reply.get("TxnId")
@@ -169,9 +168,6 @@ class StreamLoader:
         return str(reply.get("state", "UNKNOWN"))
 
     # --- HTTP ------------------------------------------------------------------------
-
-    def _put(self, url: str, body: bytes, headers: dict[str, str]) -> dict[str, Any]:
-        return self._request("PUT", url, content=body, headers=headers)
 
     def _request(
         self,

@@ -39,7 +39,6 @@ import signal
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -384,14 +383,6 @@ class StandIn:
             f"INSERT INTO {target} ({quoted}) {source} ON CONFLICT ({keys}) {action}", params
         )
 
-    def rows(self, table: str) -> list[dict[str, Any]]:
-        with self.lock:
-            name = next(n for n in self.models if n.endswith(f".{table}"))
-            cur = self.db.cursor()
-            cur.execute(f"SELECT * FROM {_duck_name(name)}")
-            names = [d[0] for d in cur.description or ()]
-            return [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
-
 
 def _duck_name(name: str) -> str:
     db, table = name.split(".", 1)
@@ -546,7 +537,3 @@ def _handler(standin: StandIn, *, fe: bool) -> type[BaseHTTPRequestHandler]:
             self._reply(404, {"status": "FAILED", "msg": "not found"})
 
     return Handler
-
-
-def iter_loads(standin: StandIn, table: str) -> Iterator[dict[str, Any]]:
-    return (load for load in standin.stats.loads if load["table"] == table)

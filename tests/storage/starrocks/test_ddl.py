@@ -15,6 +15,7 @@ from storage.starrocks import ddl
 from storage.starrocks.store import compact_statement, partition_name
 from tally.settings import Settings
 from tally.specs import SpecRegistry
+from tests.ingest.conftest import env_for
 from tests.storage.starrocks.target import Target
 
 
@@ -69,18 +70,6 @@ def _tally(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _env(settings: Settings) -> dict[str, str]:
-    sr = settings.starrocks
-    return {
-        "TALLY_STARROCKS__HOST": sr.host,
-        "TALLY_STARROCKS__QUERY_PORT": str(sr.query_port),
-        "TALLY_STARROCKS__HTTP_URL": sr.stream_load_url,
-        "TALLY_STARROCKS__USER": sr.user,
-        "TALLY_STARROCKS__PASSWORD": sr.password.get_secret_value() if sr.password else "",
-        "TALLY_STARROCKS__DATABASE": sr.database,
-    }
-
-
 def test_ddl_prints_json_and_apply_creates_only_what_is_missing(
     starrocks: Target, tmp_path: Path
 ) -> None:
@@ -88,7 +77,7 @@ def test_ddl_prints_json_and_apply_creates_only_what_is_missing(
     not prove that StarRocks accepts each statement (sqlglot parses them; the
     stand-in builds DuckDB tables from the parsed tree)."""
     settings = starrocks.settings(tmp_path, SpecRegistry([]))  # an empty database of its own
-    env = _env(settings)
+    env = env_for(settings)
     printed = _tally("starrocks", "ddl", "--format", "json", env=env)
     assert printed.returncode == 0, printed.stderr
     kinds = [s["kind"] for s in json.loads(printed.stdout)["statements"]]
