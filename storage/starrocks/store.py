@@ -262,7 +262,7 @@ class StarRocksStore:
             except RowsRejected as exc:
                 rounds += 1
                 accepted, replaced = self._reject(
-                    spec, accepted, replaced, exc, f"{batch}-x{rounds}", ranges
+                    spec, accepted, replaced, exc, f"{batch}-x{rounds}", ranges, trust_labels
                 )
         late, partitions = self._load_writes(spec, accepted, f"{batch}-w", now)
         if ranges:
@@ -274,7 +274,9 @@ class StarRocksStore:
                 datasource,
                 batch,
             )
-            for part in partitions:
+            # Every partition the batch touched, the rows StarRocks filtered included:
+            # whatever deltas of theirs an earlier attempt loaded, the rebuild undoes.
+            for part in _partitions(spec, latest):
                 self.rebuild_rollups(datasource, part)
         return CommitResult(
             datasource=datasource,
@@ -377,9 +379,10 @@ class StarRocksStore:
         exc: RowsRejected,
         label: str,
         ranges: Mapping[TP, OffsetRange],
+        deltas_loaded: bool,
     ) -> tuple[pa.Table, dict[str, tuple[Any, ...]]]:
         """Rows StarRocks filtered: dead letters with its reason, their deltas taken
-        back, the rest to be loaded again. A key is matched
+        back (where they were loaded), the rest to be loaded again. A key is matched
         by appearing in an ErrorURL line."""
         ds = spec.datasource
         keys = accepted.column(ds.key).to_pylist()
@@ -394,8 +397,9 @@ class StarRocksStore:
             )
         bad = pa.array([k in reasons for k in keys])
         rejected = accepted.filter(bad)
-        back = {k: v for k, v in replaced.items() if k in reasons}
-        self._load_deltas(spec, rejected, back, label, sign=-1)
+        if deltas_loaded:
+            back = {k: v for k, v in replaced.items() if k in reasons}
+            self._load_deltas(spec, rejected, back, label, sign=-1)
         letters = [
             _row_letter(spec, row, ranges, f"StarRocks filtered the row: {reasons[key][:500]}")
             for key, row in zip(
@@ -788,6 +792,14 @@ def _rollup_row(
     row |= dict(zip(rollup.dimensions, dims, strict=True))
     row |= {m.name: v for m, v in zip(spec.parsed_metrics, values, strict=True)}
     return row
+
+
+def _partitions(spec: DatasourceSpec, table: pa.Table) -> list[str]:
+    if not table.num_rows:
+        return []
+    ds = spec.datasource
+    keys = partitions_of(table.column(ds.time), ds.granularity, ds.timezone)
+    return sorted(set(keys.to_pylist()))
 
 
 def _row_letter(
