@@ -163,7 +163,8 @@ def restore(
 ) -> None:
     """Read ``partitions`` of the changelog ``topic`` from their beginning to their
     end (read_committed, end-of-partition from a fetch, as ``ingest.kafka.unread``:
-    the dev broker misreports end offsets) into ``states``."""
+    the dev broker misreports end offsets, yet a transaction still open at that end
+    is waited out: ``_settled``) into ``states``."""
     if not partitions:
         return
     consumer = Consumer(
@@ -176,6 +177,11 @@ def restore(
             "isolation.level": "read_committed",
             "fetch.wait.max.ms": 50,
         }
+    )
+    # The log's end as a read_uncommitted client sees it: a read_committed one is told
+    # the last stable offset, which is where it stopped.
+    ends = Consumer(
+        dict(config) | {"group.id": f"{topic}.restore", "isolation.level": "read_uncommitted"}
     )
     entries: dict[int, list[tuple[bytes, bytes]]] = {p: [] for p in partitions}
     pending = set(partitions)
@@ -190,7 +196,7 @@ def restore(
             for m in consumer.consume(10_000, 0.2):
                 err, part = m.error(), m.partition()
                 if err is not None:
-                    if err.code() == KafkaError._PARTITION_EOF:
+                    if err.code() == KafkaError._PARTITION_EOF and _settled(ends, m):
                         pending.discard(part)
                     continue
                 key, value = m.key(), m.value()
@@ -201,8 +207,21 @@ def restore(
         raise BrokerUnavailable(f"restoring key state from {topic}: {exc}") from exc
     finally:
         consumer.close()
+        ends.close()
     for part, got in entries.items():
         states.load(part, got)
+
+
+def _settled(ends: Consumer, eof: Any) -> bool:
+    """Whether an end-of-partition is the log's end. A read_committed consumer hits
+    it at the last stable offset: a transaction still open there (a killed relay's,
+    or one whose commit markers reach this partition after the consumer offsets')
+    would be cut off, and its committed states lost, so wait until it is settled:
+    the end is the high watermark."""
+    _low, high = ends.get_watermark_offsets(
+        TopicPartition(eof.topic(), eof.partition()), timeout=5, cached=False
+    )
+    return high is None or (eof.offset() or 0) >= high
 
 
 def _plain(column: pa.ChunkedArray) -> list[Any]:

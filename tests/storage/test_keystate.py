@@ -5,18 +5,25 @@ each rollup recomputed from the latest state per key."""
 
 from __future__ import annotations
 
+import threading
 from collections import defaultdict
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pytest
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ingest.kafka import base_config
 from storage.embedded.segments import base_schema
-from storage.keystate import KeyStates, encode_state
+from storage.keystate import KeyStates, encode_state, restore
 from tally.specs import SpecRegistry, builtin_spec_paths
+from tests.brokers import KafkaBroker
+from tests.conftest import broker_settings
 from tests.factories import (
     METHODS,
     T0,
@@ -125,3 +132,36 @@ def test_a_state_survives_its_changelog_encoding(keys: int) -> None:
     rows = [payment(f"k{i}", 2, canceled_amount=i) for i in range(keys)]
     states.apply(states.plan(_table(rows), [i % 3 for i in range(keys)]))
     assert _reloaded(states).partitions == states.partitions
+
+
+def test_a_restore_waits_for_a_transaction_still_open_on_the_changelog(
+    kafka_broker: KafkaBroker, tmp_path: Path
+) -> None:
+    """Kafka: a read_committed consumer reaches end-of-partition at the last stable
+    offset, before a transaction still open there (a killed relay's, or one whose
+    markers reach the changelog after the consumer offsets'). Restoring must wait
+    for it: states committed with the offsets a new owner resumes from are not
+    skipped (a CI run doubled 7 hourly groups when they were)."""
+    settings = broker_settings(kafka_broker, tmp_path, partitions=1)
+    topic = settings.topic("changelog")
+    admin = AdminClient(base_config(settings))
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    states = KeyStates(SPEC)
+    states.apply(states.plan(_table([payment("k1", 3)]), [0]))
+    value = encode_state(states.partitions[0]["k1"])
+    prod = Producer(base_config(settings) | {"transactional.id": f"{topic}.writer"})
+    prod.init_transactions(30)
+    prod.begin_transaction()
+    prod.produce(topic, key=b"k1", value=value, partition=0)
+    prod.flush(30)  # in the log, not yet committed
+    restored = KeyStates(SPEC)
+    reader = threading.Thread(
+        target=restore, args=(restored, base_config(settings), topic, [0]), daemon=True
+    )
+    reader.start()
+    reader.join(2)
+    assert reader.is_alive(), "the restore ended before the open transaction settled"
+    prod.commit_transaction(30)
+    reader.join(60)
+    assert not reader.is_alive()
+    assert restored.partitions == states.partitions
