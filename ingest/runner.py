@@ -473,9 +473,11 @@ class Runner:
         for part, durable in list(self._durable.items()):
             try:
                 _low, high = consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, part), timeout=2, cached=not fresh
+                    TopicPartition(self.topic, part), timeout=0.5, cached=not fresh
                 )
             except KafkaException:
+                if fresh:  # the broker does not answer: the next round asks again
+                    return
                 continue
             if high is not None and high >= 0:
                 metrics.lag.labels(**self.labels, partition=str(part)).set(max(0, high - durable))
