@@ -14,7 +14,7 @@
     granularity: "day",
     currency: null,
     filters: { q: "", status: "", method: "" },
-    txn: { items: [], cursor: null, pages: 0, signature: "" },
+    txn: { items: [], cursor: null, pages: 0, appended: 0, signature: "" },
     session: null,
     chart: null,
     generation: 0, // bumped when the range or a filter changes: older answers are dropped
@@ -211,25 +211,44 @@
     render($("txn-rows"), signature, () =>
       items.length ? items.map(txnRow) : [el("tr", {}, el("td", { colspan: "8", class: "muted" }, "no payments match"))]);
     $("load-more").hidden = !state.txn.cursor;
+    $("txn-table").setAttribute("aria-busy", "false");
     const live = state.txn.pages > 1 ? " (live updates paused while more pages are shown)" : "";
     $("txn-note").textContent = `${count(items.length)} shown${live}`;
   }
 
-  async function loadTxns(more, generation = state.generation) {
-    const page = await api(state.key, "/v1/transactions", {
-      params: txnParams(more ? state.txn.cursor : null),
-    });
+  /* The first page, as the live refresh asks it. Its answer is dropped when the
+     query changed meanwhile, or when "load more" appended a page after it was asked:
+     replacing the list then would take back the rows the user just loaded. */
+  async function loadFirstPage(generation) {
+    const asked = state.txn.appended;
+    const page = await api(state.key, "/v1/transactions", { params: txnParams(null) });
     if (generation !== state.generation) return null;
-    if (more) {
-      state.txn.items = state.txn.items.concat(page.items);
-      state.txn.pages += 1;
-    } else {
-      state.txn.items = page.items;
-      state.txn.pages = 1;
-    }
+    if (state.txn.appended !== asked || state.txn.pages > 1) return state.lastFreshness;
+    state.txn.items = page.items;
+    state.txn.pages = 1;
     state.txn.cursor = page.next_cursor;
     showTxns();
     return page.freshness;
+  }
+
+  /* The next page after the rows shown. A live refresh may replace the first page
+     (and its cursor) while this one is in flight: the page is then asked again after
+     the new cursor, so it never appends rows that follow a list no longer shown. */
+  async function loadMore() {
+    const generation = state.generation;
+    for (;;) {
+      const cursor = state.txn.cursor;
+      if (!cursor) return;
+      const page = await api(state.key, "/v1/transactions", { params: txnParams(cursor) });
+      if (generation !== state.generation) return;
+      if (state.txn.cursor !== cursor) continue;
+      state.txn.items = state.txn.items.concat(page.items);
+      state.txn.pages += 1;
+      state.txn.appended += 1;
+      state.txn.cursor = page.next_cursor;
+      showTxns();
+      return;
+    }
   }
 
   async function openDetails(id) {
@@ -252,7 +271,7 @@
     try {
       const source = await refreshSales(generation);
       if (source === null) return;
-      const freshness = state.txn.pages <= 1 ? await loadTxns(false, generation) : state.lastFreshness;
+      const freshness = state.txn.pages <= 1 ? await loadFirstPage(generation) : state.lastFreshness;
       if (generation !== state.generation) return;
       state.lastFreshness = freshness;
       showFreshness(source, freshness);
@@ -267,6 +286,8 @@
     state.generation += 1;
     state.txn.pages = 0;
     state.txn.cursor = null;
+    $("load-more").hidden = true;
+    $("txn-table").setAttribute("aria-busy", "true"); // until this query's rows are drawn
     if (state.session) state.session.refreshNow();
   }
 
@@ -306,7 +327,7 @@
       const button = $("load-more");
       button.disabled = true;
       try {
-        await loadTxns(true);
+        await loadMore();
       } catch (err) {
         showError(err);
       } finally {

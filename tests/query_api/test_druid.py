@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections import Counter
@@ -25,13 +23,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from query_api.keys import KeyStore
-from query_api.ready import wait_ready
 from tally.settings import Settings
 from tally.specs import SpecRegistry
 from tests.druid import Druid
-from tests.ingest.conftest import free_port
-from tests.query_api.conftest import MERCHANTS, Api, _history, index_docs
+from tests.query_api.conftest import MERCHANTS, Api, _history, index_docs, serving
 from tests.query_api.test_routes import (  # noqa: F401 (collected here, on Druid)
     SEOUL_MIDNIGHT,
     test_a_cursor_belongs_to_its_query,
@@ -75,34 +70,23 @@ def api(
     load(druid, settings, spec, second)
     load_rollups(druid, settings, spec, [first, second])
     index_docs(settings, spec, events)
-    keys = KeyStore(settings.keys_path)
-    issued = {m: keys.create(m)[1] for m in MERCHANTS}
-    issued["admin"] = keys.create(None, admin=True)[1]
-    keys.close()
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "2"],
-        env={
-            **os.environ,
-            "TALLY_DATA_DIR": str(data_dir),
-            "TALLY_TOPIC_NAMESPACE": settings.topic_namespace,
-            "TALLY_STORE__BACKEND": "druid",
-            "TALLY_DRUID__BROKER_URL": druid.broker_url,
-            "TALLY_DRUID__OVERLORD_URL": druid.overlord_url,
-            "TALLY_DRUID__REQUEST_TIMEOUT_S": str(REQUEST_TIMEOUT_S),
-            "TALLY_API__SQL_TIMEOUT_S": str(SQL_TIMEOUT_S),
-            "TALLY_API__RATE_LIMIT": "1000000/second",
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_ready(url, server)
-        yield Api(url, issued, events, spec, settings)
-    finally:
-        server.terminate()
-        server.wait(30)
+    # Timeouts a loaded machine's cold Druid cannot reach: these tests are about
+    # answers; the stuck-broker test serves its own with the tight ones.
+    with serving(settings, spec, events, _env(druid, settings, sql_s=20, request_s=20)) as api:
+        yield api
+
+
+def _env(druid: Druid, settings: Settings, sql_s: float, request_s: float) -> dict[str, str]:
+    return {
+        "TALLY_DATA_DIR": str(settings.data_dir),
+        "TALLY_TOPIC_NAMESPACE": settings.topic_namespace,
+        "TALLY_STORE__BACKEND": "druid",
+        "TALLY_DRUID__BROKER_URL": druid.broker_url,
+        "TALLY_DRUID__OVERLORD_URL": druid.overlord_url,
+        "TALLY_DRUID__REQUEST_TIMEOUT_S": str(request_s),
+        "TALLY_API__SQL_TIMEOUT_S": str(sql_s),
+        "TALLY_API__RATE_LIMIT": "1000000/second",
+    }
 
 
 def test_one_transaction_and_the_list_are_the_merged_rows(api: Api) -> None:
@@ -159,6 +143,12 @@ def test_druid_stuck_is_a_503_within_the_timeouts(api: Api, druid: Druid) -> Non
     answers 503 with the JSON body within its timeout, then works again."""
     broker = druid.engine.role_running("broker")
     assert broker is not None
+    tight = _env(druid, api.settings, sql_s=SQL_TIMEOUT_S, request_s=REQUEST_TIMEOUT_S)
+    with serving(api.settings, api.spec, api.events, tight) as served:
+        _every_route_is_a_503_while_stopped(served, broker.pid)
+
+
+def _every_route_is_a_503_while_stopped(api: Api, broker_pid: int) -> None:
     mine = next(r for r in api.latest().values() if r["merchant_id"] == "m1")
     calls: list[tuple[str, str, dict[str, Any], float]] = [
         ("post", "/v1/sql", {"json": {"sql": "SELECT COUNT(*) FROM payments"}}, SQL_TIMEOUT_S),
@@ -171,7 +161,7 @@ def test_druid_stuck_is_a_503_within_the_timeouts(api: Api, druid: Druid) -> Non
             REQUEST_TIMEOUT_S,
         ),
     ]
-    os.kill(broker.pid, signal.SIGSTOP)
+    os.kill(broker_pid, signal.SIGSTOP)
     try:
         with api.client("m1") as c:
             for method, path, kw, limit in calls:
@@ -184,6 +174,6 @@ def test_druid_stuck_is_a_503_within_the_timeouts(api: Api, druid: Druid) -> Non
             ready = c.get("/readyz")
             assert ready.status_code == 503 and ready.json()["status"] == "not ready"
     finally:
-        os.kill(broker.pid, signal.SIGCONT)
+        os.kill(broker_pid, signal.SIGCONT)
     with api.client("m1") as c:
         assert c.get(f"/v1/transactions/{mine['txn_id']}").status_code == 200

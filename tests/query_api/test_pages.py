@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import pytest
 from axe_playwright_python.sync_playwright import Axe
-from playwright.sync_api import Browser, Page, ViewportSize, expect
+from playwright.sync_api import Browser, Page, Route, ViewportSize, expect
 
 from producers.malformed import Wire, encode
 from tests.query_api.browser import chromium
@@ -227,7 +227,9 @@ def test_a_merchant_key_never_shows_another_merchants_data(page: Page, live: Liv
     mine = {e["txn_id"] for e in live.events if e["merchant_id"] == second}
     _sign_in(page, live, "/dashboard", second)
     page.get_by_test_id("range-90d").click()
-    expect(page.get_by_test_id("txn-table").locator("tbody tr[data-txn-id]").first).to_be_visible()
+    table = page.get_by_test_id("txn-table")
+    expect(table).to_have_attribute("aria-busy", "false")  # the 90 days' first page drawn
+    expect(table.locator("tbody tr[data-txn-id]").first).to_be_visible()
     for _ in range(3):
         more = page.get_by_test_id("load-more")
         if not more.is_visible():
@@ -243,6 +245,39 @@ def test_a_merchant_key_never_shows_another_merchants_data(page: Page, live: Liv
     box.fill(sorted(only_theirs)[0])
     box.press("Enter")
     expect(page.get_by_test_id("txn-table")).to_contain_text("no payments match")
+
+
+def test_a_live_refresh_never_takes_back_the_rows_load_more_added(page: Page, live: Live) -> None:
+    """A refresh asked for the first page; "load more" appended the second before that
+    answer came back. The late first page must not replace the two pages shown (a CI
+    run's click on "load more" was undone this way, and no further page came)."""
+    who = live.merchants()[0]
+    _sign_in(page, live, "/dashboard", who)
+    page.get_by_test_id("range-90d").click()
+    table = page.get_by_test_id("txn-table")
+    expect(table).to_have_attribute("aria-busy", "false")
+    expect(page.get_by_test_id("load-more")).to_be_visible()
+    first_page = len(_shown_ids(page))
+    held: list[Route] = []
+
+    def hold_first_pages(route: Route) -> None:
+        if held or "cursor=" in route.request.url:
+            route.continue_()
+        else:
+            held.append(route)  # answered below, after "load more"
+
+    page.route("**/v1/transactions?*", hold_first_pages)
+    _until(lambda: page.evaluate("1") and bool(held), "a refresh to ask for the first page")
+    page.get_by_test_id("load-more").click()
+    _until(lambda: len(_shown_ids(page)) > first_page, "load more to append a page")
+    appended = _shown_ids(page)
+    refreshed = int(page.locator("body").get_attribute("data-refreshed") or 0)
+    held[0].continue_()
+    _until(
+        lambda: int(page.locator("body").get_attribute("data-refreshed") or 0) > refreshed,
+        "the held refresh to finish",
+    )
+    assert _shown_ids(page) == appended
 
 
 def test_a_row_opens_the_payments_details(page: Page, live: Live) -> None:
