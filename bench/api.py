@@ -13,6 +13,11 @@ in this process call each route with one merchant's key:
 * get          — /v1/transactions/{txn_id} of a random existing id
 * sql          — /v1/sql, a per-status count for the merchant
 
+Then, where a local OpenSearch can run (``engines``: Java, and Maven once), the same
+rows are indexed into it (three shards, routing by tenant) and a second ``tally serve``
+with ``search.backend = "opensearch"`` answers the same search requests:
+``api_search_opensearch_*`` beside ``api_search_*``, in the same run.
+
 p50/p99 per route and concurrency; ``api_max_p99_ms_c8`` is the worst route at 8
 clients (the forced-base comparison included); ``api_sales_rollup_speedup`` is the
 forced-base p99 over the rollup p99 at 1 client. The per-key rate limit is set far
@@ -35,7 +40,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,17 +51,20 @@ import httpx
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import sqlglot
 
+import engines
 from bench.common import Figures, Log, format_table, parser, percentile, write_results
 from compaction.watcher import Watcher
 from producers.generate import GeneratorConfig, approval_tables, cancellations_for
 from query_api.keys import KeyStore
 from query_api.ready import wait_ready
-from search import Doc
+from search import Doc, open_index
 from search.tantivy_index import TantivyIndex
 from storage import open_reader, open_store
 from storage.embedded.store import EmbeddedStore
-from tally.settings import Settings
+from tally.errors import TallyError
+from tally.settings import SearchSettings, Settings
 from tally.specs import SpecRegistry, builtin_spec_paths
 from tally.timeutil import utc_datetimes
 
@@ -155,6 +163,55 @@ def _index(index: TantivyIndex, table: pa.Table, ds: Any) -> None:
     for shard, docs in shards.items():
         index.upsert(shard, docs)
         index.commit(shard, max(d.time for d in docs))
+
+
+def index_into_opensearch(settings: Settings, registry: SpecRegistry, log: Log) -> None:
+    """Every stored payment's latest version into the index ``settings`` name, read
+    back from the store (so a reused store gets its OpenSearch index too)."""
+    spec = registry.get("payments")
+    ds = spec.datasource
+    fields = [ds.key, ds.tenant, ds.time, ds.version, ds.event_id, *ds.searchable]
+    reader = open_reader(settings, registry)
+    rows = reader.query(sqlglot.select(*fields).from_(spec.name).sql()).rows
+    reader.close()
+    index = open_index(settings, spec)
+    started = time.perf_counter()
+    try:
+        for i in range(0, len(rows), 5000):
+            docs = [
+                Doc(
+                    key=r[0],
+                    tenant=r[1],
+                    time=r[2],
+                    version=r[3],
+                    event_id=r[4],
+                    text=dict(zip(ds.searchable, r[5:], strict=True)),
+                )
+                for r in rows[i : i + 5000]
+            ]
+            index.upsert(0, docs)
+        index.commit(0, max(r[2] for r in rows))
+    finally:
+        index.close()
+    took = time.perf_counter() - started
+    log(f"opensearch: indexed {len(rows):,} docs in {took:.0f} s ({len(rows) / took:,.0f}/s)")
+
+
+@contextlib.contextmanager
+def local_opensearch(data_dir: Path, log: Log) -> Iterator[SearchSettings | str]:
+    """A local OpenSearch's settings, or why it cannot run here; stopped afterwards."""
+    engine = engines.get("opensearch", data_dir)
+    try:
+        engine.up()
+    except TallyError as exc:
+        log(f"opensearch: skipped, {exc.message}")
+        yield exc.message
+        return
+    try:
+        url = engine.env()["TALLY_SEARCH__URL"]
+        yield SearchSettings(backend="opensearch", url=url, shards=3, replicas=0)
+    finally:
+        engine.stop()
 
 
 def serve(
@@ -301,14 +358,33 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.terminate()
             server.wait(30)
+        search = stack.enter_context(local_opensearch(data_dir / "opensearch", log))
+        for clients in (1, 8):
+            for q in (50, 99):
+                name = f"api_search_opensearch_p{q}_ms_c{clients}"
+                if isinstance(search, str):
+                    figures.skip(name, "ms", search)
+        if not isinstance(search, str):
+            on = settings.model_copy(update={"search": search})
+            index_into_opensearch(on, registry, log)
+            port = free_port()
+            env = {f"TALLY_SEARCH__{k.upper()}": str(v) for k, v in search.model_dump().items()}
+            server = serve(on, port, {k: v for k, v in env.items() if v != "None"})
+            try:
+                wait_ready(url := f"http://127.0.0.1:{port}", server, timeout_s=120)
+                for clients in (1, 8):
+                    times = measure(url, key, routes["search"], clients, scale["requests"])
+                    for q in (50, 99):
+                        name = f"api_search_opensearch_p{q}_ms_c{clients}"
+                        figures.add(name, percentile(times, q), "ms")
+                    log(f"search on opensearch c{clients}: p99 {percentile(times, 99):.1f} ms")
+            finally:
+                server.terminate()
+                server.wait(30)
     print(format_table(figures, f"bench/api --scale {args.scale}"))
     path = write_results("api", figures, args.scale)
     log(f"wrote {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 def compact_as_the_watcher_would(
@@ -322,3 +398,7 @@ def compact_as_the_watcher_would(
     while watcher.tick():
         pass
     log(f"compacted: {watcher.report.compactions} partitions")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,11 +8,15 @@ small: 200k events, 15 s of steady traffic; full: 1M events, 60 s. Each broker r
 a temporary data dir of its own (Kafka through ``engines``, so it needs Java, and Maven
 once) and is stopped at the end whatever happened. Per-broker figures are named
 ``<measure>_<broker>``; without Java or Maven ``--broker both`` records the Kafka ones
-as skipped, with the reason.
+as skipped, with the reason. The search sink runs twice on each broker with the same
+events: into tantivy, then into a local OpenSearch (``engines``, two shards, routing by
+tenant), so ``ingest_search_events_per_s`` and ``ingest_search_opensearch_events_per_s``
+are side by side.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -40,7 +44,7 @@ from producers.generate import GeneratorConfig, generate_events  # noqa: E402
 from producers.malformed import Wire, encode, with_malformed  # noqa: E402
 from producers.publish import Publisher  # noqa: E402
 from tally.errors import EngineUnavailable, TallyError  # noqa: E402
-from tally.settings import IngestSettings, Settings  # noqa: E402
+from tally.settings import IngestSettings, SearchSettings, Settings  # noqa: E402
 from tally.specs import SpecRegistry, builtin_spec_paths  # noqa: E402
 
 SCALES = {
@@ -53,6 +57,7 @@ FRESHNESS_RATE = 5000  # events/s
 THROUGHPUT = [
     ("ingest_olap_events_per_s", "events/s"),
     ("ingest_search_events_per_s", "events/s"),
+    ("ingest_search_opensearch_events_per_s", "events/s"),
     ("ingest_both_events_per_s", "events/s"),
 ]
 FRESHNESS = [
@@ -81,6 +86,11 @@ def env(settings: Settings) -> dict[str, str]:
         "TALLY_DATA_DIR": str(settings.data_dir),
         "TALLY_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
         "TALLY_TOPIC_NAMESPACE": settings.topic_namespace,
+        "TALLY_SEARCH__BACKEND": settings.search.backend,
+        "TALLY_SEARCH__URL": settings.search.url,
+        "TALLY_SEARCH__INDEX_PREFIX": settings.search.index_prefix,
+        "TALLY_SEARCH__SHARDS": str(settings.search.shards),
+        "TALLY_SEARCH__REPLICAS": str(settings.search.replicas or 0),
     }
 
 
@@ -128,10 +138,12 @@ def throughput(
     to the publisher, never the broker's end offsets (the development broker misreports
     them). The publisher is not transactional, so those offsets are contiguous on
     either broker, with no transaction markers between them."""
+    run_id = uuid.uuid4().hex[:8]
     settings = base.model_copy(
         update={
-            "topic_namespace": f"b{uuid.uuid4().hex[:8]}.",
-            "data_dir": base.data_dir / uuid.uuid4().hex[:8],
+            "topic_namespace": f"b{run_id}.",
+            "data_dir": base.data_dir / run_id,
+            "search": base.search.model_copy(update={"index_prefix": f"b{run_id}-"}),
         }
     )
     ensure_topics(settings, registry)
@@ -431,6 +443,27 @@ def running_broker(name: str, data_dir: Path) -> Iterator[str]:
         engine.stop()
 
 
+@contextmanager
+def running_opensearch(data_dir: Path, log: Logger) -> Iterator[SearchSettings | str]:
+    """A local OpenSearch for the search sink's second run: its settings (two shards,
+    no replicas), or why it cannot run here; stopped on the way out."""
+    engine = engines.get("opensearch", data_dir)
+    try:
+        java_binary()
+        engine.up()
+    except TallyError as exc:
+        log(f"opensearch: skipped, {exc.message}")
+        yield f"opensearch unavailable: {exc.message}"
+        return
+    try:
+        log(f"opensearch: up at {engine.env()['TALLY_SEARCH__URL']}")
+        yield SearchSettings(
+            backend="opensearch", url=engine.env()["TALLY_SEARCH__URL"], shards=2, replicas=0
+        )
+    finally:
+        engine.stop()
+
+
 def kafka_unavailable(data_dir: Path) -> str | None:
     """Why Kafka cannot run here (no Java, no Maven for the first fetch), or None.
     Asked before anything is measured, so a missing tool costs no benchmark time."""
@@ -449,15 +482,25 @@ def measure(
     wires: list[Wire],
     only: str | None,
     log: Logger,
+    opensearch: SearchSettings | str,
 ) -> dict[str, float]:
-    """Every phase (or ``only`` one) on the broker ``base`` points at, by measure name."""
-    if only in ("olap", "search"):
-        return {f"ingest_{only}_events_per_s": throughput(base, registry, wires, [only], log)[only]}
+    """Every phase (or ``only`` one) on the broker ``base`` points at, by measure name.
+    The search sink runs on tantivy, then on ``opensearch`` (or NaN: the reason it
+    cannot run here) with the same events, one after the other."""
     out: dict[str, float] = {}
-    if only is None:
+    if only in (None, "search"):
+        out["ingest_search_events_per_s"] = throughput(base, registry, wires, ["search"], log)[
+            "search"
+        ]
+        if isinstance(opensearch, SearchSettings):
+            on = base.model_copy(update={"search": opensearch})
+            rate = throughput(on, registry, wires, ["search"], tagged(log, "opensearch"))
+            out["ingest_search_opensearch_events_per_s"] = rate["search"]
+    if only == "olap" or only is None:
         out["ingest_olap_events_per_s"] = throughput(base, registry, wires, ["olap"], log)["olap"]
-        search = throughput(base, registry, wires, ["search"], log)["search"]
-        out["ingest_search_events_per_s"] = search
+    if only in ("olap", "search"):
+        return out
+    if only is None:
         both = throughput(base, registry, wires, ["olap", "search"], log)
         out["ingest_both_events_per_s"] = min(both.values())
     lags, commit_lags = freshness(base, registry, scale["steady_s"], FRESHNESS_RATE, log)
@@ -472,7 +515,7 @@ def measure(
 def measures(only: str | None) -> list[tuple[str, str]]:
     """The (measure, unit) pairs a run with ``only`` records per broker."""
     if only in ("olap", "search"):
-        return [m for m in THROUGHPUT if m[0] == f"ingest_{only}_events_per_s"]
+        return [m for m in THROUGHPUT if m[0].startswith(f"ingest_{only}_")]
     return FRESHNESS if only == "freshness" else THROUGHPUT + FRESHNESS
 
 
@@ -519,8 +562,8 @@ def run(scale_name: str, which: str, only: str | None) -> int:
     log = Log()
     registry = SpecRegistry.load(builtin_spec_paths())
     figures = Figures()
-    with tempfile.TemporaryDirectory(prefix="tally-bench-ingest-") as tmp_name:
-        tmp = Path(tmp_name)
+    with contextlib.ExitStack() as stack:
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tally-bench-ingest-")))
         skipped: dict[str, str] = {}
         if "kafka" in brokers and (reason := kafka_unavailable(tmp / "kafka")) is not None:
             if brokers == ["kafka"]:
@@ -537,6 +580,9 @@ def run(scale_name: str, which: str, only: str | None) -> int:
             figures.add("ingest_events", len(wires), "events")
         if only in (None, "freshness"):
             figures.add("freshness_rate_events_per_s", FRESHNESS_RATE, "events/s")
+        search: SearchSettings | str = "not measured in this phase"
+        if only in (None, "search"):
+            search = stack.enter_context(running_opensearch(tmp / "opensearch", log))
         for broker in brokers:
             if broker in skipped:
                 for name, unit in wanted:
@@ -547,9 +593,12 @@ def run(scale_name: str, which: str, only: str | None) -> int:
                 base = Settings(
                     data_dir=tmp / broker, kafka_bootstrap=bootstrap, ingest=IngestSettings()
                 )
-                got = measure(base, registry, scale, wires, only, tagged(log, broker))
+                got = measure(base, registry, scale, wires, only, tagged(log, broker), search)
             for name, unit in wanted:
-                figures.add(f"{name}_{broker}", got[name], unit)
+                if name in got:
+                    figures.add(f"{name}_{broker}", got[name], unit)
+                elif isinstance(search, str):
+                    figures.skip(f"{name}_{broker}", unit, search)
     title = f"ingest{f' {only}' if only else ''} ({scale_name})"
     if wires:
         title += f": {len(wires):,} events"

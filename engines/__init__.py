@@ -17,6 +17,7 @@ from engines.base import Engine
 REGISTRY: dict[str, str] = {
     "kafka": "engines.kafka",
     "druid": "engines.druid",
+    "opensearch": "engines.opensearch",
 }
 
 

@@ -18,8 +18,8 @@ from tally.clikit import FormatOption, state
 from tally.output import Format, emit_json, emit_table
 
 app = typer.Typer(
-    help="Real engines (Apache Kafka, Apache Druid) as local processes on loopback, from"
-    " Maven Central.",
+    help="Real engines (Apache Kafka, Apache Druid, OpenSearch) as local processes on"
+    " loopback, from Maven Central.",
     no_args_is_help=True,
 )
 

@@ -18,6 +18,7 @@ class SearchCapabilities:
     name: str
     external_versions: bool  # the engine enforces "older never overwrites newer" itself
     shards_by_source_partition: bool  # one index shard per Kafka partition
+    routes_by_tenant: bool = False  # a tenant's docs on its shard; a search asks it alone
 
 
 @dataclass(frozen=True)

@@ -148,11 +148,22 @@ class ApiSettings(BaseModel):
 class SearchSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    backend: Literal["tantivy", "elasticsearch"] = "tantivy"
-    elasticsearch_url: str = "http://127.0.0.1:9200"
-    elasticsearch_user: str | None = None
-    elasticsearch_password: SecretStr | None = None
-    elasticsearch_index_prefix: str = "tally-"
+    backend: Literal["tantivy", "elasticsearch", "opensearch"] = "tantivy"
+    # A search cluster's (Elasticsearch or OpenSearch):
+    url: str = Field("http://127.0.0.1:9200", description="comma-separated node URLs")
+    user: str | None = None
+    password: SecretStr | None = None
+    index_prefix: str = "tally-"
+    shards: int = Field(1, ge=1, description="primary shards of each datasource's index")
+    replicas: int | None = Field(None, ge=0, description="replicas (None: the cluster's default)")
+    refresh_interval_s: float = Field(
+        1.0,
+        ge=0,
+        description="the engine's own refresh of each index (0: none); a commit refreshes anyway",
+    )
+    max_result_window: int = Field(
+        10_000, ge=1, description="index.max_result_window: hits per search request at most"
+    )
 
 
 class DruidSettings(BaseModel):

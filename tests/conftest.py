@@ -20,6 +20,7 @@ from tally.settings import IngestSettings, Settings, StoreSettings
 from tally.specs import DatasourceSpec, SpecRegistry, builtin_spec_paths
 from tests.brokers import NAMES, Broker, KafkaBroker, missing_tools, start
 from tests.druid import Druid, start_druid
+from tests.opensearch import OpenSearch, start_opensearch
 from tests.storage.starrocks.target import Target
 from tests.storage.starrocks.target import start as start_starrocks
 
@@ -35,7 +36,11 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     used = set().union(*(getattr(item, "fixturenames", ()) for item in session.items))
     wanted = [
         name
-        for name, fixtures in (("kafka", {"broker", "kafka_broker"}), ("druid", {"druid"}))
+        for name, fixtures in (
+            ("kafka", {"broker", "kafka_broker"}),
+            ("druid", {"druid"}),
+            ("opensearch", {"opensearch"}),
+        )
         if used & fixtures
     ]
     if wanted and missing_tools() is None:
@@ -45,7 +50,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 # Fixtures that start a heavy service once per session, and the group their tests are
 # kept in under pytest-xdist (``--dist loadgroup``): one worker starts it, the other
 # never does. (Kafka and the development broker are light enough to run per worker.)
-_HEAVY = {"druid": "druid", "live": "pages"}
+_HEAVY = {"druid": "druid", "live": "pages", "opensearch": "opensearch"}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -55,8 +60,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         fixtures = set(getattr(item, "fixturenames", ()))
         group = next((g for name, g in _HEAVY.items() if name in fixtures), None)
-        if group is None and "druid" in item.nodeid.lower():
-            group = "druid"
+        for engine in ("druid", "opensearch"):
+            if group is None and engine in item.nodeid.lower():
+                group = engine
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
 
@@ -200,5 +206,13 @@ def starrocks() -> Iterator[Target]:
 def druid(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Druid]:
     """A real Druid (``tally engines up druid``) in its own data dir; stopped at the end."""
     running = start_druid(tmp_path_factory.mktemp("druid"))
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="session")
+def opensearch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenSearch]:
+    """A real OpenSearch (``tally engines up opensearch``) in its own data dir."""
+    running = start_opensearch(tmp_path_factory.mktemp("opensearch"))
     yield running
     running.stop()

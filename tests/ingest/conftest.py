@@ -39,6 +39,11 @@ def env_for(settings: Settings) -> dict[str, str]:
             if (url := getattr(settings.druid, name)) is not None
         }
         | {
+            f"TALLY_SEARCH__{name.upper()}": str(value)
+            for name, value in settings.search.model_dump().items()
+            if value is not None and name != "password"
+        }
+        | {
             f"TALLY_STARROCKS__{name.upper()}": str(value)
             for name, value in settings.starrocks.model_dump().items()
             if value is not None and name != "password"

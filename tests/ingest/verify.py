@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ingest.deadletter import list_dead_letters, raw_value
-from search.tantivy_index import TantivyIndex
+from search import open_index
 from storage import open_reader
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
@@ -49,14 +49,14 @@ def assert_exact(
         reader.close()
 
     if search:
-        _assert_index(settings, spec, latest)
+        assert_index(settings, spec, latest)
     _assert_dead_letters(settings, spec, published)
 
 
-def _assert_index(
+def assert_index(
     settings: Settings, spec: DatasourceSpec, latest: dict[str, Mapping[str, Any]]
 ) -> None:
-    index = TantivyIndex(settings, spec, readonly=True)
+    index = open_index(settings, spec, readonly=True)  # the backend ``settings`` name
     indexed = index.all_versions()
     index.close()
     want_versions = {k: (r["version"], r["event_id"]) for k, r in latest.items()}

@@ -26,8 +26,7 @@ from producers.malformed import Wire, with_malformed
 from producers.publish import Publisher
 from query_api.keys import KeyStore
 from query_api.ready import wait_ready
-from search import Doc
-from search.tantivy_index import TantivyIndex
+from search import Doc, open_index
 from storage import open_store
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
@@ -91,7 +90,7 @@ def _history(n: int, seed: int) -> list[dict[str, Any]]:
 
 def index_docs(settings: Settings, spec: DatasourceSpec, rows: list[dict[str, Any]]) -> None:
     ds = spec.datasource
-    index = TantivyIndex(settings, spec)
+    index = open_index(settings, spec)  # the backend ``settings`` name
     try:
         docs = [
             Doc(

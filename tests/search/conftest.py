@@ -29,8 +29,10 @@ from elasticsearch import Elasticsearch
 from osmem_server import OsmemServer
 
 from search.elastic_index import ElasticIndex
+from search.opensearch_index import OpenSearchIndex
 from tally.settings import SearchSettings, Settings
 from tally.specs import DatasourceSpec
+from tests.opensearch import OpenSearch
 
 _COMPAT = re.compile(r"application/vnd\.elasticsearch\+([\w-]+)(\s*;\s*compatible-with=\d+)?")
 
@@ -111,9 +113,7 @@ def es_url() -> Iterator[str]:
 def es_settings(tmp: Path, url: str, prefix: str) -> Settings:
     return Settings(
         data_dir=tmp,
-        search=SearchSettings(
-            backend="elasticsearch", elasticsearch_url=url, elasticsearch_index_prefix=prefix
-        ),
+        search=SearchSettings(backend="elasticsearch", url=url, index_prefix=prefix),
     )
 
 
@@ -153,3 +153,43 @@ def make_elastic(
             admin.indices.delete(index=names[i : i + 50], ignore_unavailable=True)
     finally:
         admin.close()
+
+
+MakeOpenSearch = Callable[..., OpenSearchIndex]
+OPENSEARCH_SHARDS = 3  # more than one, so routing by tenant is exercised
+
+
+def opensearch_settings(tmp: Path, url: str, prefix: str, **search: Any) -> Settings:
+    fields = {"shards": OPENSEARCH_SHARDS, "replicas": 0, **search}
+    return Settings(
+        data_dir=tmp,
+        search=SearchSettings(backend="opensearch", url=url, index_prefix=prefix, **fields),
+    )
+
+
+@pytest.fixture
+def make_opensearch(
+    opensearch: OpenSearch, payments_spec: DatasourceSpec, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MakeOpenSearch]:
+    """Open OpenSearchIndex instances on the real OpenSearch: ``make(prefix=None,
+    spec=None, **search_settings)``, as ``make_elastic`` does on osmem; three shards and
+    no replicas unless told otherwise. Every index made is deleted afterwards."""
+    opened: list[OpenSearchIndex] = []
+    prefixes: set[str] = set()
+    tmp = tmp_path_factory.mktemp("os")
+
+    def make(
+        prefix: str | None = None, spec: DatasourceSpec | None = None, **search: Any
+    ) -> OpenSearchIndex:
+        prefix = prefix or new_prefix()
+        prefixes.add(prefix)
+        settings = opensearch_settings(tmp, opensearch.url, prefix, **search)
+        index = OpenSearchIndex(settings, spec or payments_spec)
+        opened.append(index)
+        return index
+
+    yield make
+    for index in opened:
+        index.close()
+    for prefix in sorted(prefixes):
+        opensearch.delete(f"{prefix}*")

@@ -1,11 +1,13 @@
 """One behaviour contract, run against every search backend.
 
-tantivy runs embedded in a temporary data directory; Elasticsearch runs against
-osmem-server, an in-memory OpenSearch-compatible server (see conftest.py). What the
-osmem runs do not prove about real Elasticsearch: osmem makes writes searchable
-without a refresh, so "commit makes writes searchable" is only proven for tantivy
-here (test_elastic.py checks that commit does issue the refresh); and scores come
-from osmem's own BM25, so only score *order* is asserted, never values.
+tantivy runs embedded in a temporary data directory; OpenSearch is a real node
+(``tally engines up opensearch``, three shards per index, so routing by tenant is
+exercised); Elasticsearch runs against osmem-server, an in-memory OpenSearch-compatible
+server (see conftest.py). What the osmem runs do not prove about real Elasticsearch:
+osmem makes writes searchable without a refresh, so "commit makes writes searchable" is
+proven on tantivy and OpenSearch (test_elastic.py checks that commit does issue the
+refresh); and scores come from each engine's own BM25, so only score *order* is
+asserted, never values.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import itertools
 import json
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
@@ -23,14 +25,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from search.elastic_index import ElasticIndex
+from search.cluster import ClusterIndex
 from search.protocol import Doc, Hit, SearchIndex, SearchOrder, UpsertResult
 from search.tantivy_index import TantivyIndex
 from tally.errors import InvalidArgument, InvalidRow, SearchError
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
 from tally.timeutil import to_micros
-from tests.search.conftest import MakeElastic
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 SEOUL = ZoneInfo("Asia/Seoul")
@@ -41,22 +42,27 @@ class Index(SearchIndex, Protocol):
 
 
 class Backend:
-    """Opens indices of one backend: ``new()`` is empty, ``reopen()`` shares storage."""
+    """Opens indices of one backend: ``new()`` is empty, ``reopen()`` shares storage.
+    ``make_cluster`` opens a cluster backend's index by prefix (None: tantivy)."""
 
     def __init__(
-        self, name: str, tmp: Path, spec: DatasourceSpec, make_elastic: MakeElastic | None
+        self,
+        name: str,
+        tmp: Path,
+        spec: DatasourceSpec,
+        make_cluster: Callable[..., ClusterIndex] | None,
     ) -> None:
         self.name = name
         self.tmp = tmp
         self.spec = spec
-        self.make_elastic = make_elastic
+        self.make_cluster = make_cluster
         self.opened: list[Index] = []
         self._where: dict[int, str] = {}
 
     def _open(self, where: str) -> Index:
         index: Index
-        if self.make_elastic is not None:
-            index = self.make_elastic(prefix=where)
+        if self.make_cluster is not None:
+            index = self.make_cluster(prefix=where)
         else:
             index = TantivyIndex(Settings(data_dir=self.tmp / where), self.spec)
         self.opened.append(index)
@@ -75,19 +81,23 @@ class Backend:
         self.opened.clear()
 
 
+# backend → the fixture that opens its indices (tantivy: none, it is embedded)
+_MAKERS = {"tantivy": None, "elasticsearch": "make_elastic", "opensearch": "make_opensearch"}
+
+
 def open_backend(
     name: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Backend]:
     spec: DatasourceSpec = request.getfixturevalue("payments_spec")
-    make_elastic: MakeElastic | None = None
-    if name == "elasticsearch":  # only then start (or reuse) the osmem server
-        make_elastic = request.getfixturevalue("make_elastic")
-    b = Backend(name, tmp_path_factory.mktemp("search"), spec, make_elastic)
+    maker = _MAKERS[name]
+    # only a backend's own tests start (or reuse) its server
+    make_cluster = request.getfixturevalue(maker) if maker is not None else None
+    b = Backend(name, tmp_path_factory.mktemp("search"), spec, make_cluster)
     yield b
     b.close()
 
 
-@pytest.fixture(params=["tantivy", "elasticsearch"])
+@pytest.fixture(params=list(_MAKERS))
 def backend(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Backend]:
@@ -106,6 +116,13 @@ def elastic_backend(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Backend]:
     yield from open_backend("elasticsearch", request, tmp_path_factory)
+
+
+@pytest.fixture
+def opensearch_backend(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Backend]:
+    yield from open_backend("opensearch", request, tmp_path_factory)
 
 
 @pytest.fixture
@@ -214,7 +231,7 @@ def test_equal_version_redelivery_never_overwrites(index: Index) -> None:
 @pytest.mark.parametrize("first", ["ea", "eb"])
 def test_equal_version_different_event_id_tie_break(index: Index, first: str) -> None:
     """tantivy keeps the greatest event_id (like the OLAP store); Elasticsearch's external
-    versions refuse equal versions, so the first writer wins (see ElasticIndex.upsert)."""
+    versions refuse equal versions, so the first writer wins (see ClusterIndex.upsert)."""
     second = "eb" if first == "ea" else "ea"
     put(index, [doc("k1", 2, event_id=first, order_name=f"name {first}")])
     put(index, [doc("k1", 2, event_id=second, order_name=f"name {second}")])
@@ -532,15 +549,14 @@ def test_a_stored_naive_watermark_is_an_error_not_utc(backend: Backend) -> None:
             json.dumps({"newest": NAIVE.isoformat()})
         )
     else:
-        assert isinstance(index, ElasticIndex)
-        index.client.index(
-            index=index.meta_index,
-            id=index.spec.name,
-            document={"datasource": index.spec.name, "newest": NAIVE.isoformat()},
-            version=to_micros(T0) + 1,
-            version_type="external",
-            refresh=True,
+        assert isinstance(index, ClusterIndex)
+        status, _reply = index._send(
+            "PUT",
+            f"/{index.meta_index}/_doc/{index.spec.name}",
+            params={"version": to_micros(T0) + 1, "version_type": "external", "refresh": "true"},
+            body={"datasource": index.spec.name, "newest": NAIVE.isoformat()},
         )
+        assert status in (200, 201), status
     with pytest.raises(SearchError, match="timezone"):
         backend.reopen(index).freshness()
 
@@ -628,3 +644,11 @@ def test_any_delivery_ends_at_the_reference_versions_elasticsearch(
     elastic_backend: Backend, history: list[Event], data: st.DataObject
 ) -> None:
     deliver(elastic_backend, history, data)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=NEW_INDEX_PER_EXAMPLE)
+@given(history=histories, data=st.data())
+def test_any_delivery_ends_at_the_reference_versions_opensearch(
+    opensearch_backend: Backend, history: list[Event], data: st.DataObject
+) -> None:
+    deliver(opensearch_backend, history, data)
