@@ -19,13 +19,16 @@ from compaction.differences import (
     table_rows,
 )
 from compaction.logstate import SOURCE_OFFSET, SOURCE_PARTITION, LogState
+from ingest.decode import Decoded
 from ingest.kafka import committed_offsets, end_offsets
+from ingest.selection import Selector
 from search import Doc, SearchIndex
 from storage import OlapReader
 from storage.deltas import SIGN, signed_deltas
 from storage.sql import every_row, summed
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, Rollup, SpecRegistry
+from tally.specs.selection import in_sample
 
 
 class Check:
@@ -48,7 +51,17 @@ class Check:
         key = self.columns.index(ds.key)
         self.rows: dict[str, Row] = {r[key]: r[: len(self.columns)] for r in rows}
         self.source: dict[str, tuple[int, int]] = {r[key]: (r[-2], r[-1]) for r in rows}
-        self.groups = {r.name: self._expected_groups(r, log.rows) for r in spec.rollups}
+        # What each sink was told to keep ([sinks.<name>]): the keys it must hold, and
+        # those whose latest version its filter skips (an earlier one may be there).
+        self.kept: dict[str, set[str]] = {}
+        self.unchecked: dict[str, set[str]] = {}
+        for sink in ("olap", "search"):
+            self.kept[sink], self.unchecked[sink] = _selected(spec, sink, log.rows)
+        olap_rows = log.rows
+        if not spec.selection("olap").everything:
+            wanted = pa.array(sorted(self.kept["olap"]), log.rows.schema.field(ds.key).type)
+            olap_rows = log.rows.filter(pc.is_in(log.rows.column(ds.key), value_set=wanted))
+        self.groups = {r.name: self._expected_groups(r, olap_rows) for r in spec.rollups}
 
     # --- reading the sinks --------------------------------------------------------------
 
@@ -70,9 +83,11 @@ class Check:
     def _search(self, keys: Iterable[str] | None = None) -> list[Difference]:
         found = self.index.all_versions()
         wanted = set(found) | set(self.rows) if keys is None else set(keys)
+        wanted -= self.unchecked["search"]
         ds = self.spec.datasource
         v, e, t = (self.columns.index(c) for c in (ds.version, ds.event_id, ds.time))
-        expected = {k: (r[v], r[e], r[t]) for k, r in self.rows.items() if k in wanted}
+        kept = self.kept["search"]
+        expected = {k: (r[v], r[e], r[t]) for k, r in self.rows.items() if k in wanted & kept}
         found = {k: f for k, f in found.items() if k in wanted}
         same = [k for k, f in found.items() if k in expected and f[0] == expected[k][0]]
         located = self.index.locate(same) if same else {}
@@ -81,8 +96,17 @@ class Check:
 
     # --- comparing ----------------------------------------------------------------------
 
+    def _olap_expected(self, keys: Iterable[str] | None = None) -> dict[str, Row]:
+        chosen = set(self.rows) if keys is None else set(keys)
+        return {k: self.rows[k] for k in chosen & self.kept["olap"] if k in self.rows}
+
+    def _olap_found(self, table: pa.Table) -> list[Row]:
+        key = self.columns.index(self.spec.datasource.key)
+        skip = self.unchecked["olap"]
+        return [r for r in table_rows(table, self.columns) if r[key] not in skip]
+
     def compare_all(self) -> list[Difference]:
-        diffs = compare_rows(self.spec, self.rows, table_rows(self._olap(), self.columns))
+        diffs = compare_rows(self.spec, self._olap_expected(), self._olap_found(self._olap()))
         for rollup in self.spec.rollups:
             diffs += self._compare_rollup(rollup)
         return diffs + self._search()
@@ -98,8 +122,8 @@ class Check:
         out: list[Difference] = []
         keys = {d.key for d in diffs if d.sink == "olap" and d.key is not None}
         if keys:
-            found = table_rows(self._olap(keys), self.columns)
-            out += compare_rows(self.spec, {k: self.rows[k] for k in keys if k in self.rows}, found)
+            found = self._olap_found(self._olap(keys))
+            out += compare_rows(self.spec, self._olap_expected(keys), found)
         for rollup in self.spec.rollups:
             if any(d.rollup == rollup.name for d in diffs):
                 out += self._compare_rollup(rollup)
@@ -260,3 +284,16 @@ def summed_groups(reader: OlapReader, spec: DatasourceSpec, rollup: Rollup) -> s
     metrics = [m.name for m in spec.parsed_metrics]
     query = summed(reader.relation(rollup.name), keys, metrics)
     return query.sql(dialect=reader.capabilities.sql_dialect)
+
+
+def _selected(spec: DatasourceSpec, sink: str, rows: pa.Table) -> tuple[set[str], set[str]]:
+    """Of the latest rows, the keys ``sink`` keeps, and those in its sample that its
+    filter skips (what it holds of them depends on earlier versions: not checked)."""
+    keys = rows.column(spec.datasource.key).to_pylist()
+    chosen = spec.selection(sink)
+    if chosen.everything:
+        return set(keys), set()
+    selected = Selector(spec, sink).apply(Decoded(rows))
+    kept = set(selected.decoded.table.column(spec.datasource.key).to_pylist())
+    sampled = {k for k in keys if in_sample(k, chosen.sample)}
+    return kept, sampled - kept

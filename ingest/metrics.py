@@ -15,6 +15,12 @@ stale = Counter("tally_ingest_stale_total", "Rows skipped by the version guard",
 dead_lettered = Counter(
     "tally_ingest_dead_lettered_total", "Messages sent to the dead-letter topic", LABELS
 )
+selected = Counter(
+    "tally_ingest_selected_total",
+    "Decoded events by what the sink's [sinks.<name>] selection did: kept, out_of_sample"
+    " (skipped by the key's sample) or filtered (skipped by the filter)",
+    (*LABELS, "outcome"),
+)
 rejected = Counter("tally_ingest_rejected_total", "Messages that failed validation", LABELS)
 retries = Counter(
     "tally_ingest_retries_total", "Batch attempts retried after transient errors", LABELS

@@ -49,6 +49,7 @@ from confluent_kafka import (
 from ingest import metrics
 from ingest.decode import Decoder, Message
 from ingest.kafka import consumer_config, translate, unread
+from ingest.selection import Selector
 from ingest.sinks import TP, Sink
 from storage import OffsetRange
 from tally.errors import BrokerError, BrokerUnavailable, OffsetMismatch, TallyError
@@ -84,6 +85,7 @@ class Runner:
         self.topic = settings.topic(spec.datasource.topic)
         self.group = settings.group(sink.name, spec.name)
         self.decoder = Decoder(spec)
+        self.selector = Selector(spec, sink.name)
         self.labels = {"sink": sink.name, "datasource": spec.name}
         self.positions: dict[int, int | None] = {}  # partition → start of the next batch
         self._last_contact: float | None = None  # last prompt answer or message from the broker
@@ -411,9 +413,13 @@ class Runner:
 
     def _process(self, messages: list[Message], ranges: dict[TP, OffsetRange]) -> None:
         started = time.perf_counter()
-        decoded = self.decoder.decode(messages)
+        selected = self.selector.apply(self.decoder.decode(messages))
+        decoded = selected.decoded
         metrics.consumed.labels(**self.labels).inc(len(messages))
         metrics.rejected.labels(**self.labels).inc(len(decoded.rejected))
+        for outcome in ("kept", "out_of_sample", "filtered"):
+            count = getattr(selected, outcome)
+            metrics.selected.labels(**self.labels, outcome=outcome).inc(count)
         backoff = self.settings.ingest.retry_initial_s
         while True:
             try:

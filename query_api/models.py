@@ -67,12 +67,29 @@ def transaction_model(spec: DatasourceSpec) -> type[BaseModel]:
     return create_model("Transaction", **fields)
 
 
+class IndexCoverage(BaseModel):
+    """What the search index holds of the datasource when it is not everything (its
+    ``[sinks.search]`` in the spec): a keyword finds only events it kept."""
+
+    sample: float = Field(description="share of the keys indexed (decided by key)")
+    filter: str | None = Field(description="the predicate an event passed to be indexed")
+
+
 def transactions_model(item: type[BaseModel]) -> type[BaseModel]:
     return create_model(
         "Transactions",
         items=(list[item], ...),  # type: ignore[valid-type]
         next_cursor=(str | None, None),
         freshness=(Freshness, ...),
+        search_coverage=(
+            IndexCoverage | None,
+            Field(
+                None,
+                description="set when a keyword was answered through an index that holds"
+                " only a sample or a filtered part of the datasource; null when it holds"
+                " every event or no keyword was asked",
+            ),
+        ),
     )
 
 

@@ -24,7 +24,13 @@ from fastapi import APIRouter, Path, Query
 from sqlglot import exp
 
 from query_api.deps import MerchantDep, ServicesDep
-from query_api.models import ErrorBody, Freshness, transaction_model, transactions_model
+from query_api.models import (
+    ErrorBody,
+    Freshness,
+    IndexCoverage,
+    transaction_model,
+    transactions_model,
+)
 from query_api.params import time_range
 from query_api.services import Services
 from search import Hit, SearchOrder
@@ -110,7 +116,16 @@ def build(spec: DatasourceSpec) -> APIRouter:
             )
         for row in rows:
             row.pop("_score", None)
-        return {"items": rows, "next_cursor": next_cursor, "freshness": _freshness(services)}
+        indexed_part = spec.selection("search")
+        coverage = None
+        if indexed(text) and not indexed_part.everything:
+            coverage = IndexCoverage(sample=indexed_part.sample, filter=indexed_part.filter)
+        return {
+            "items": rows,
+            "next_cursor": next_cursor,
+            "freshness": _freshness(services),
+            "search_coverage": coverage,
+        }
 
     @router.get("/v1/transactions/{txn_id}", response_model=item_model, responses=_ERRORS)
     def get_transaction(

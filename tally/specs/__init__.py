@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tally.errors import SpecError, UnknownDatasource
 from tally.specs.metrics import Metric, parse_metric
+from tally.specs.selection import parse_filter
 from tally.timeutil import Granularity, coarser_or_equal, parse_duration
 
 ColumnType = Literal["string", "int", "timestamp", "bool"]
@@ -89,6 +90,20 @@ class Datasource(BaseModel):
         return value
 
 
+class SinkSelection(BaseModel):
+    """What one sink keeps of a datasource (:mod:`tally.specs.selection`): a share of
+    the keys, decided by key, and a filter over the event's columns."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sample: float = Field(1.0, gt=0, le=1)
+    filter: str | None = None
+
+    @property
+    def everything(self) -> bool:
+        return self.sample >= 1 and self.filter is None
+
+
 class DatasourceSpec(BaseModel):
     """A validated datasource spec. Frozen: specs are read once per process."""
 
@@ -98,6 +113,8 @@ class DatasourceSpec(BaseModel):
     columns: dict[str, Column]
     metrics: dict[str, str] = Field(default_factory=dict)
     rollups: tuple[Rollup, ...] = ()
+    # Per sink (``olap``, ``search``): what it keeps; every event where not declared.
+    sinks: dict[Literal["olap", "search"], SinkSelection] = Field(default_factory=dict)
     source: str = "<memory>"
 
     @field_validator("columns", mode="before")
@@ -155,6 +172,12 @@ class DatasourceSpec(BaseModel):
                 rollup.granularity, ds.granularity
             ):
                 raise ValueError(f"rollups[{i}].granularity: not comparable")
+        for sink, chosen in self.sinks.items():
+            if chosen.filter is not None:
+                try:
+                    parse_filter(chosen.filter, {c: v.type for c, v in cols.items()})
+                except ValueError as exc:
+                    raise ValueError(f"sinks.{sink}.filter: {exc}") from None
         if self.rollups and not any(m.kind == "count" for m in self.parsed_metrics):
             # Groups netting to zero are hidden; only a count makes "zero" mean "no rows".
             raise ValueError("rollups: a datasource with rollups needs a count(*) metric")
@@ -188,6 +211,13 @@ class DatasourceSpec(BaseModel):
     @property
     def dead_letter_topic(self) -> str:
         return self.datasource.dead_letter_topic or f"{self.datasource.topic}.dlq"
+
+    def selection(self, sink: str) -> SinkSelection:
+        """What ``sink`` keeps (everything unless the spec says otherwise)."""
+        for name, chosen in self.sinks.items():
+            if name == sink:
+                return chosen
+        return SinkSelection()
 
     def rollup(self, name: str) -> Rollup:
         for rollup in self.rollups:

@@ -103,6 +103,29 @@ def _to_toml(data: dict[str, Any]) -> str:
             "datasource.active_window",
             "duration",
         ),
+        (lambda d: d.update(sinks={"search": {"sample": 0}}), "sinks.search.sample", "than 0"),
+        (lambda d: d.update(sinks={"search": {"sample": 1.5}}), "sinks.search.sample", "1"),
+        (
+            lambda d: d.update(sinks={"search": {"filter": "nope = 1"}}),
+            "sinks.search.filter",
+            "unknown column 'nope'",
+        ),
+        (
+            lambda d: d.update(sinks={"olap": {"filter": "lower(status) = 'done'"}}),
+            "sinks.olap.filter",
+            "unsupported in a filter: 'LOWER(status)'",
+        ),
+        (
+            lambda d: d.update(sinks={"search": {"filter": "amount >"}}),
+            "sinks.search.filter",
+            "not a SQL predicate",
+        ),
+        (
+            lambda d: d.update(sinks={"search": {"filter": "amount = 'many'"}}),
+            "sinks.search.filter",
+            "cannot be evaluated on the declared column types",
+        ),
+        (lambda d: d.update(sinks={"relay": {"sample": 0.5}}), "sinks.relay", "'olap' or 'search'"),
     ],
 )
 def test_a_malformed_spec_names_file_key_and_problem(
@@ -112,6 +135,7 @@ def test_a_malformed_spec_names_file_key_and_problem(
     with pytest.raises(SpecError) as caught:
         load_spec(path)
     message = str(caught.value)
+    assert "\n" not in message  # one line
     assert message.startswith(f"{path}: ")
     assert key in message
     assert problem in message
