@@ -66,6 +66,10 @@ FRESHNESS = [
     ("freshness_p99_ms", "ms"),
     ("freshness_committed_p50_ms", "ms"),
     ("freshness_committed_p99_ms", "ms"),
+    ("freshness_search_p50_ms", "ms"),
+    ("freshness_search_p99_ms", "ms"),
+    ("freshness_search_opensearch_p50_ms", "ms"),
+    ("freshness_search_opensearch_p99_ms", "ms"),
 ]
 PROBE_MERCHANT = "mch_probe"
 SEOUL = ZoneInfo("Asia/Seoul")
@@ -200,13 +204,16 @@ def throughput(
 
 def freshness(
     base: Settings, registry: SpecRegistry, seconds: int, rate: int, log: Logger
-) -> tuple[list[float], list[float]]:
-    """Steady ``rate`` events/s with probe payments every 100 ms; a reader process
-    records when each probe becomes visible in the merged view."""
+) -> tuple[list[float], list[float], list[float]]:
+    """Steady ``rate`` events/s with probe payments every 100 ms; one reader process
+    records when each probe becomes visible in the merged view, another when the
+    search index (the backend ``base`` names) finds it."""
+    run_id = uuid.uuid4().hex[:8]
     settings = base.model_copy(
         update={
-            "topic_namespace": f"f{uuid.uuid4().hex[:8]}.",
-            "data_dir": base.data_dir / uuid.uuid4().hex[:8],
+            "topic_namespace": f"f{run_id}.",
+            "data_dir": base.data_dir / run_id,
+            "search": base.search.model_copy(update={"index_prefix": f"f{run_id}-"}),
         }
     )
     ensure_topics(settings, registry)
@@ -240,10 +247,12 @@ def freshness(
         )
     )
     seen_file = settings.data_dir / "seen.tsv"
+    found_file = settings.data_dir / "found.tsv"
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    reader = subprocess.Popen(
-        [sys.executable, __file__, "--probe-reader", str(seen_file)], env=env(settings)
-    )
+    readers = [
+        subprocess.Popen([sys.executable, __file__, flag, str(path)], env=env(settings))
+        for flag, path in (("--probe-reader", seen_file), ("--probe-search", found_file))
+    ]
     produced: dict[str, float] = {}
     try:
         pub = Publisher(settings, topic)
@@ -264,11 +273,14 @@ def freshness(
             time.sleep(0.1)
         produced = steady(pub, topic, seconds, rate)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and len(read_seen(seen_file)) < len(produced):
+        while time.monotonic() < deadline and min(
+            len(read_seen(seen_file)), len(read_seen(found_file))
+        ) < len(produced):
             time.sleep(0.2)
     finally:
-        reader.terminate()
-        reader.wait(10)
+        for reader in readers:
+            reader.terminate()
+            reader.wait(10)
         for ingest in ingests:
             ingest.terminate()
         for ingest in ingests:
@@ -280,7 +292,10 @@ def freshness(
     commit_lags = [(committed[t] - p) * 1000 for t, p in produced.items() if t in committed]
     if os.environ.get("TALLY_BENCH_DEBUG"):
         print("commit lags", " ".join(f"{x:.0f}" for x in commit_lags), file=sys.stderr)
-    return lags, commit_lags
+    found = read_seen(found_file)
+    search_lags = [(found[t] - p) * 1000 for t, p in produced.items() if t in found]
+    log(f"freshness: {len(search_lags)}/{len(produced)} probes found by search")
+    return lags, commit_lags, search_lags
 
 
 def steady(pub: Publisher, topic: str, seconds: int, rate: int) -> dict[str, float]:
@@ -421,6 +436,32 @@ def probe_reader(seen_file: Path) -> None:
             time.sleep(0.1)  # poll like a dashboard would, not a busy loop
 
 
+def probe_search(found_file: Path) -> None:
+    """Another process: ask the search index for the probe merchant's newest documents,
+    as the API's hybrid search does, and note when each probe is first found."""
+    from search import open_index
+    from tally.settings import load_settings
+
+    settings = load_settings(None)
+    spec = SpecRegistry.load(builtin_spec_paths()).get("payments")
+    index = None
+    seen: set[str] = set()
+    with found_file.open("a") as out:
+        while True:
+            try:  # the embedded index does not exist before the sink's first commit
+                index = index or open_index(settings, spec, readonly=True)
+                hits = index.search(PROBE_MERCHANT, "probe", limit=2000, order="time")
+            except (TallyError, ValueError, OSError):
+                hits = []
+            now = time.time()
+            for hit in hits:
+                if hit.key not in seen:
+                    seen.add(hit.key)
+                    out.write(f"{hit.key}\t{now}\n")
+            out.flush()
+            time.sleep(0.1)
+
+
 @contextmanager
 def running_broker(name: str, data_dir: Path) -> Iterator[str]:
     """Start broker ``name`` with its files under ``data_dir``; yields its bootstrap
@@ -503,12 +544,20 @@ def measure(
     if only is None:
         both = throughput(base, registry, wires, ["olap", "search"], log)
         out["ingest_both_events_per_s"] = min(both.values())
-    lags, commit_lags = freshness(base, registry, scale["steady_s"], FRESHNESS_RATE, log)
+    lags, commit_lags, found = freshness(base, registry, scale["steady_s"], FRESHNESS_RATE, log)
     out["freshness_probes"] = len(lags)
     out["freshness_p50_ms"] = percentile(lags, 50)
     out["freshness_p99_ms"] = percentile(lags, 99)
     out["freshness_committed_p50_ms"] = percentile(commit_lags, 50)
     out["freshness_committed_p99_ms"] = percentile(commit_lags, 99)
+    out["freshness_search_p50_ms"] = percentile(found, 50)
+    out["freshness_search_p99_ms"] = percentile(found, 99)
+    if isinstance(opensearch, SearchSettings):  # the same steady run, OpenSearch as index
+        on = base.model_copy(update={"search": opensearch})
+        steady_s = scale["steady_s"]
+        _, _, found = freshness(on, registry, steady_s, FRESHNESS_RATE, tagged(log, "opensearch"))
+        out["freshness_search_opensearch_p50_ms"] = percentile(found, 50)
+        out["freshness_search_opensearch_p99_ms"] = percentile(found, 99)
     return out
 
 
@@ -533,6 +582,7 @@ def side_by_side(
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__ or "ingest benchmark")
     p.add_argument("--probe-reader", type=Path, help=argparse_hidden())
+    p.add_argument("--probe-search", type=Path, help=argparse_hidden())
     p.add_argument(
         "--only",
         choices=["olap", "search", "freshness"],
@@ -547,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.probe_reader:
         probe_reader(args.probe_reader)
+        return 0
+    if args.probe_search:
+        probe_search(args.probe_search)
         return 0
     try:
         return run(args.scale, args.broker, args.only)
@@ -581,7 +634,7 @@ def run(scale_name: str, which: str, only: str | None) -> int:
         if only in (None, "freshness"):
             figures.add("freshness_rate_events_per_s", FRESHNESS_RATE, "events/s")
         search: SearchSettings | str = "not measured in this phase"
-        if only in (None, "search"):
+        if only in (None, "search", "freshness"):
             search = stack.enter_context(running_opensearch(tmp / "opensearch", log))
         for broker in brokers:
             if broker in skipped:

@@ -8,14 +8,14 @@ from typing import Annotated, Any
 import typer
 
 from tally.clikit import FormatOption, state
-from tally.errors import DifferencesFound, InvalidArgument
+from tally.errors import DifferencesFound
 from tally.output import Format, emit_json, emit_table
 
 
 def verify_command(
     ctx: typer.Context,
     datasource: Annotated[
-        str | None, typer.Option(help="default: the only datasource there is")
+        str | None, typer.Option(help="default: every datasource, one after the other")
     ] = None,
     repair: Annotated[
         bool, typer.Option("--repair", help="fix every difference and say what was fixed")
@@ -28,7 +28,8 @@ def verify_command(
     ] = 1.0,
     fmt: FormatOption = Format.table,
 ) -> None:
-    """Compare each sink with the log: re-derive the latest state per key from the
+    """Compare each sink with the log (each datasource in turn, or the one named):
+    re-derive the latest state per key from the
     topic, then check the OLAP merged view, every rollup and the search index against
     it. A difference is re-read before it is reported; one that ingestion still
     catching up explains is reported under lagging instead. Kinds: missing, stale,
@@ -39,44 +40,43 @@ def verify_command(
     from compaction.verify import verify
 
     c = state(ctx)
-    if datasource is None:
-        names = [spec.name for spec in c.registry]
-        if len(names) != 1:
-            raise InvalidArgument(
-                f"several datasources ({', '.join(names)}): choose one with --datasource"
-            )
-        datasource = names[0]
-    report = verify(
-        c.settings, c.registry, datasource, repair=repair, idle_s=idle, recheck_s=recheck
-    )
+    names = [datasource] if datasource is not None else [spec.name for spec in c.registry]
+    reports = [
+        verify(c.settings, c.registry, name, repair=repair, idle_s=idle, recheck_s=recheck)
+        for name in names
+    ]
+    for report in reports:  # JSON: one line per datasource
+        _show(report, repair, fmt)
+    left = [f"{r.datasource}: {r.remaining} difference(s) remain" for r in reports if r.remaining]
+    if left:
+        hint = "" if repair else " (tally verify --repair fixes them)"
+        raise DifferencesFound("; ".join(left) + hint)
+
+
+def _show(report: Any, repair: bool, fmt: Format) -> None:
     if fmt is Format.json:
         emit_json(report.as_dict())
+        return
+    typer.echo(
+        f"{report.topic} → {report.datasource}: {report.events_read} events read,"
+        f" {report.dead_lettered} dead-lettered, {report.keys_checked} keys checked"
+    )
+    fixed = {(d["sink"], d["kind"], _subject(d)): d["action"] for d in report.repaired}
+    rows = []
+    for diff in report.differences:
+        subject = _subject(diff.as_dict())
+        action = fixed.get((diff.sink, diff.kind, subject), "no" if repair else "")
+        rows.append(
+            [diff.sink, diff.kind, subject, _values(diff.expected), _values(diff.found), action]
+        )
+    if rows:
+        emit_table(["sink", "kind", "subject", "expected", "found", "repaired"], rows)
     else:
-        typer.echo(
-            f"{report.topic} → {report.datasource}: {report.events_read} events read,"
-            f" {report.dead_lettered} dead-lettered, {report.keys_checked} keys checked"
-        )
-        fixed = {(d["sink"], d["kind"], _subject(d)): d["action"] for d in report.repaired}
-        rows = []
-        for diff in report.differences:
-            subject = _subject(diff.as_dict())
-            action = fixed.get((diff.sink, diff.kind, subject), "no" if repair else "")
-            rows.append(
-                [diff.sink, diff.kind, subject, _values(diff.expected), _values(diff.found), action]
-            )
-        if rows:
-            emit_table(["sink", "kind", "subject", "expected", "found", "repaired"], rows)
-        else:
-            typer.echo("no differences")
-        for sink, lag in report.lagging.items():
-            typer.echo(f"lagging: {sink} {_values(lag)}")
-        for note in report.notes:
-            typer.echo(f"note: {note}")
-    if report.remaining:
-        hint = "" if repair else " (tally verify --repair fixes them)"
-        raise DifferencesFound(
-            f"{report.datasource}: {report.remaining} difference(s) remain{hint}"
-        )
+        typer.echo("no differences")
+    for sink, lag in report.lagging.items():
+        typer.echo(f"lagging: {sink} {_values(lag)}")
+    for note in report.notes:
+        typer.echo(f"note: {note}")
 
 
 def _subject(d: dict[str, Any]) -> str:

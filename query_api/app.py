@@ -22,12 +22,12 @@ from query_api.routes import (
 )
 from query_api.services import Services
 from tally.settings import HANDOFF_ENV, Settings, from_handoff, load_settings
-from tally.specs import SpecRegistry, builtin_spec_paths
+from tally.specs import SpecRegistry, spec_paths
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or load_settings(None)
-    registry = SpecRegistry.load(list(settings.specs) or builtin_spec_paths())
+    registry = SpecRegistry.load(spec_paths(settings.specs))
     spec = registry.get(settings.api.datasource)
 
     @asynccontextmanager

@@ -247,6 +247,16 @@ class ClusterIndex(ABC):
                 return
             properties = index_properties(self.spec)
             what = f"create search index {self.index}"
+            # The spec's template, stored in the cluster (renewed on every start, so a
+            # newer spec's fields are in it): an index an operator recreates under this
+            # name (a restore, a reindex) gets the analyzer and mappings, not dynamic ones.
+            template = {
+                "index_patterns": [self.index],
+                "priority": 100,
+                "template": _index_body(index_settings(self.cfg), properties),
+                "_meta": {"tally_datasource": self.spec.name, "spec": self.spec.source},
+            }
+            self._call(what, "PUT", f"/_index_template/{self.index}", body=template)
             if not self._create(what, self.index, index_settings(self.cfg), properties):
                 # Existing index: add fields a newer spec made searchable. Identical
                 # definitions are a no-op; conflicting ones are refused (SearchError:
@@ -262,7 +272,7 @@ class ClusterIndex(ABC):
     def _create(
         self, what: str, name: str, settings: dict[str, Any], properties: dict[str, Any]
     ) -> bool:
-        body = {"settings": settings, "mappings": {"dynamic": "strict", "properties": properties}}
+        body = _index_body(settings, properties)
         try:
             self._call(what, "PUT", f"/{name}", body=body)
         except Refused as exc:
@@ -546,6 +556,11 @@ class ClusterIndex(ABC):
 
 
 # --- helpers ---------------------------------------------------------------------------
+
+
+def _index_body(settings: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:
+    """Settings and strict mappings: a field the spec does not declare is refused."""
+    return {"settings": settings, "mappings": {"dynamic": "strict", "properties": properties}}
 
 
 def _reason(error: Any, status: int) -> str:

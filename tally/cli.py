@@ -21,6 +21,7 @@ from tally.clikit import Context, FormatOption, state
 from tally.errors import TallyError
 from tally.output import Format, emit_json, emit_table
 from tally.settings import load_settings
+from tally.specs import SpecRegistry, spec_paths
 
 app = typer.Typer(
     name="tally",
@@ -144,9 +145,14 @@ def demo_command(
             f" ({c.settings.kafka_bootstrap if broker is DemoBroker.tansu else 'tally engines'});"
             " starting (Ctrl-C stops everything) ..."
         )
+    # The demo runs both shipped datasources (payments and the merchants' API access
+    # logs) unless the settings name their own; its child processes get the same.
+    settings = c.settings
+    if not settings.specs:
+        settings = settings.model_copy(update={"specs": DEMO_SPECS})
     run_demo(
-        c.settings,
-        c.registry,
+        settings,
+        SpecRegistry.load(spec_paths(settings.specs)),
         broker=broker.value,
         rate=rate,
         duration=duration,
@@ -157,6 +163,9 @@ def demo_command(
     )
     if fmt is Format.table:
         typer.echo("demo stopped")
+
+
+DEMO_SPECS = (Path("payments"), Path("access_logs"))
 
 
 def _register_subcommands() -> None:

@@ -14,7 +14,7 @@ import typer
 from tally.logs import LogFormat
 from tally.output import Format
 from tally.settings import Settings
-from tally.specs import SpecRegistry, builtin_spec_paths
+from tally.specs import SpecRegistry, spec_paths
 
 
 @dataclass
@@ -27,7 +27,7 @@ class Context:
     @property
     def registry(self) -> SpecRegistry:
         if self._registry is None:
-            paths = list(self.settings.specs) or builtin_spec_paths()
+            paths = spec_paths(self.settings.specs)
             self._registry = SpecRegistry.load(paths)
         return self._registry
 

@@ -2,7 +2,8 @@
 
 Starts the development broker (unless one already answers), creates the topics,
 streams realistic payments — late cancellations into old partitions, duplicates,
-out-of-order versions, malformed messages — runs both sinks and the compaction
+out-of-order versions, malformed messages — and the merchants' API access logs (a
+second datasource, sampled 10% into search), runs both sinks and the compaction
 watcher, serves the query API (``tally serve`` in a child process), creates an API
 key for the busiest merchant and hands over the URL and key once everything answers.
 Ctrl-C (or ``--duration``) stops everything cleanly, the broker it started included.
@@ -70,6 +71,28 @@ def _stream(
             yield wire
 
     Publisher(settings, settings.topic(spec.datasource.topic)).send(until_stopped(), rate=rate)
+
+
+def _stream_access_logs(
+    settings: Settings, registry: SpecRegistry, rate: float, stop: threading.Event, seed: int
+) -> None:
+    """The merchants' API access logs beside their payments (the ``access_logs`` spec:
+    all of them in OLAP, a 10% sample in the search index), at half the payments' rate."""
+    from producers.access_logs import AccessLogConfig, generate_access_logs
+    from producers.malformed import Wire, encode
+    from producers.publish import Publisher
+
+    spec = registry.get("access_logs")
+    payments = _config(rate, seed, registry.get("payments").tz)
+    config = AccessLogConfig(requests=int(rate * 1800), payments=payments, seed=seed)
+
+    def until_stopped() -> Any:
+        for event in generate_access_logs(config):
+            if stop.is_set():
+                return
+            yield Wire(event["request_id"].encode(), encode(event), None)
+
+    Publisher(settings, settings.topic(spec.datasource.topic)).send(until_stopped(), rate=rate / 2)
 
 
 def summary(settings: Settings, registry: SpecRegistry) -> dict[str, Any]:
@@ -228,6 +251,7 @@ def run_demo(
         ensure_topics(settings, registry)
         workers: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
             "demo-publisher": (_stream, (settings, registry, rate, stop, seed)),
+            "demo-access-logs": (_stream_access_logs, (settings, registry, rate, stop, seed)),
             "demo-ingest": (run_ingest, (settings, list(registry), ["olap", "search"], stop)),
             "demo-watcher": (_watch, (settings, registry, stop)),
         }

@@ -261,8 +261,40 @@ def load_spec(path: Path) -> DatasourceSpec:
 
 
 def builtin_spec_paths() -> list[Path]:
+    """The datasources a deployment runs when it names none: payments."""
     folder = resources.files("tally.specs")
     return sorted(Path(str(p)) for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def shipped_spec_paths() -> dict[str, Path]:
+    """Every spec Tally ships, by datasource name: the default ones and the catalog's
+    (``access_logs``...), which a deployment turns on by naming them in ``specs``."""
+    folder = resources.files("tally.specs")
+    catalog = folder / "catalog"
+    found = [*builtin_spec_paths()]
+    if catalog.is_dir():
+        found += [Path(str(p)) for p in catalog.iterdir() if p.name.endswith(".toml")]
+    return {p.stem: p for p in sorted(found)}
+
+
+def spec_paths(entries: Iterable[Path]) -> list[Path]:
+    """The spec files ``entries`` (the ``specs`` setting) name: a path to a TOML file,
+    or the bare name of a shipped spec (``payments``, ``access_logs``); none means the
+    default ones."""
+    wanted = list(entries)
+    if not wanted:
+        return builtin_spec_paths()
+    shipped = shipped_spec_paths()
+    out: list[Path] = []
+    for entry in wanted:
+        if entry.suffix == ".toml" or len(entry.parts) > 1:
+            out.append(entry)
+        elif entry.name in shipped:
+            out.append(shipped[entry.name])
+        else:
+            known = ", ".join(shipped)
+            raise SpecError(f"specs: no shipped spec {entry.name!r} (shipped: {known})")
+    return out
 
 
 class SpecRegistry:

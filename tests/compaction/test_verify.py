@@ -73,7 +73,17 @@ def _ingest(settings: Settings, registry: SpecRegistry) -> None:
 
 
 def _verify(settings: Settings, *args: str) -> tuple[int, dict[str, Any]]:
-    ran = tally("verify", "--format", "json", "--recheck", "0.5", *args, env=env_for(settings))
+    ran = tally(
+        "verify",
+        "--datasource",
+        "payments",
+        "--format",
+        "json",
+        "--recheck",
+        "0.5",
+        *args,
+        env=env_for(settings),
+    )
     assert "Traceback" not in ran.err, ran.err[-3000:]
     assert ran.code in (0, 1), ran.err[-3000:]
     if ran.code:
@@ -280,9 +290,9 @@ def test_verify_errors_are_one_line(kafka: Settings, tmp_path: Path) -> None:
     env = env_for(kafka)
     assert "unknown datasource" in error(tally("verify", "--datasource", "nope", env=env))
     gone = env | {"TALLY_TOPIC_NAMESPACE": "missing-ns."}
-    assert "does not exist" in error(tally("verify", env=gone))
+    assert "does not exist" in error(tally("verify", "--datasource", "payments", env=gone))
     down = env | {"TALLY_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}"}
-    assert "payments.v1" in error(tally("verify", env=down))
+    assert "payments.v1" in error(tally("verify", "--datasource", "payments", env=down))
 
 
 # --- the store's repair primitive ------------------------------------------------------------

@@ -6,7 +6,6 @@ that is indexed; the API says when a keyword was answered through the sample."""
 
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -48,7 +47,7 @@ def _selected(outcome: str) -> float:
 
 
 def _verify(settings: Settings) -> tuple[int, dict[str, Any]]:
-    env = {**env_for(settings), "TALLY_SPECS": json.dumps([str(p) for p in settings.specs])}
+    env = env_for(settings)
     ran = tally("verify", "--format", "json", "--recheck", "0.5", env=env)
     assert "Traceback" not in ran.err and ran.code in (0, 1), ran.err[-3000:]
     return ran.code, ran.json()
@@ -113,7 +112,7 @@ def test_verify_knows_the_sample_of_the_search_index(dev_broker: Broker, tmp_pat
     assert seen == {("search", "missing", gone), ("search", "unexpected", skipped)}, seen
 
     # The API says a keyword was answered through a sampled index; a list is not.
-    env = {**env_for(settings), "TALLY_SPECS": json.dumps([str(spec_path)])}
+    env = env_for(settings)
     with serving(settings, spec, published.good, env) as api, api.client("m1") as c:
         searched = c.get("/v1/transactions", params={"q": "coffee"}).json()
         assert searched["search_coverage"] == {"sample": SHARE, "filter": None}

@@ -3,6 +3,7 @@ every test on both, each with its own topic namespace and data directory)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def env_for(settings: Settings) -> dict[str, str]:
             "TALLY_STORE__GC_GRACE_S": "0",
             "TALLY_STORE__BUSY_TIMEOUT_S": str(settings.store.busy_timeout_s),
         }
+        | ({"TALLY_SPECS": json.dumps([str(p) for p in settings.specs])} if settings.specs else {})
         | {
             f"TALLY_DRUID__{name.upper()}": url
             for name in ("broker_url", "overlord_url", "coordinator_url")

@@ -114,12 +114,7 @@ def api(tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry) -> Ite
     data_dir = tmp_path_factory.mktemp("api")
     settings = Settings(data_dir=data_dir)
     spec = registry.get("payments")
-    events = _history(600, seed=7)
-    store = open_store(settings, registry)
-    for i in range(0, len(events), 150):
-        store.commit("payments", events[i : i + 150])
-    store.close()
-    index_docs(settings, spec, events)
+    events = fill(settings, registry)
     env = {
         "TALLY_DATA_DIR": str(data_dir),
         "TALLY_API__SQL_TIMEOUT_S": "1",
@@ -129,6 +124,18 @@ def api(tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry) -> Ite
     }
     with serving(settings, spec, events, env) as running:
         yield running
+
+
+def fill(settings: Settings, registry: SpecRegistry) -> list[dict[str, Any]]:
+    """The API suites' history (600 payments and their updates) committed to the store
+    in batches and indexed in the search backend ``settings`` name; returns it."""
+    events = _history(600, seed=7)
+    store = open_store(settings, registry)
+    for i in range(0, len(events), 150):
+        store.commit("payments", events[i : i + 150])
+    store.close()
+    index_docs(settings, registry.get("payments"), events)
+    return events
 
 
 @contextlib.contextmanager

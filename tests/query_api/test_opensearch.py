@@ -10,12 +10,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from storage import open_store
 from tally.settings import SearchSettings, Settings
 from tally.specs import SpecRegistry
 from tests.ingest.conftest import env_for
 from tests.opensearch import OpenSearch
-from tests.query_api.conftest import Api, _history, index_docs, serving
+from tests.query_api.conftest import Api, fill, serving
 from tests.query_api.test_routes import (  # noqa: F401 (collected here, on OpenSearch)
     SEOUL_MIDNIGHT,
     test_a_cursor_belongs_to_its_query,
@@ -44,12 +43,7 @@ def api(
     )
     settings = Settings(data_dir=data_dir, search=search)
     spec = registry.get("payments")
-    events = _history(600, seed=7)
-    store = open_store(settings, registry)
-    for i in range(0, len(events), 150):
-        store.commit("payments", events[i : i + 150])
-    store.close()
-    index_docs(settings, spec, events)
+    events = fill(settings, registry)
     env = {**env_for(settings), "TALLY_API__RATE_LIMIT": "1000000/second"}
     try:
         with serving(settings, spec, events, env) as running:

@@ -333,7 +333,8 @@ def test_search_up_to_the_result_window_is_one_request(
 
 @pytest.mark.xfail(
     reason="osmem gap: search_after is ignored when sorting by _score (the first page "
-    "comes back again), so paging beyond index.max_result_window is unproven here",
+    "comes back again); paging beyond index.max_result_window is proven on a real "
+    "OpenSearch instead (tests/search/test_opensearch.py), through the same requests",
     strict=True,
 )
 def test_search_pages_beyond_the_result_window(

@@ -70,6 +70,31 @@ def test_a_delete_leaves_a_tombstone_that_refuses_older_versions(
     assert index.versions(["k1"]) == {"k1": 7}
 
 
+def test_the_index_template_is_generated_from_the_spec(
+    make_opensearch: MakeOpenSearch, opensearch: OpenSearch
+) -> None:
+    """The spec's settings and mappings are stored as an index template: an index an
+    operator deletes and creates again by hand (a restore) gets Tally's analyzer and
+    strict mappings back, and grams still find its documents."""
+    index = make_opensearch(refresh_interval_s=30)
+    put(index, [doc("k1", order_name="아메리카노 grande")])
+    url = f"{opensearch.url}/{index.index}"
+    template = httpx.get(f"{opensearch.url}/_index_template/{index.index}", timeout=10).json()
+    (body,) = template["index_templates"]
+    assert body["index_template"]["_meta"]["tally_datasource"] == "payments"
+    settings = httpx.get(f"{url}/_settings", timeout=10).json()[index.index]["settings"]
+    assert settings["index"]["refresh_interval"] == "30s"
+    assert settings["index"]["number_of_shards"] == str(OPENSEARCH_SHARDS)
+    assert httpx.delete(url, timeout=30).status_code == 200
+    assert httpx.put(url, timeout=30).status_code == 200  # by hand, no body
+    mappings = httpx.get(f"{url}/_mapping", timeout=10).json()[index.index]["mappings"]
+    assert mappings["dynamic"] == "strict"
+    assert mappings["properties"]["order_name"]["analyzer"] == "tally_ngram"
+    again = make_opensearch(prefix=index.cfg.index_prefix)
+    put(again, [doc("k2", order_name="아메리카노 tall")])
+    assert {h.key for h in again.search("m1", "메리카")} == {"k2"}
+
+
 def test_a_tenants_documents_live_on_one_shard(
     make_opensearch: MakeOpenSearch, opensearch: OpenSearch
 ) -> None:

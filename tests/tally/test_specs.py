@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tally.errors import SpecError, UnknownDatasource
-from tally.specs import SpecRegistry, builtin_spec_paths, load_spec
+from tally.specs import SpecRegistry, builtin_spec_paths, load_spec, spec_paths
 
 PAYMENTS = next(p for p in builtin_spec_paths() if p.name == "payments.toml")
 
@@ -163,3 +163,16 @@ def test_a_second_datasource_is_one_more_spec(tmp_path: Path) -> None:
         registry.get("refunds")
     with pytest.raises(SpecError, match="declared twice"):
         SpecRegistry.load([PAYMENTS, PAYMENTS])
+
+
+def test_shipped_specs_are_turned_on_by_name_and_an_unknown_name_is_one_line() -> None:
+    assert [p.stem for p in spec_paths([])] == ["payments"]  # the default
+    named = spec_paths([Path("payments"), Path("access_logs")])
+    registry = SpecRegistry.load(named)
+    assert sorted(registry.names()) == ["access_logs", "payments"]
+    logs = registry.get("access_logs")
+    assert logs.selection("search").sample == 0.1 and logs.selection("olap").everything
+    assert [r.name for r in logs.rollups] == ["access_logs_hourly"]
+    with pytest.raises(SpecError) as caught:
+        spec_paths([Path("ledger")])
+    assert str(caught.value) == ("specs: no shipped spec 'ledger' (shipped: access_logs, payments)")

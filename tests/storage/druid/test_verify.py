@@ -52,7 +52,17 @@ def _ingest(settings: Settings, registry: SpecRegistry, sinks: list[str]) -> Non
 
 
 def _verify(settings: Settings, *args: str) -> tuple[int, dict[str, Any]]:
-    ran = tally("verify", "--format", "json", "--recheck", "0.5", *args, env=env_for(settings))
+    ran = tally(
+        "verify",
+        "--datasource",
+        "payments",
+        "--format",
+        "json",
+        "--recheck",
+        "0.5",
+        *args,
+        env=env_for(settings),
+    )
     assert "Traceback" not in ran.err, ran.err[-3000:]
     assert ran.code in (0, 1), ran.err[-3000:]
     return ran.code, ran.json()
