@@ -171,7 +171,11 @@ class SearchSink:
             for name in {ds.key, ds.tenant, ds.version, ds.event_id, *ds.searchable}
         }
         cols[ds.time] = utc_datetimes(table.column(ds.time))
-        shard_of = _shard_column(decoded)
+        # An index sharded by source partition (tantivy) takes each partition's docs
+        # apart; a cluster places documents itself, so the batch is one bulk write and
+        # one refresh instead of one per partition.
+        by_partition = self.index.capabilities.shards_by_source_partition
+        shard_of = _shard_column(decoded) if by_partition else [0] * table.num_rows
         per_shard: dict[int, list[Doc]] = {}
         for i in range(table.num_rows):
             doc = Doc(
