@@ -94,8 +94,15 @@ def read_topic(
     )
     try:
         meta = consumer.list_topics(topic, timeout=10).topics.get(topic)
-        if meta is None or meta.error is not None:
-            return
+        if meta is None or (
+            meta.error is not None and meta.error.code() == KafkaError.UNKNOWN_TOPIC_OR_PART
+        ):
+            return  # no such topic: nothing was ever published to it
+        if meta.error is not None:
+            # Just after a broker restart a topic's metadata can come with an error (no
+            # leader yet). Reading nothing then would make the publisher's recovery find
+            # none of the letters that did land, and produce them a second time.
+            raise BrokerUnavailable(f"reading {topic}: {meta.error.str()}")
         consumer.assign(
             [
                 TopicPartition(topic, p, (start or {}).get(p, OFFSET_BEGINNING))

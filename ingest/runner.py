@@ -478,8 +478,12 @@ class Runner:
         self._lag_at = now
         for part, durable in list(self._durable.items()):
             try:
+                # Asked of the broker, a loaded one may take over half a second; a
+                # round gives up at the first partition that does not answer in 2 s.
                 _low, high = consumer.get_watermark_offsets(
-                    TopicPartition(self.topic, part), timeout=0.5, cached=not fresh
+                    TopicPartition(self.topic, part),
+                    timeout=2.0 if fresh else 0.5,
+                    cached=not fresh,
                 )
             except KafkaException:
                 if fresh:  # the broker does not answer: the next round asks again

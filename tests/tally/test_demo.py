@@ -19,6 +19,10 @@ import httpx
 import pytest
 
 from engines.devbroker import reachable
+from storage import open_reader
+from tally.cli import DEMO_SPECS
+from tally.settings import Settings
+from tally.specs import SpecRegistry, spec_paths
 from tests.ingest.conftest import free_port
 
 pytestmark = pytest.mark.slow
@@ -72,6 +76,15 @@ def test_demo_serves_sales_within_a_minute_and_stops_on_sigint(tmp_path: Path) -
     assert not reachable(bootstrap), "the broker the demo started is stopped again"
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{ready['url']}/healthz", timeout=2)
+    # The access logs streamed beside the payments: stored whole, rolled up by hour.
+    registry = SpecRegistry.load(spec_paths(DEMO_SPECS))
+    reader = open_reader(Settings(data_dir=tmp_path / "demo"), registry)
+    try:
+        logs = reader.query("SELECT count(*) FROM access_logs").rows[0][0]
+        rolled = reader.query("SELECT sum(requests) FROM access_logs_hourly").rows[0][0]
+    finally:
+        reader.close()
+    assert logs > 0 and rolled == logs
 
 
 def test_demo_on_kafka_serves_sales_and_stops_the_kafka_it_started(tmp_path: Path) -> None:
