@@ -26,7 +26,10 @@ class OpenSearch:
         self.url = engine.url
 
     def delete(self, pattern: str) -> None:
-        """Delete the indices matching ``pattern`` (a test's prefix and ``*``)."""
+        """Delete the indices matching ``pattern`` (a test's prefix and ``*``). The node
+        is brought up first: a test that killed it leaves the session's node running
+        for the next one (``up`` returns at once when it answers)."""
+        self.engine.up()
         httpx.delete(f"{self.url}/{pattern}", params={"expand_wildcards": "all"}, timeout=60)
 
     def stop(self) -> None:
