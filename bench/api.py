@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -53,8 +53,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import sqlglot
 
-import engines
-from bench.common import Figures, Log, format_table, parser, percentile, write_results
+from bench.common import (
+    Figures,
+    Log,
+    format_table,
+    local_opensearch,
+    parser,
+    percentile,
+    write_results,
+)
 from compaction.watcher import Watcher
 from producers.generate import GeneratorConfig, approval_tables, cancellations_for
 from query_api.keys import KeyStore
@@ -63,8 +70,7 @@ from search import Doc, open_index
 from search.tantivy_index import TantivyIndex
 from storage import open_reader, open_store
 from storage.embedded.store import EmbeddedStore
-from tally.errors import TallyError
-from tally.settings import SearchSettings, Settings
+from tally.settings import Settings
 from tally.specs import SpecRegistry, builtin_spec_paths
 from tally.timeutil import utc_datetimes
 
@@ -195,23 +201,6 @@ def index_into_opensearch(settings: Settings, registry: SpecRegistry, log: Log) 
         index.close()
     took = time.perf_counter() - started
     log(f"opensearch: indexed {len(rows):,} docs in {took:.0f} s ({len(rows) / took:,.0f}/s)")
-
-
-@contextlib.contextmanager
-def local_opensearch(data_dir: Path, log: Log) -> Iterator[SearchSettings | str]:
-    """A local OpenSearch's settings, or why it cannot run here; stopped afterwards."""
-    engine = engines.get("opensearch", data_dir)
-    try:
-        engine.up()
-    except TallyError as exc:
-        log(f"opensearch: skipped, {exc.message}")
-        yield exc.message
-        return
-    try:
-        url = engine.env()["TALLY_SEARCH__URL"]
-        yield SearchSettings(backend="opensearch", url=url, shards=3, replicas=0)
-    finally:
-        engine.stop()
 
 
 def serve(
@@ -358,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             server.terminate()
             server.wait(30)
-        search = stack.enter_context(local_opensearch(data_dir / "opensearch", log))
+        search = stack.enter_context(local_opensearch(data_dir / "opensearch", log, shards=3))
         for clients in (1, 8):
             for q in (50, 99):
                 name = f"api_search_opensearch_p{q}_ms_c{clients}"

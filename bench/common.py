@@ -186,3 +186,26 @@ def stopwatch() -> Iterator[list[float]]:
         yield box
     finally:
         box[0] = time.perf_counter() - start
+
+
+@contextmanager
+def local_opensearch(data_dir: Path, log: Any, shards: int) -> Iterator[Any]:
+    """A local OpenSearch (``engines``) as the search backend's settings (``shards``
+    primaries, no replicas), or the reason it cannot run here; stopped on the way out."""
+    import engines
+    from tally.errors import TallyError
+    from tally.settings import SearchSettings
+
+    engine = engines.get("opensearch", data_dir)
+    try:
+        engine.up()
+    except TallyError as exc:
+        log(f"opensearch: skipped, {exc.message}")
+        yield f"opensearch unavailable: {exc.message}"
+        return
+    try:
+        url = engine.env()["TALLY_SEARCH__URL"]
+        log(f"opensearch: up at {url}")
+        yield SearchSettings(backend="opensearch", url=url, shards=shards, replicas=0)
+    finally:
+        engine.stop()

@@ -36,7 +36,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import engines  # noqa: E402
-from bench.common import Figures, Log, format_grid, parser, percentile, write_results  # noqa: E402
+from bench.common import (  # noqa: E402
+    Figures,
+    Log,
+    format_grid,
+    local_opensearch,
+    parser,
+    percentile,
+    write_results,
+)
 from engines.base import java_binary  # noqa: E402
 from engines.devbroker import start_tansu, wait_reachable  # noqa: E402
 from ingest.kafka import consumer_config, ensure_topics, translate  # noqa: E402
@@ -484,27 +492,6 @@ def running_broker(name: str, data_dir: Path) -> Iterator[str]:
         engine.stop()
 
 
-@contextmanager
-def running_opensearch(data_dir: Path, log: Logger) -> Iterator[SearchSettings | str]:
-    """A local OpenSearch for the search sink's second run: its settings (two shards,
-    no replicas), or why it cannot run here; stopped on the way out."""
-    engine = engines.get("opensearch", data_dir)
-    try:
-        java_binary()
-        engine.up()
-    except TallyError as exc:
-        log(f"opensearch: skipped, {exc.message}")
-        yield f"opensearch unavailable: {exc.message}"
-        return
-    try:
-        log(f"opensearch: up at {engine.env()['TALLY_SEARCH__URL']}")
-        yield SearchSettings(
-            backend="opensearch", url=engine.env()["TALLY_SEARCH__URL"], shards=2, replicas=0
-        )
-    finally:
-        engine.stop()
-
-
 def kafka_unavailable(data_dir: Path) -> str | None:
     """Why Kafka cannot run here (no Java, no Maven for the first fetch), or None.
     Asked before anything is measured, so a missing tool costs no benchmark time."""
@@ -635,7 +622,7 @@ def run(scale_name: str, which: str, only: str | None) -> int:
             figures.add("freshness_rate_events_per_s", FRESHNESS_RATE, "events/s")
         search: SearchSettings | str = "not measured in this phase"
         if only in (None, "search", "freshness"):
-            search = stack.enter_context(running_opensearch(tmp / "opensearch", log))
+            search = stack.enter_context(local_opensearch(tmp / "opensearch", log, shards=2))
         for broker in brokers:
             if broker in skipped:
                 for name, unit in wanted:
