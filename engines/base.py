@@ -140,6 +140,16 @@ class Engine(ABC):
         tmp.write_text(json.dumps(doc, indent=2, sort_keys=True))
         tmp.replace(self.state_file)
 
+    def require_free(self, ports: dict[str, Any]) -> None:
+        """EngineError naming the first of ``ports`` (role → port, kept from the first
+        start) that another process holds: the engine comes back on its own ports."""
+        for role, port in ports.items():
+            if port_taken(int(port)):
+                raise EngineError(
+                    f"{self.name}'s {role} port 127.0.0.1:{port} (kept from its first start)"
+                    " is held by another process"
+                )
+
     def running(self) -> ProcessRecord | None:
         return self.pid_file.running()
 

@@ -19,7 +19,7 @@ from confluent_kafka import KafkaException
 from confluent_kafka.admin import AdminClient
 
 from engines import maven
-from engines.base import Engine, free_loopback_ports, java_binary, log_tail, port_taken
+from engines.base import Engine, free_loopback_ports, java_binary, log_tail
 from engines.process import ProcessRecord, spawn
 from tally.errors import EngineError
 
@@ -114,12 +114,7 @@ class KafkaEngine(Engine):
             doc["cluster_id"] = new_cluster_id()
             self.save_state(doc)
         ports = doc["ports"]
-        for role, port in ports.items():
-            if port_taken(int(port)):
-                raise EngineError(
-                    f"kafka's {role} port 127.0.0.1:{port} (kept from its first start) is"
-                    " held by another process"
-                )
+        self.require_free(ports)
         (self.dir / "server.properties").write_text(
             server_properties(int(ports["broker"]), int(ports["controller"]), self.dir / "data")
         )

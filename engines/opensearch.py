@@ -33,7 +33,7 @@ from typing import Any
 import httpx
 
 from engines import maven
-from engines.base import Engine, file_lock, free_loopback_ports, java_binary, port_taken
+from engines.base import Engine, file_lock, free_loopback_ports, java_binary
 from engines.process import ProcessRecord, spawn
 from tally.errors import EngineError, EngineUnavailable
 
@@ -132,12 +132,7 @@ class OpenSearchEngine(Engine):
             doc["cluster"] = f"tally-{uuid.uuid4().hex[:12]}"
             self.save_state(doc)
         ports = doc["ports"]
-        for role, port in ports.items():
-            if port_taken(int(port)):
-                raise EngineError(
-                    f"opensearch's {role} port 127.0.0.1:{port} (kept from its first start) is"
-                    " held by another process"
-                )
+        self.require_free(ports)
         config = self.dir / "config"
         config.mkdir(parents=True, exist_ok=True)
         (config / "opensearch.yml").write_text(
