@@ -143,8 +143,10 @@ class Publisher:
     ``message.timeout.ms`` passes, even after a flush gave up: it is *in flight*, and
     is not produced again while it is (a broker frozen past the flush deadline would
     otherwise get it twice when it resumes). The producer is idempotent, so its own
-    retries inside one delivery never write a letter twice (they did, 4 letters in 79,
-    after a 10 s broker freeze on Kafka). One whose delivery failed may still have
+    retries inside one delivery never write a letter twice: after a 10 s freeze Kafka's
+    controller fences its broker, and a request appended meanwhile is answered "not
+    leader" and retried (a producer without idempotence, like the test's source
+    publisher, writes such messages twice). One whose delivery failed may still have
     landed (the request was written, its answer lost), so the topic is scanned for it
     before it is produced again."""
 
