@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from tally.clikit import FormatOption, state
-from tally.output import Format, emit_record
+from tally.output import Format, emit_json, emit_record, emit_table
 
 
 def _parse_start(text: str | None) -> datetime | None:
@@ -38,6 +38,14 @@ def generate(
     malformed_rate: Annotated[float, typer.Option(min=0, max=1)] = 0.002,
     out: Annotated[Path | None, typer.Option("--out", help="write JSON lines here")] = None,
     publish: Annotated[bool, typer.Option("--publish", help="publish to the topic")] = False,
+    settlements: Annotated[
+        bool,
+        typer.Option(
+            "--settlements",
+            help="also the payments' settlements: to their topic, or beside --out as"
+            " FILE.settlements.jsonl",
+        ),
+    ] = False,
     rate: Annotated[
         float | None, typer.Option(min=1, help="with --publish: events per second")
     ] = None,
@@ -65,22 +73,38 @@ def generate(
         out_of_order_rate=out_of_order_rate,
         **kwargs,  # type: ignore[arg-type]
     )
-    wires = with_malformed(generate_events(config), malformed_rate, seed)
-    counts = {"events": 0, "malformed": 0}
-    if out is not None:
-        with out.open("wb") as fh:
-            for wire in wires:
-                fh.write(wire.value + b"\n")
-                counts["events"] += 1
-                counts["malformed"] += wire.malformed is not None
-        report: dict[str, object] = {**counts, "out": str(out)}
+    c = state(ctx)
+    outputs = [("payments", with_malformed(generate_events(config), malformed_rate, seed), out)]
+    if settlements:
+        from producers.settlements import stream_settlements
+
+        spec = c.registry.get("settlements")  # unknown unless the deployment runs it
+        wires = with_malformed(stream_settlements(config), malformed_rate, seed, spec=spec)
+        beside = out.with_suffix(".settlements.jsonl") if out is not None else None
+        outputs.append(("settlements", wires, beside))
+    reports: dict[str, dict[str, object]] = {}
+    for name, stream, path in outputs:
+        counts = {"events": 0, "malformed": 0}
+        if path is not None:
+            with path.open("wb") as fh:
+                for wire in stream:
+                    fh.write(wire.value + b"\n")
+                    counts["events"] += 1
+                    counts["malformed"] += wire.malformed is not None
+            done: dict[str, object] = {**counts, "out": str(path)}
+        else:
+            spec = c.registry.get(name)
+            pub = Publisher(c.settings, c.settings.topic(spec.datasource.topic))
+            sent = pub.send(stream, rate=rate, counts=counts)
+            done = {**counts, "published": sent, "topic": pub.topic}
+        reports[name] = done
+    if len(reports) == 1:  # one datasource keeps the flat report it always had
+        emit_record(reports["payments"], fmt)
+    elif fmt is Format.json:
+        emit_json(reports)
     else:
-        c = state(ctx)
-        spec = c.registry.get("payments")
-        pub = Publisher(c.settings, c.settings.topic(spec.datasource.topic))
-        sent = pub.send(wires, rate=rate, counts=counts)
-        report = {**counts, "published": sent, "topic": pub.topic}
-    emit_record(report, fmt)
+        columns = list(reports["payments"])
+        emit_table(["datasource", *columns], [[n, *r.values()] for n, r in reports.items()])
 
 
 def publish_file(

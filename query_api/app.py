@@ -15,6 +15,7 @@ from query_api.routes import (
     dead_letters,
     health,
     ingestion,
+    ledger,
     pages,
     sales,
     sql,
@@ -49,7 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.middleware("http")(metrics.middleware)
     app.include_router(health.router)
     app.include_router(sales.router)
-    app.include_router(transactions.build(spec))
+    app.include_router(ledger.router)
+    app.include_router(transactions.build(spec, registry.related(spec.name)))
     app.include_router(sql.router)
     for admin in (ingestion, dead_letters, compaction, backends):
         app.include_router(admin.router)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -43,6 +44,31 @@ class SalesResponse(BaseModel):
     source: str = Field(description="the rollup that answered, or 'base'")
 
 
+class LedgerBucket(BaseModel):
+    """One bucket of one currency, in its minor units."""
+
+    bucket: datetime
+    currency: str
+    count: int = Field(description="payments approved in the bucket")
+    gross: int
+    canceled: int
+    net: int = Field(description="gross - canceled")
+    fees: int = Field(description="fees of the payouts made in the bucket")
+    vat: int = Field(description="VAT on those fees")
+    settled: int = Field(description="paid to the merchant in the bucket")
+    unsettled: int = Field(
+        description="at the bucket's end: the net of every payment approved by then, less"
+        " what every payout made by then covered (fees + VAT + settled)"
+    )
+
+
+class LedgerResponse(BaseModel):
+    buckets: list[LedgerBucket]
+    sources: dict[str, str] = Field(
+        description="per datasource, the rollup that answered it, or 'base'"
+    )
+
+
 class SqlRequest(BaseModel):
     sql: str = Field(min_length=1, max_length=20_000)
     dialect: str = Field("mysql", description="mysql, starrocks, postgres, duckdb, ...")
@@ -58,13 +84,27 @@ class Health(BaseModel):
     checks: dict[str, str] = {}
 
 
-def transaction_model(spec: DatasourceSpec) -> type[BaseModel]:
+def transaction_model(spec: DatasourceSpec, name: str = "Transaction") -> type[BaseModel]:
     """Every column of the datasource, typed from its spec."""
     fields: dict[str, Any] = {}
-    for name, column in spec.columns.items():
+    for column_name, column in spec.columns.items():
         typ = _PY_TYPES[column.type]
-        fields[name] = (typ | None, None) if column.nullable else (typ, ...)
-    return create_model("Transaction", **fields)
+        fields[column_name] = (typ | None, None) if column.nullable else (typ, ...)
+    return create_model(name, **fields)
+
+
+def details_model(item: type[BaseModel], related: Sequence[DatasourceSpec]) -> type[BaseModel]:
+    """One entity with the entity of each related datasource (a payment's settlement)
+    under its ``relation.as`` name: null while it has none."""
+    fields: dict[str, Any] = {}
+    for other in related:
+        assert other.relation is not None
+        model = transaction_model(other, other.relation.as_.title().replace("_", ""))
+        fields[other.relation.as_] = (
+            model | None,
+            Field(None, description=f"the {other.name} row of the same key, or null"),
+        )
+    return create_model(f"{item.__name__}Details", __base__=item, **fields)
 
 
 class IndexCoverage(BaseModel):

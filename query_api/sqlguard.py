@@ -20,7 +20,7 @@ The result is rendered for the engine's dialect with a row limit around it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,17 +176,22 @@ def scope(
     sql: str,
     dialect: str,
     *,
-    tenant_column: str,
+    tenant_columns: Mapping[str, str],
     tenant: str,
-    tables: Collection[str],
     engine_dialect: str,
     row_limit: int,
     source: Callable[[str], exp.Expression] = _named,
+    joins: bool = True,
 ) -> Scoped:
     """The merchant's query, checked and rewritten; raises InvalidArgument with one
-    line naming the first problem. ``source(name)`` is what a datasource's reference
-    reads before the tenant filter: the engine's view of that name by default, or
-    a relation (a subquery) on engines whose names are not merged views."""
+    line naming the first problem. ``tenant_columns`` names every datasource and
+    rollup the query may read, with its tenant column: each reference is narrowed by
+    its own, so both sides of a join hold only the key's merchant. ``source(name)``
+    is what a datasource's reference reads before the tenant filter: the engine's
+    view of that name by default, or a relation (a subquery) on engines whose names
+    are not merged views. Without ``joins`` the engine cannot join and a JOIN is
+    refused (subqueries in a predicate still work)."""
+    tables = tenant_columns
     if dialect not in DIALECTS:
         raise InvalidArgument(f"dialect must be one of {', '.join(DIALECTS)}")
     try:
@@ -205,10 +210,11 @@ def scope(
     read: set[str] = set()
     for node in root.walk():
         _check(node, tables, ctes, read)
-    known = set(tables)
-    scoped = root.transform(
-        lambda node: _scoped_table(node, known, tenant_column, source), copy=True
-    )
+        if not joins and isinstance(node, exp.Join):
+            raise InvalidArgument(
+                "this engine does not join datasources; ask each alone, or use /v1/ledger"
+            )
+    scoped = root.transform(lambda node: _scoped_table(node, tenant_columns, source), copy=True)
     limited = (
         exp.select(exp.Star())
         .from_(exp.Subquery(this=scoped, alias=exp.TableAlias(this=exp.to_identifier("q"))))
@@ -254,12 +260,12 @@ def _cte_names(root: Any) -> set[str]:
 
 def _scoped_table(
     node: exp.Expression,
-    tables: set[str],
-    tenant_column: str,
+    tenant_columns: Mapping[str, str],
     source: Callable[[str], exp.Expression],
 ) -> exp.Expression:
-    if not isinstance(node, exp.Table) or node.name not in tables:
+    if not isinstance(node, exp.Table) or node.name not in tenant_columns:
         return node
+    tenant_column = tenant_columns[node.name]
     alias = node.alias or node.name
     relation = source(node.name)
     if not isinstance(relation, exp.Table):

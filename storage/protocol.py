@@ -44,6 +44,9 @@ class Capabilities:
     # SQL naming a datasource reads its merged rows (the embedded engine's views);
     # without it the name holds every stored version and readers use ``relation``.
     merged_views: bool = True
+    # SQL may join datasources (payments ⋈ settlements): the engine plans a join of
+    # two merged relations. Without it /v1/sql refuses a JOIN with its reason.
+    sql_joins: bool = True
     # A commit is visible to the next read. Without it the engine ingests what a commit
     # wrote asynchronously (Druid's supervisor reads it from Kafka): a reader shows it
     # once the engine caught up, and callers poll (``ingest_figures``) instead.

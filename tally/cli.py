@@ -165,7 +165,7 @@ def demo_command(
         typer.echo("demo stopped")
 
 
-DEMO_SPECS = (Path("payments"), Path("access_logs"))
+DEMO_SPECS = (Path("payments"), Path("settlements"), Path("access_logs"))
 
 
 def _register_subcommands() -> None:

@@ -95,6 +95,29 @@ def _stream_access_logs(
     Publisher(settings, settings.topic(spec.datasource.topic)).send(until_stopped(), rate=rate / 2)
 
 
+def _stream_settlements(
+    settings: Settings, registry: SpecRegistry, rate: float, stop: threading.Event, seed: int
+) -> None:
+    """The settlements of the streamed payments (the ``settlements`` spec), in the order
+    the settlement domain publishes them: hours to days after each payment. About two
+    per payment, so twice the payments' rate keeps them in step."""
+    from producers.malformed import with_malformed
+    from producers.publish import Publisher
+    from producers.settlements import stream_settlements
+
+    spec = registry.get("settlements")
+    payments = _config(rate, seed, registry.get("payments").tz)
+    wires = with_malformed(stream_settlements(payments), 0.002, seed, spec=spec)
+
+    def until_stopped() -> Any:
+        for wire in wires:
+            if stop.is_set():
+                return
+            yield wire
+
+    Publisher(settings, settings.topic(spec.datasource.topic)).send(until_stopped(), rate=rate * 2)
+
+
 def summary(settings: Settings, registry: SpecRegistry) -> dict[str, Any]:
     from rollups.request import AggregateRequest
     from rollups.router import run
@@ -252,6 +275,7 @@ def run_demo(
         workers: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
             "demo-publisher": (_stream, (settings, registry, rate, stop, seed)),
             "demo-access-logs": (_stream_access_logs, (settings, registry, rate, stop, seed)),
+            "demo-settlements": (_stream_settlements, (settings, registry, rate, stop, seed)),
             "demo-ingest": (run_ingest, (settings, list(registry), ["olap", "search"], stop)),
             "demo-watcher": (_watch, (settings, registry, stop)),
         }

@@ -13,10 +13,21 @@ from query_api.params import time_range
 from rollups.request import AggregateRequest
 from rollups.router import run
 from tally.errors import Forbidden, InvalidArgument
+from tally.timeutil import Granularity
 
 router = APIRouter(tags=["sales"])
 MAX_BUCKETS = 20_000
 _SECONDS = {"hour": 3600, "day": 86_400, "month": 28 * 86_400}
+
+
+def check_buckets(start: datetime, end: datetime, granularity: Granularity) -> None:
+    """Refuse a range of more buckets than one answer should hold."""
+    span = (end - start).total_seconds()
+    if span > 0 and span / _SECONDS[granularity] > MAX_BUCKETS:
+        raise InvalidArgument(
+            f"{span / _SECONDS[granularity]:,.0f} {granularity} buckets requested; "
+            f"at most {MAX_BUCKETS:,} — use a coarser granularity or a shorter range"
+        )
 
 
 @router.get(
@@ -49,12 +60,7 @@ def sales(
     if tenant in groups:
         raise InvalidArgument(f"group_by: {tenant!r} is implied by the API key")
     time_range(from_, to)
-    span = (to - from_).total_seconds()
-    if span > 0 and span / _SECONDS[granularity] > MAX_BUCKETS:
-        raise InvalidArgument(
-            f"{span / _SECONDS[granularity]:,.0f} {granularity} buckets requested; "
-            f"at most {MAX_BUCKETS:,} — use a coarser granularity or a shorter range"
-        )
+    check_buckets(from_, to, granularity)
     req = AggregateRequest(
         start=from_,
         end=to,

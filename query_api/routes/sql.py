@@ -10,8 +10,20 @@ from query_api.deps import MerchantDep, ServicesDep
 from query_api.models import ErrorBody, SqlRequest, SqlResponse
 from query_api.sqlguard import scope
 from tally.errors import InvalidArgument
+from tally.specs import SpecRegistry
 
 router = APIRouter(tags=["sql"])
+
+
+def readable(registry: SpecRegistry, *, rollups: bool) -> dict[str, str]:
+    """Every datasource a merchant may read (and its rollups, where the engine stores
+    them), with the column naming its tenant."""
+    out: dict[str, str] = {}
+    for spec in registry:
+        out[spec.name] = spec.datasource.tenant
+        for rollup in spec.rollups if rollups else ():
+            out[rollup.name] = spec.datasource.tenant
+    return out
 
 
 @router.post(
@@ -21,23 +33,23 @@ router = APIRouter(tags=["sql"])
 )
 def run_sql(body: SqlRequest, services: ServicesDep, merchant: MerchantDep) -> SqlResponse:
     """A SELECT in the given dialect, transpiled to the engine's; every datasource it
-    names is narrowed to the key's merchant first. Row and time limits apply."""
-    spec = services.spec
+    names is narrowed to the key's merchant first, on each side of a join. Row and
+    time limits apply."""
     api = services.settings.api
     reader = services.reader
-    stored = reader.capabilities.rollup_datasources
+    caps = reader.capabilities
     scoped = scope(
         body.sql,
         body.dialect.lower(),
-        tenant_column=spec.datasource.tenant,
+        tenant_columns=readable(services.registry, rollups=caps.rollup_datasources),
         tenant=merchant,
-        tables=[spec.name, *(r.name for r in spec.rollups if stored)],
-        engine_dialect=reader.capabilities.sql_dialect,
+        engine_dialect=caps.sql_dialect,
         row_limit=api.sql_row_limit,
+        joins=caps.sql_joins,
         # Engines whose datasource names are raw rows read the merged relation instead.
         **(
             {}
-            if reader.capabilities.merged_views
+            if caps.merged_views
             else {"source": functools.partial(reader.relation, tenants=[merchant])}
         ),
     )

@@ -15,6 +15,7 @@ so rows arriving meanwhile neither shift nor repeat a page.
 import base64
 import binascii
 import hashlib
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,7 @@ from query_api.models import (
     ErrorBody,
     Freshness,
     IndexCoverage,
+    details_model,
     transaction_model,
     transactions_model,
 )
@@ -57,10 +59,13 @@ class _Cursor(msgspec.Struct, array_like=True):
     score: float = 0.0
 
 
-def build(spec: DatasourceSpec) -> APIRouter:
+def build(spec: DatasourceSpec, related: Sequence[DatasourceSpec] = ()) -> APIRouter:
+    """The routes of ``spec``; the details of one entity carry the entity of each
+    ``related`` datasource with the same key (a payment's settlement)."""
     router = APIRouter(tags=["transactions"])
     item_model = transaction_model(spec)
     page_model = transactions_model(item_model)
+    details = details_model(item_model, related)
     ds = spec.datasource
     statuses = tuple(spec.columns["status"].values or ()) if "status" in spec.columns else ()
     methods = tuple(spec.columns["method"].values or ()) if "method" in spec.columns else ()
@@ -127,7 +132,7 @@ def build(spec: DatasourceSpec) -> APIRouter:
             "search_coverage": coverage,
         }
 
-    @router.get("/v1/transactions/{txn_id}", response_model=item_model, responses=_ERRORS)
+    @router.get("/v1/transactions/{txn_id}", response_model=details, responses=_ERRORS)
     def get_transaction(
         services: ServicesDep,
         merchant: MerchantDep,
@@ -143,7 +148,12 @@ def build(spec: DatasourceSpec) -> APIRouter:
             rows = _rows(services.reader.lookup(spec.name, [txn_id], tenant=merchant))
         if not rows:
             raise NotFound(f"no transaction {txn_id!r}")
-        return rows[0]
+        found = rows[0]
+        for other in related:
+            assert other.relation is not None
+            mine = _rows(services.reader.lookup(other.name, [txn_id], tenant=merchant))
+            found[other.relation.as_] = mine[0] if mine else None
+        return found
 
     return router
 

@@ -29,6 +29,11 @@ CAPABILITIES = Capabilities(
     rollup_datasources=True,
     # A Druid datasource holds every version ingested; merged rows are a subquery.
     merged_views=False,
+    # Druid joins the merged relations (LATEST_BY subqueries) by materialising each
+    # side after the first on the broker, up to maxSubqueryRows; a larger one is
+    # refused by Druid with its reason. /v1/ledger does not join in the engine: it
+    # combines the two rollups in Tally, exact and cheap on every backend.
+    sql_joins=True,
     # A commit is a Kafka transaction to the refined topic; the supervisor's task
     # makes it queryable seconds later.
     visible_on_commit=False,

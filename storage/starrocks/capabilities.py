@@ -23,6 +23,9 @@ CAPABILITIES = Capabilities(
     # The Primary Key table is the merged view (one row per key, the newest version
     # by merge_condition): no LATEST_BY or window needed, unlike Druid.
     merged_views=True,
+    # StarRocks joins natively (its cost-based optimiser plans shuffle or broadcast
+    # joins of Primary Key tables).
+    sql_joins=True,
     # Each rollup is an Aggregate-key table of summed retraction deltas: exact.
     rollup_datasources=True,
     # A Stream Load that answered Success (or Publish Timeout, waited out) is visible.

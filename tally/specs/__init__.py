@@ -90,6 +90,17 @@ class Datasource(BaseModel):
         return value
 
 
+class Relation(BaseModel):
+    """This datasource's entities belong to another's, with the same key: a payment's
+    settlement. The query API shows the related entity in the other's details (under
+    ``as``) and joins the two on the key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    of: str = Field(pattern=_IDENT)
+    as_: str = Field(alias="as", pattern=_IDENT)
+
+
 class SinkSelection(BaseModel):
     """What one sink keeps of a datasource (:mod:`tally.specs.selection`): a share of
     the keys, decided by key, and a filter over the event's columns."""
@@ -115,6 +126,7 @@ class DatasourceSpec(BaseModel):
     rollups: tuple[Rollup, ...] = ()
     # Per sink (``olap``, ``search``): what it keeps; every event where not declared.
     sinks: dict[Literal["olap", "search"], SinkSelection] = Field(default_factory=dict)
+    relation: Relation | None = None
     source: str = "<memory>"
 
     @field_validator("columns", mode="before")
@@ -226,6 +238,19 @@ class DatasourceSpec(BaseModel):
         raise UnknownDatasource(f"datasource {self.name!r} has no rollup {name!r}")
 
 
+def _check_relation(spec: DatasourceSpec, other: DatasourceSpec) -> None:
+    """A related datasource shares its key's and tenant's meaning with the other: both
+    must be the same columns by type, and its ``as`` name no column of the other."""
+    assert spec.relation is not None
+    where = f"{spec.source}: relation"
+    if spec.relation.as_ in other.columns:
+        raise SpecError(f"{where}.as: {other.name!r} already has a column {spec.relation.as_!r}")
+    mine, theirs = spec.datasource, other.datasource
+    for role, a, b in (("key", mine.key, theirs.key), ("tenant", mine.tenant, theirs.tenant)):
+        if spec.columns[a].type != other.columns[b].type:
+            raise SpecError(f"{where}.of: the {role} {a!r} differs in type from {other.name}.{b}")
+
+
 def _is_ident(name: str) -> bool:
     import re
 
@@ -306,6 +331,10 @@ class SpecRegistry:
             if spec.name in self._specs:
                 raise SpecError(f"{spec.source}: datasource {spec.name!r} is declared twice")
             self._specs[spec.name] = spec
+        for spec in self._specs.values():
+            of = spec.relation.of if spec.relation else None
+            if of is not None and of in self._specs and of != spec.name:
+                _check_relation(spec, self._specs[of])
 
     @classmethod
     def load(cls, paths: Iterable[Path]) -> SpecRegistry:
@@ -323,6 +352,10 @@ class SpecRegistry:
         except KeyError:
             known = ", ".join(sorted(self._specs)) or "none"
             raise UnknownDatasource(f"unknown datasource {name!r} (known: {known})") from None
+
+    def related(self, name: str) -> list[DatasourceSpec]:
+        """The loaded datasources whose entities belong to ``name``'s (their relation)."""
+        return [s for s in self._specs.values() if s.relation and s.relation.of == name]
 
     def owner(self, name: str) -> tuple[DatasourceSpec, Rollup | None]:
         """(base spec, rollup or None) for the name of a base datasource or a rollup."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -11,8 +12,9 @@ import orjson
 
 from producers.generate import GeneratorConfig, generate_events
 from producers.malformed import Wire, with_malformed
+from producers.settlements import generate_settlements
 from tally.specs import DatasourceSpec
-from tests.factories import latest_by_key
+from tests.factories import latest_by_key, normalise
 
 
 @dataclass
@@ -22,18 +24,31 @@ class Published:
     malformed: Counter[bytes]  # value → how many times it was published
 
 
-def build(config: GeneratorConfig, malformed_rate: float) -> Published:
-    return published(list(with_malformed(generate_events(config), malformed_rate, config.seed)))
+def build(
+    config: GeneratorConfig, malformed_rate: float, spec: DatasourceSpec | None = None
+) -> Published:
+    """Payments as generated; with ``spec`` (settlements) that datasource's events of them."""
+    if spec is None:
+        events = generate_events(config)
+    else:
+        events = iter(generate_settlements(generate_events(config)))
+    return published(list(with_malformed(events, malformed_rate, config.seed, spec=spec)), spec)
 
 
-def published(wires: list[Wire]) -> Published:
-    """The reference of what ``wires`` hold (also for a stream cut short)."""
+def published(wires: list[Wire], spec: DatasourceSpec | None = None) -> Published:
+    """The reference of what ``wires`` hold (also for a stream cut short), decoded as
+    ``spec``'s events (payments' by default)."""
+    times = (
+        ("occurred_at", "approved_at")
+        if spec is None
+        else tuple(n for n, c in spec.columns.items() if c.type == "timestamp")
+    )
     good = []
     bad: Counter[bytes] = Counter()
     for wire in wires:
         if wire.malformed is None:
             event = orjson.loads(wire.value)
-            for f in ("occurred_at", "approved_at"):
+            for f in times:
                 event[f] = datetime.fromisoformat(event[f])
             good.append(event)
         else:
@@ -41,9 +56,9 @@ def published(wires: list[Wire]) -> Published:
     return Published(wires, good, bad)
 
 
-def expected_rows(spec: DatasourceSpec, published: Published) -> dict[str, tuple[Any, ...]]:
+def expected_rows(
+    spec: DatasourceSpec, published: Published, columns: Sequence[str]
+) -> dict[str, tuple[Any, ...]]:
+    """Each key's latest version, as ``columns`` (times in UTC)."""
     latest = latest_by_key(spec, published.good)
-    return {
-        k: (r["version"], r["event_id"], r["status"], r["canceled_amount"])
-        for k, r in latest.items()
-    }
+    return {k: tuple(normalise(r.get(c)) for c in columns) for k, r in latest.items()}

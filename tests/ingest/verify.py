@@ -16,17 +16,24 @@ from tests.ingest.reference import Published, expected_rows
 
 
 def assert_exact(
-    settings: Settings, registry: SpecRegistry, published: Published, *, search: bool = True
+    settings: Settings,
+    registry: SpecRegistry,
+    published: Published,
+    *,
+    search: bool = True,
+    datasource: str = "payments",
 ) -> None:
-    """Store, rollups, dead-letter topic and (with ``search``) the search index."""
-    spec = registry.get("payments")
+    """Store (every column of each key's latest version), rollups, dead-letter topic
+    and (with ``search``) the search index, for any datasource's spec."""
+    spec = registry.get(datasource)
     reader = open_reader(settings, registry)
     try:
-        rows = reader.query(
-            "SELECT txn_id, version, event_id, status, canceled_amount FROM payments"
-        ).rows
-        got = {r[0]: tuple(r[1:]) for r in rows}
-        want = expected_rows(spec, published)
+        ds = spec.datasource
+        columns = [ds.key, *(c for c in spec.columns if c != ds.key)]
+        quoted = ", ".join(f'"{c}"' for c in columns)
+        rows = reader.query(f'SELECT {quoted} FROM "{spec.name}"').rows
+        got = {r[0]: tuple(normalise(v) for v in r[1:]) for r in rows}
+        want = expected_rows(spec, published, columns[1:])
         assert len(got) == len(rows), "a key appears twice in the merged view"
         missing, extra = want.keys() - got.keys(), got.keys() - want.keys()
         wrong = [k for k in want.keys() & got.keys() if want[k] != got[k]]

@@ -8,13 +8,15 @@ test through the broker and ``tally ingest`` lives in test_e2e.py.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import subprocess
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,12 +26,14 @@ from ingest.kafka import ensure_topics
 from producers.generate import GeneratorConfig, generate_events
 from producers.malformed import Wire, with_malformed
 from producers.publish import Publisher
+from producers.settlements import generate_settlements
 from query_api.keys import KeyStore
 from query_api.ready import wait_ready
 from search import Doc, open_index
 from storage import open_store
 from tally.settings import Settings
-from tally.specs import DatasourceSpec, SpecRegistry
+from tally.specs import DatasourceSpec, SpecRegistry, spec_paths
+from tally.timeutil import parse_time
 from tests.brokers import Broker
 from tests.conftest import broker_settings
 from tests.factories import METHODS, latest_by_key, payment
@@ -55,6 +59,7 @@ class Api:
     events: list[dict[str, Any]]  # everything committed
     spec: DatasourceSpec
     settings: Settings
+    settlements: list[dict[str, Any]] = field(default_factory=list)  # committed too
 
     def client(self, who: str | None) -> httpx.Client:
         headers = {} if who is None else {"Authorization": f"Bearer {self.keys[who]}"}
@@ -109,20 +114,32 @@ def index_docs(settings: Settings, spec: DatasourceSpec, rows: list[dict[str, An
         index.close()
 
 
+# The API suites serve payments and their settlements (the ledger, joins, details).
+SPECS = ("payments", "settlements")
+
+
+@pytest.fixture(scope="session")
+def api_registry() -> SpecRegistry:
+    return SpecRegistry.load(spec_paths([Path(n) for n in SPECS]))
+
+
 @pytest.fixture(scope="module")
-def api(tmp_path_factory: pytest.TempPathFactory, registry: SpecRegistry) -> Iterator[Api]:
+def api(tmp_path_factory: pytest.TempPathFactory, api_registry: SpecRegistry) -> Iterator[Api]:
     data_dir = tmp_path_factory.mktemp("api")
-    settings = Settings(data_dir=data_dir)
-    spec = registry.get("payments")
-    events = fill(settings, registry)
+    settings = Settings(data_dir=data_dir, specs=tuple(Path(n) for n in SPECS))
+    spec = api_registry.get("payments")
+    events = fill(settings, api_registry)
+    settlements = fill_settlements(settings, api_registry, events)
     env = {
         "TALLY_DATA_DIR": str(data_dir),
+        "TALLY_SPECS": json.dumps(SPECS),
         "TALLY_API__SQL_TIMEOUT_S": "1",
         # The limiter runs but never trips: hypothesis and schemathesis send bursts.
         # test_rate_limit.py starts a server with a low limit.
         "TALLY_API__RATE_LIMIT": "1000000/second",
     }
     with serving(settings, spec, events, env) as running:
+        running.settlements = settlements
         yield running
 
 
@@ -135,6 +152,25 @@ def fill(settings: Settings, registry: SpecRegistry) -> list[dict[str, Any]]:
         store.commit("payments", events[i : i + 150])
     store.close()
     index_docs(settings, registry.get("payments"), events)
+    return events
+
+
+def fill_settlements(
+    settings: Settings, registry: SpecRegistry, payments: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """Settlements of the payments (every tenth has none yet), committed in batches in
+    the order the settlement domain publishes them; returns them."""
+    spec = registry.get("settlements")
+    times = [n for n, c in spec.columns.items() if c.type == "timestamp"]
+    events = [
+        {**e, **{n: parse_time(e[n]) for n in times}}
+        for e in generate_settlements(payments)
+        if int(e["txn_id"][2:]) % 10
+    ]
+    store = open_store(settings, registry)
+    for i in range(0, len(events), 200):
+        store.commit("settlements", events[i : i + 200])
+    store.close()
     return events
 
 

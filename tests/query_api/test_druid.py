@@ -38,7 +38,7 @@ from tests.query_api.test_routes import (  # noqa: F401 (collected here, on Drui
 )
 from tests.query_api.test_sql import (  # noqa: F401 (collected here, on Druid)
     _SHAPES,
-    _SOURCES,
+    PAYMENT_SOURCES,
     _sql,
     test_dialects_answer_alike_and_only_for_the_key,
     test_every_attack_is_refused_with_a_4xx,
@@ -108,8 +108,8 @@ def test_one_transaction_and_the_list_are_the_merged_rows(api: Api) -> None:
     who=st.sampled_from(MERCHANTS),
     # Druid has no MAX over strings: that shape is a 400 (test_sql_reads_merged_rows…).
     shape=st.sampled_from([s for s in _SHAPES if "MAX(" not in s]),
-    t=st.sampled_from(_SOURCES),
-    u=st.sampled_from(_SOURCES),
+    t=st.sampled_from(PAYMENT_SOURCES),
+    u=st.sampled_from(PAYMENT_SOURCES),
     dialect=st.sampled_from(["mysql", "postgres", "starrocks"]),
 )
 def test_no_query_shape_reaches_another_merchant_on_druid(

@@ -125,7 +125,10 @@ def test_too_many_rows_is_an_error_not_a_truncation(api: Api) -> None:
     assert status == 400 and "rows" in body["error"]["message"]
 
 
-_SOURCES = ["payments", "payments_daily", "payments_hourly"]
+# Suites on other engines serve payments alone (PAYMENT_SOURCES); this one also serves
+# the settlements, so every shape joins across datasources too.
+PAYMENT_SOURCES = ["payments", "payments_daily", "payments_hourly"]
+_SOURCES = [*PAYMENT_SOURCES, "settlements", "settlements_daily"]
 _SHAPES = [
     "SELECT merchant_id FROM {t}",
     "SELECT merchant_id FROM {t} WHERE merchant_id = 'm2' OR merchant_id = 'm1' OR 1 = 1",
@@ -139,6 +142,14 @@ _SHAPES = [
     "SELECT merchant_id FROM {t} WHERE merchant_id IN (SELECT merchant_id FROM {u})",
     "SELECT (SELECT MAX(merchant_id) FROM {u}) AS merchant_id FROM {t}",
     "SELECT merchant_id FROM {t} GROUP BY merchant_id HAVING COUNT(*) > 0",
+    "SELECT b.merchant_id FROM {t} a RIGHT JOIN {u} b ON a.merchant_id = b.merchant_id",
+    "SELECT b.merchant_id FROM {t} a FULL OUTER JOIN {u} b ON a.merchant_id <> b.merchant_id",
+    "SELECT b.merchant_id FROM {t} a CROSS JOIN {u} b",
+    "SELECT b.merchant_id FROM {t} a, {u} b WHERE a.merchant_id <> b.merchant_id",
+    "SELECT c.merchant_id FROM {t} a JOIN {u} b ON 1 = 1"
+    " JOIN {t} c ON c.merchant_id <> a.merchant_id",
+    "WITH x AS (SELECT * FROM {u})"
+    " SELECT x.merchant_id FROM {t} a JOIN x ON a.merchant_id <> x.merchant_id",
 ]
 
 
@@ -159,3 +170,55 @@ def test_no_query_shape_reaches_another_merchant(
     status, body = _sql(api, who, sql, dialect)
     assert status == 200, (sql, body)
     assert {row[0] for row in body["rows"]} <= {who, None}
+
+
+def test_payments_join_their_settlements_for_the_keys_merchant_only(api: Api) -> None:
+    """payments ⋈ settlements on txn_id, each side narrowed to the key's merchant:
+    exactly the reference pairs (latest version of each side)."""
+    from tests.factories import latest_by_key
+    from tests.query_api.test_ledger import _settlements_spec
+
+    settled = latest_by_key(_settlements_spec(api), api.settlements)
+    sql = (
+        "SELECT p.txn_id, p.amount - p.canceled_amount, s.status, s.settled_amount"
+        " FROM payments p JOIN settlements s ON p.txn_id = s.txn_id ORDER BY p.txn_id"
+    )
+    for who in MERCHANTS:
+        status, body = _sql(api, who, sql)
+        assert status == 200, body
+        want = [
+            [
+                k,
+                p["amount"] - p["canceled_amount"],
+                settled[k]["status"],
+                settled[k]["settled_amount"],
+            ]
+            for k, p in sorted(api.latest().items())
+            if p["merchant_id"] == who and k in settled
+        ]
+        assert want and body["rows"] == want
+
+
+def test_a_join_with_a_rollup_reads_both_for_the_key_only(api: Api) -> None:
+    sql = (
+        "SELECT d.currency, SUM(d.net_amount), MAX(s.settled) FROM payments_daily d"
+        " JOIN (SELECT currency, SUM(settled_amount) AS settled FROM settlements_daily"
+        " GROUP BY currency) s ON d.currency = s.currency GROUP BY d.currency ORDER BY 1"
+    )
+    status, body = _sql(api, "m1", sql)
+    assert status == 200, body
+    from tests.factories import latest_by_key
+    from tests.query_api.test_ledger import _settlements_spec
+
+    mine = [p for p in api.latest().values() if p["merchant_id"] == "m1"]
+    settled = [
+        s
+        for s in latest_by_key(_settlements_spec(api), api.settlements).values()
+        if s["merchant_id"] == "m1"
+    ]
+    want = []
+    for currency in sorted({p["currency"] for p in mine} & {s["currency"] for s in settled}):
+        net = sum(p["amount"] - p["canceled_amount"] for p in mine if p["currency"] == currency)
+        paid = sum(s["settled_amount"] for s in settled if s["currency"] == currency)
+        want.append([currency, net, paid])
+    assert body["rows"] == want

@@ -29,7 +29,7 @@ from tests.query_api.test_routes import (  # noqa: F401 (collected here, on Star
 )
 from tests.query_api.test_sql import (  # noqa: F401 (collected here, on StarRocks)
     _SHAPES,
-    _SOURCES,
+    PAYMENT_SOURCES,
     _sql,
     test_dialects_answer_alike_and_only_for_the_key,
     test_every_attack_is_refused_with_a_4xx,

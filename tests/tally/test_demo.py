@@ -67,6 +67,15 @@ def test_demo_serves_sales_within_a_minute_and_stops_on_sigint(tmp_path: Path) -
                 time.sleep(0.5)  # polling for data to land, not to make timing pass
         assert count > 0, "no sales served within 60 s of starting the demo"
         assert resp.json()["source"] != "base"
+        settled = 0  # the settlements streamed beside them, joined to their payments
+        sql = {"sql": "SELECT count(*) FROM settlements s JOIN payments p ON s.txn_id = p.txn_id"}
+        while time.monotonic() - started < 90 and not settled:
+            resp = httpx.post(f"{ready['url']}/v1/sql", json=sql, headers=headers)
+            assert resp.status_code == 200, resp.text
+            settled = resp.json()["rows"][0][0]
+            if not settled:
+                time.sleep(0.5)  # polling for data to land
+        assert settled > 0, "no settlement of a stored payment served within 90 s"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=90) == 0, proc.stderr.read() if proc.stderr else ""
     finally:
@@ -82,9 +91,12 @@ def test_demo_serves_sales_within_a_minute_and_stops_on_sigint(tmp_path: Path) -
     try:
         logs = reader.query("SELECT count(*) FROM access_logs").rows[0][0]
         rolled = reader.query("SELECT sum(requests) FROM access_logs_hourly").rows[0][0]
+        settlements = reader.query("SELECT count(*) FROM settlements").rows[0][0]
+        paid = reader.query("SELECT sum(count) FROM settlements_daily").rows[0][0]
     finally:
         reader.close()
     assert logs > 0 and rolled == logs
+    assert settlements > 0 and paid == settlements
 
 
 def test_demo_on_kafka_serves_sales_and_stops_the_kafka_it_started(tmp_path: Path) -> None:
