@@ -6,9 +6,11 @@ reversals, payouts again) is built through the store API and compacted as the
 watcher would; `tally serve` (two workers) answers /v1/ledger for a mid-volume
 merchant, 90 days by day: from the two daily rollups (the route's default) and forced
 to the base rows (admin tooling), p50/p99 at 1 and 8 clients. ``ledger_rollup_speedup``
-is the base p99 over the rollup p99 at 1 client, measured in the same run.
+is the base p99 over the rollup p99 at 1 client, measured in the same run. Then the
+priority figures (``bench/priority.py``): payments' freshness beside a surge of 200k
+access logs, with priority and without, in the same run.
 
-    .venv/bin/python bench/ledger.py --scale small|full [--data-dir DIR]
+    .venv/bin/python bench/ledger.py --scale small|full [--data-dir DIR] [--part P]
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import pyarrow.compute as pc
 
 from bench.api import DAYS, START, compact_as_the_watcher_would, free_port, measure, serve
 from bench.common import Figures, Log, format_table, parser, percentile, write_results
+from bench.priority import measure_priority
 from producers.generate import GeneratorConfig, approval_tables, cancellations_for
 from producers.settlements import generate_settlements
 from query_api.keys import KeyStore
@@ -38,8 +41,8 @@ from tally.specs import SpecRegistry, spec_paths
 from tally.timeutil import parse_time
 
 SCALES = {
-    "small": {"transactions": 100_000, "requests": 60},
-    "full": {"transactions": 1_000_000, "requests": 200},
+    "small": {"transactions": 100_000, "requests": 60, "steady_s": 20},
+    "full": {"transactions": 1_000_000, "requests": 200, "steady_s": 40},
 }
 SPECS = (Path("payments"), Path("settlements"))
 
@@ -76,66 +79,75 @@ def build(settings: Settings, registry: SpecRegistry, n: int, log: Log) -> int:
 def main(argv: list[str] | None = None) -> int:
     cli = parser(__doc__.splitlines()[0])
     cli.add_argument("--data-dir", type=Path, help="build the store here once, then reuse it")
+    cli.add_argument("--part", choices=("ledger", "priority", "all"), default="all")
     args = cli.parse_args(argv)
     scale = SCALES[args.scale]
     log = Log()
-    registry = SpecRegistry.load(spec_paths(SPECS))
     figures = Figures()
     with contextlib.ExitStack() as stack:
         data_dir = args.data_dir or Path(
             stack.enter_context(tempfile.TemporaryDirectory(prefix="tally-bench-ledger-"))
         )
-        settings = Settings(data_dir=data_dir, specs=SPECS)
-        built = data_dir / ".bench-ledger-built"
-        if built.exists() and built.read_text() == str(scale["transactions"]):
-            log(f"reusing the store in {data_dir}")
-        else:
-            build(settings, registry, scale["transactions"], log)
-            built.write_text(str(scale["transactions"]))
-        figures.add("ledger_stored_payments", scale["transactions"], "rows")
-        reader = open_reader(settings, registry)
-        ranked = reader.query(
-            "SELECT merchant_id, sum(count) FROM payments_daily GROUP BY 1 ORDER BY 2 DESC, 1"
-        ).rows
-        events = reader.query("SELECT count(*) FROM settlements").rows[0][0]
-        reader.close()
-        figures.add("ledger_stored_settlements", events, "rows")
-        merchant = str(ranked[len(ranked) // 10][0])
-        keys = KeyStore(settings.keys_path)
-        _, key = keys.create(merchant)
-        _, admin_key = keys.create(None, admin=True)
-        keys.close()
-        port = free_port()
-        server = serve(settings, port, {"TALLY_SPECS": '["payments", "settlements"]'})
-        url = f"http://127.0.0.1:{port}"
-        try:
-            wait_ready(url, server, timeout_s=120)
-            end = START + timedelta(days=DAYS)
-            span = {"from": (end - timedelta(days=90)).isoformat(), "to": end.isoformat()}
-            base = {**span, "force_base": "true", "merchant": merchant}
-            p99: dict[str, float] = {}
-            for clients in (1, 8):
-                for name, who, params in (
-                    ("ledger", key, span),
-                    ("ledger_base", admin_key, base),
-                ):
-
-                    def ask(c: Any, _r: Any, params: dict[str, str] = params) -> Any:
-                        return c.get("/v1/ledger", params=params)
-
-                    times = measure(url, who, ask, clients, scale["requests"])
-                    figures.add(f"{name}_p50_ms_c{clients}", percentile(times, 50), "ms")
-                    p99[f"{name}_c{clients}"] = figures.add(
-                        f"{name}_p99_ms_c{clients}", percentile(times, 99), "ms"
-                    )
-                    log(f"{name} c{clients}: p99 {p99[f'{name}_c{clients}']:.1f} ms")
-            figures.add("ledger_rollup_speedup", p99["ledger_base_c1"] / p99["ledger_c1"], "ratio")
-        finally:
-            server.terminate()
-            server.wait(30)
+        if args.part in ("ledger", "all"):
+            ledger(data_dir, scale, figures, log)
+        if args.part in ("priority", "all"):
+            with tempfile.TemporaryDirectory(prefix="tally-bench-priority-") as work:
+                measure_priority(Path(work), scale["steady_s"], figures, log)
     print(format_table(figures, "ledger"))
     write_results("ledger", figures, args.scale)
     return 0
+
+
+def ledger(data_dir: Path, scale: dict[str, int], figures: Figures, log: Log) -> None:
+    registry = SpecRegistry.load(spec_paths(SPECS))
+    settings = Settings(data_dir=data_dir, specs=SPECS)
+    built = data_dir / ".bench-ledger-built"
+    if built.exists() and built.read_text() == str(scale["transactions"]):
+        log(f"reusing the store in {data_dir}")
+    else:
+        build(settings, registry, scale["transactions"], log)
+        built.write_text(str(scale["transactions"]))
+    figures.add("ledger_stored_payments", scale["transactions"], "rows")
+    reader = open_reader(settings, registry)
+    ranked = reader.query(
+        "SELECT merchant_id, sum(count) FROM payments_daily GROUP BY 1 ORDER BY 2 DESC, 1"
+    ).rows
+    events = reader.query("SELECT count(*) FROM settlements").rows[0][0]
+    reader.close()
+    figures.add("ledger_stored_settlements", events, "rows")
+    merchant = str(ranked[len(ranked) // 10][0])
+    keys = KeyStore(settings.keys_path)
+    _, key = keys.create(merchant)
+    _, admin_key = keys.create(None, admin=True)
+    keys.close()
+    port = free_port()
+    server = serve(settings, port, {"TALLY_SPECS": '["payments", "settlements"]'})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, server, timeout_s=120)
+        end = START + timedelta(days=DAYS)
+        span = {"from": (end - timedelta(days=90)).isoformat(), "to": end.isoformat()}
+        base = {**span, "force_base": "true", "merchant": merchant}
+        p99: dict[str, float] = {}
+        for clients in (1, 8):
+            for name, who, params in (
+                ("ledger", key, span),
+                ("ledger_base", admin_key, base),
+            ):
+
+                def ask(c: Any, _r: Any, params: dict[str, str] = params) -> Any:
+                    return c.get("/v1/ledger", params=params)
+
+                times = measure(url, who, ask, clients, scale["requests"])
+                figures.add(f"{name}_p50_ms_c{clients}", percentile(times, 50), "ms")
+                p99[f"{name}_c{clients}"] = figures.add(
+                    f"{name}_p99_ms_c{clients}", percentile(times, 99), "ms"
+                )
+                log(f"{name} c{clients}: p99 {p99[f'{name}_c{clients}']:.1f} ms")
+        figures.add("ledger_rollup_speedup", p99["ledger_base_c1"] / p99["ledger_c1"], "ratio")
+    finally:
+        server.terminate()
+        server.wait(30)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@
 * Transient failures (broker, store lock, search backend) retry the same batch with
   backoff; nothing is skipped. A fenced commit (another writer owns the partition
   now) drops the batch and re-seeks to what the sink has stored.
+* Lanes of one process take turns by their datasources' ``priority``
+  (``ingest.priority``): a write waits while a higher-priority lane has a batch
+  pending, and a lane's batches stay small while the process serves a higher one.
 * ``until_idle``: stop once nothing new arrived for that long, the broker answered
   promptly all along (silence from an unreachable broker is not idleness), and the
   topic is consumed: for *every* partition, not only the assigned ones, where the sink
@@ -49,6 +52,7 @@ from confluent_kafka import (
 from ingest import metrics
 from ingest.decode import Decoder, Message
 from ingest.kafka import consumer_config, translate, unread
+from ingest.priority import RANKS, PriorityGate
 from ingest.selection import Selector
 from ingest.sinks import TP, Sink
 from storage import OffsetRange
@@ -74,9 +78,24 @@ class RunReport:
     assigned: list[int] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class _Batch:
+    """What the loop hands the worker: the messages, the offsets they cover, and when
+    it was queued (the priority gate's clock)."""
+
+    messages: list[Message]
+    ranges: dict[TP, OffsetRange]
+    queued: float
+
+
 class Runner:
     def __init__(
-        self, settings: Settings, spec: DatasourceSpec, sink: Sink, stop: threading.Event
+        self,
+        settings: Settings,
+        spec: DatasourceSpec,
+        sink: Sink,
+        stop: threading.Event,
+        gate: PriorityGate | None = None,
     ) -> None:
         self.settings = settings
         self.spec = spec
@@ -87,6 +106,9 @@ class Runner:
         self.decoder = Decoder(spec)
         self.selector = Selector(spec, sink.name)
         self.labels = {"sink": sink.name, "datasource": spec.name}
+        # Alone in its process (no gate given), a lane never waits and is never capped.
+        self.gate = gate or PriorityGate(settings.ingest.batch_max_rows)
+        self.rank = RANKS[spec.datasource.priority]
         self.positions: dict[int, int | None] = {}  # partition → start of the next batch
         self._last_contact: float | None = None  # last prompt answer or message from the broker
         self._healthy_since: float | None = None  # broker answering promptly since then
@@ -94,7 +116,7 @@ class Runner:
         self._unconsumed: set[int] | None = None  # partitions the last probe found behind
         self.report = RunReport(sink.name, spec.name)
         self._consumer: Consumer | None = None
-        self._work: queue.Queue[tuple[list[Message], dict[TP, OffsetRange]] | None] = queue.Queue(1)
+        self._work: queue.Queue[_Batch | None] = queue.Queue(1)
         self._fenced = threading.Event()
         self._failure: TallyError | None = None
         self._done_lock = threading.Lock()
@@ -169,6 +191,7 @@ class Runner:
         worker = threading.Thread(target=self._worker, name=f"{self.group}-writer", daemon=True)
         worker.start()
         last_message = time.monotonic()
+        self.gate.join(self.rank)
         try:
             self.sink.bind(consumer)
             consumer.subscribe(
@@ -193,7 +216,7 @@ class Runner:
                     self._last_contact = last_message
                     if self._healthy_since is None:  # messages are the broker answering
                         self._healthy_since = last_message
-                    self._hand_over((messages, self._ranges(messages)))
+                    self._hand_over(messages, self._ranges(messages))
                 elif until_idle is not None:
                     self._check_health(consumer)
                     if self._idle(consumer, last_message, until_idle):
@@ -207,6 +230,7 @@ class Runner:
         except TallyError as exc:
             self._failure = self._failure or exc
         finally:
+            self.gate.leave(self.rank)
             self._work.put(None)
             worker.join()
             self._commit_kafka(consumer)
@@ -218,8 +242,10 @@ class Runner:
             log.error("%s/%s stopped: %s", self.sink.name, self.spec.name, self._failure.message)
         return self.report
 
-    def _hand_over(self, item: tuple[list[Message], dict[TP, OffsetRange]]) -> None:
-        """Queue a batch for the worker; keep the stop flag responsive while waiting."""
+    def _hand_over(self, messages: list[Message], ranges: dict[TP, OffsetRange]) -> None:
+        """Queue a batch for the worker; keep the stop flag responsive while waiting.
+        From now on the batch is pending: lower-priority lanes wait for it."""
+        item = _Batch(messages, ranges, self.gate.queued(self.rank))
         while not self.stop.is_set():
             try:
                 self._work.put(item, timeout=0.1)
@@ -230,6 +256,7 @@ class Runner:
                     # cached ends stop moving: ask the broker, or lag would stay flat.
                     self._record_lag(self._consumer, fresh=True)
                 continue
+        self.gate.dropped(self.rank)
 
     def _worker(self) -> None:
         while True:
@@ -238,8 +265,13 @@ class Runner:
                 if item is None:
                     self._publish_pending()
                     return
-                if not self._fenced.is_set() and self._failure is None:
-                    self._process(*item)
+                if self._fenced.is_set() or self._failure is not None:
+                    self.gate.dropped(self.rank)
+                else:
+                    lane = f"{self.sink.name}/{self.spec.name}"
+                    rows = len(item.messages)
+                    with self.gate.turn(lane, self.rank, rows, item.queued, self.stop):
+                        self._process(item.messages, item.ranges)
                     self._publish_pending()
             except TallyError as exc:
                 self._failure = exc
@@ -373,7 +405,10 @@ class Runner:
         deadline = time.monotonic() + self.sink.linger_s
         out: list[Message] = []
         self._revoked.clear()
-        while len(out) < conf.batch_max_rows and not self.stop.is_set():
+        while not self.stop.is_set():
+            limit = self.gate.batch_rows(self.rank, conf.batch_max_rows)
+            if len(out) >= limit:
+                break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 if not (out and self._work.full()):
@@ -383,7 +418,7 @@ class Runner:
                 # backlog (fewer, larger commits) and stay small when caught up.
                 remaining = 0.02
             try:
-                batch = consumer.consume(min(10_000, conf.batch_max_rows - len(out)), remaining)
+                batch = consumer.consume(min(10_000, limit - len(out)), remaining)
             except KafkaException as exc:
                 raise translate(exc, "consuming") from exc
             if self._revoked:

@@ -1,8 +1,10 @@
 """Run the sinks of one or more datasources, each in its own thread and consumer group.
 
 Each sink has its own group, so a slow or rebuilding search index never holds back
-the OLAP store. A sink that fails terminally stops the others too: the process
-exits non-zero and a supervisor restarts it, resuming exactly where the store is.
+the OLAP store. The lanes share one priority gate (``ingest.priority``): under backlog
+the higher-priority datasources are written first. A sink that fails terminally
+stops the others too: the process exits non-zero and a supervisor restarts it,
+resuming exactly where the store is.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 
+from ingest.priority import PriorityGate
 from ingest.relay import KafkaRelay
 from ingest.runner import Runner, RunReport
 from ingest.sinks import OlapSink, SearchSink, Sink
@@ -35,14 +38,18 @@ def run_ingest(
     stop: threading.Event,
     until_idle: float | None = None,
     metrics_port: int | None = None,
+    gate: PriorityGate | None = None,
 ) -> list[RunReport]:
     registry = SpecRegistry(specs)
     if metrics_port is not None:
         from ingest.metrics import serve
 
         serve(metrics_port)
+    gate = gate or (
+        PriorityGate(settings.ingest.yield_batch_rows) if settings.ingest.priority else None
+    )
     runners = [
-        Runner(settings, spec, make_sink(settings, spec, name, registry), stop)
+        Runner(settings, spec, make_sink(settings, spec, name, registry), stop, gate)
         for spec in specs
         for name in sinks
     ]

@@ -66,6 +66,17 @@ class IngestSettings(BaseModel):
         description="search sink micro-batch linger (its refresh interval); each batch "
         "commits a tantivy segment per shard",
     )
+    priority: bool = Field(
+        True,
+        description="a process serving several datasources writes the higher `priority` "
+        "first; off, every lane takes its turn as the machine gives it",
+    )
+    yield_batch_rows: int = Field(
+        2_000,
+        ge=1,
+        description="a lower-priority lane's batch cap while a higher one has work: the "
+        "write a critical batch may find in progress is this small",
+    )
     retry_initial_s: float = Field(0.2, gt=0)
     retry_max_s: float = Field(5.0, gt=0)
     session_timeout_ms: int = Field(6000, ge=1000)

@@ -24,6 +24,8 @@ from tally.specs.selection import parse_filter
 from tally.timeutil import Granularity, coarser_or_equal, parse_duration
 
 ColumnType = Literal["string", "int", "timestamp", "bool"]
+# Served first under backlog by an ingest process serving several (ingest.priority).
+Priority = Literal["critical", "high", "normal", "low"]
 _IDENT = r"^[a-z][a-z0-9_]*$"
 
 
@@ -73,6 +75,7 @@ class Datasource(BaseModel):
     tenant: str
     searchable: tuple[str, ...] = ()
     active_window: str = "1d"
+    priority: Priority = "normal"
 
     @field_validator("timezone")
     @classmethod
