@@ -101,7 +101,7 @@ def test_the_ingest_worker_stops_on_a_full_catalog_as_terminal_not_as_a_bug(
     worker = threading.Thread(target=runner._worker)
     worker.start()
     try:
-        runner._work.put((messages, {(TOPIC, 0): OffsetRange(0, len(messages))}))
+        runner._hand_over(messages, {(TOPIC, 0): OffsetRange(0, len(messages))})
         runner._work.put(None)  # then finish
         worker.join(timeout=60)
         assert not worker.is_alive(), "the batch was retried: a full catalog counted as transient"
