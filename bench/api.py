@@ -56,6 +56,7 @@ import sqlglot
 from bench.common import (
     Figures,
     Log,
+    build_once,
     format_table,
     local_opensearch,
     parser,
@@ -275,19 +276,11 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(tempfile.TemporaryDirectory(prefix="tally-bench-api-"))
         )
         settings = Settings(data_dir=data_dir)
-        built = data_dir / ".bench-api-built"
-        if built.exists() and built.read_text() == str(scale["transactions"]):
-            log(f"reusing the store in {data_dir}")
-        else:
-            build(settings, registry, scale["transactions"], log)
-            built.write_text(str(scale["transactions"]))
+        n = scale["transactions"]
+        build_once(data_dir, "api", n, lambda: build(settings, registry, n, log), log)
         figures.add("api_stored_transactions", scale["transactions"], "rows")
-        # A mid-volume merchant, as in bench/store.py.
         reader = open_reader(settings, registry)
-        ranked = reader.query(
-            "SELECT merchant_id, sum(count) FROM payments_daily GROUP BY 1 ORDER BY 2 DESC, 1"
-        ).rows
-        merchant = str(ranked[len(ranked) // 10][0])
+        merchant = mid_volume_merchant(reader)
         mine = [
             r[0]
             for r in reader.query(
@@ -374,6 +367,14 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results("api", figures, args.scale)
     log(f"wrote {path}")
     return 0
+
+
+def mid_volume_merchant(reader: Any) -> str:
+    """The merchant at the 10th percentile by payments, as in bench/store.py."""
+    ranked = reader.query(
+        "SELECT merchant_id, sum(count) FROM payments_daily GROUP BY 1 ORDER BY 2 DESC, 1"
+    ).rows
+    return str(ranked[len(ranked) // 10][0])
 
 
 def compact_as_the_watcher_would(

@@ -16,7 +16,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +175,17 @@ class Log:
 
     def __call__(self, message: str) -> None:
         print(f"[{time.perf_counter() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)
+
+
+def build_once(data_dir: Path, name: str, size: int, build: Callable[[], object], log: Any) -> None:
+    """Build a benchmark's store in ``data_dir`` unless a store of that ``size`` is there
+    already (``--data-dir`` reuses one across runs)."""
+    marker = data_dir / f".bench-{name}-built"
+    if marker.exists() and marker.read_text() == str(size):
+        log(f"reusing the store in {data_dir}")
+        return
+    build()
+    marker.write_text(str(size))
 
 
 @contextmanager

@@ -28,8 +28,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bench.api import DAYS, START, compact_as_the_watcher_would, free_port, measure, serve
-from bench.common import Figures, Log, format_table, parser, percentile, write_results
+from bench.api import (
+    DAYS,
+    START,
+    compact_as_the_watcher_would,
+    free_port,
+    measure,
+    mid_volume_merchant,
+    serve,
+)
+from bench.common import Figures, Log, build_once, format_table, parser, percentile, write_results
 from bench.priority import measure_priority
 from producers.generate import GeneratorConfig, approval_tables, cancellations_for
 from producers.settlements import generate_settlements
@@ -101,21 +109,14 @@ def main(argv: list[str] | None = None) -> int:
 def ledger(data_dir: Path, scale: dict[str, int], figures: Figures, log: Log) -> None:
     registry = SpecRegistry.load(spec_paths(SPECS))
     settings = Settings(data_dir=data_dir, specs=SPECS)
-    built = data_dir / ".bench-ledger-built"
-    if built.exists() and built.read_text() == str(scale["transactions"]):
-        log(f"reusing the store in {data_dir}")
-    else:
-        build(settings, registry, scale["transactions"], log)
-        built.write_text(str(scale["transactions"]))
+    n = scale["transactions"]
+    build_once(data_dir, "ledger", n, lambda: build(settings, registry, n, log), log)
     figures.add("ledger_stored_payments", scale["transactions"], "rows")
     reader = open_reader(settings, registry)
-    ranked = reader.query(
-        "SELECT merchant_id, sum(count) FROM payments_daily GROUP BY 1 ORDER BY 2 DESC, 1"
-    ).rows
+    merchant = mid_volume_merchant(reader)
     events = reader.query("SELECT count(*) FROM settlements").rows[0][0]
     reader.close()
     figures.add("ledger_stored_settlements", events, "rows")
-    merchant = str(ranked[len(ranked) // 10][0])
     keys = KeyStore(settings.keys_path)
     _, key = keys.create(merchant)
     _, admin_key = keys.create(None, admin=True)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from datetime import datetime
+from typing import Annotated, Literal
 
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -80,3 +81,23 @@ def get_admin(principal: PrincipalDep) -> Principal:
 
 
 AdminDep = Annotated[Principal, Depends(get_admin)]
+
+
+def get_force_base(
+    principal: PrincipalDep,
+    force_base: Annotated[
+        bool, Query(description="skip the rollups (for comparisons); admin keys only")
+    ] = False,
+) -> bool:
+    """Scanning the base rows costs far more than a rollup: it is operator tooling
+    (comparisons, benchmarks), so only admin keys may ask for it."""
+    if force_base and not principal.is_admin:
+        raise Forbidden("force_base is admin tooling: it needs an admin key")
+    return force_base
+
+
+ForceBaseDep = Annotated[bool, Depends(get_force_base)]
+# A range of calendar buckets, as the aggregate routes take it.
+FromQuery = Annotated[datetime, Query(alias="from", description="inclusive, with an offset")]
+ToQuery = Annotated[datetime, Query(description="exclusive, with an offset")]
+BucketSize = Literal["hour", "day", "month"]

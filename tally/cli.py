@@ -8,6 +8,7 @@ stderr: ``error: <reason>`` — never a traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -20,7 +21,7 @@ from typer.exceptions import Abort, Exit, TyperException
 from tally.clikit import Context, FormatOption, state
 from tally.errors import TallyError
 from tally.output import Format, emit_json, emit_table
-from tally.settings import load_settings
+from tally.settings import HANDOFF_ENV, from_handoff, load_settings
 from tally.specs import SpecRegistry, spec_paths
 
 app = typer.Typer(
@@ -43,7 +44,13 @@ def root(
         Path | None, typer.Option("--data-dir", help="overrides TALLY_DATA_DIR")
     ] = None,
 ) -> None:
-    ctx.obj = Context(load_settings(config, data_dir=data_dir))
+    handed = os.environ.get(HANDOFF_ENV)
+    if handed and config is None and data_dir is None:
+        # A child a Tally process started (the demo's `tally serve`) runs with exactly
+        # its parent's settings, the specs it was given included.
+        ctx.obj = Context(from_handoff(handed))
+    else:
+        ctx.obj = Context(load_settings(config, data_dir=data_dir))
 
 
 @app.command("sql")

@@ -19,18 +19,25 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 
-from query_api.deps import MerchantOrAdminDep, PrincipalDep, ServicesDep
+from query_api.deps import (
+    BucketSize,
+    ForceBaseDep,
+    FromQuery,
+    MerchantOrAdminDep,
+    ServicesDep,
+    ToQuery,
+)
 from query_api.models import ErrorBody, LedgerBucket, LedgerResponse
 from query_api.params import time_range
 from query_api.routes.sales import check_buckets
 from rollups.request import AggregateRequest
 from rollups.router import run
 from storage import OlapReader
-from tally.errors import Forbidden, NotFound
+from tally.errors import NotFound
 from tally.specs import DatasourceSpec, SpecRegistry
 from tally.timeutil import Granularity
 
@@ -51,19 +58,14 @@ _BEGINNING = datetime(1970, 1, 1, tzinfo=UTC)
 )
 def ledger(
     services: ServicesDep,
-    principal: PrincipalDep,
     merchant: MerchantOrAdminDep,
-    from_: Annotated[datetime, Query(alias="from", description="inclusive, with an offset")],
-    to: Annotated[datetime, Query(description="exclusive, with an offset")],
-    granularity: Literal["hour", "day", "month"] = "day",
-    force_base: Annotated[
-        bool, Query(description="skip the rollups (for comparisons); admin keys only")
-    ] = False,
+    force_base: ForceBaseDep,
+    from_: FromQuery,
+    to: ToQuery,
+    granularity: BucketSize = "day",
 ) -> LedgerResponse:
     """Sold, paid out and still unsettled, per bucket (calendar buckets in the
     payments' time zone) and currency."""
-    if force_base and not principal.is_admin:
-        raise Forbidden("force_base is admin tooling: it needs an admin key")
     payments, settlements = _sides(services.registry)
     time_range(from_, to)
     check_buckets(from_, to, granularity)

@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated
 
 from fastapi import APIRouter, Query
 
-from query_api.deps import MerchantOrAdminDep, PrincipalDep, ServicesDep
+from query_api.deps import (
+    BucketSize,
+    ForceBaseDep,
+    FromQuery,
+    MerchantOrAdminDep,
+    ServicesDep,
+    ToQuery,
+)
 from query_api.models import ErrorBody, SalesBucket, SalesResponse
 from query_api.params import time_range
 from rollups.request import AggregateRequest
 from rollups.router import run
-from tally.errors import Forbidden, InvalidArgument
+from tally.errors import InvalidArgument
 from tally.timeutil import Granularity
 
 router = APIRouter(tags=["sales"])
@@ -37,23 +44,18 @@ def check_buckets(start: datetime, end: datetime, granularity: Granularity) -> N
 )
 def sales(
     services: ServicesDep,
-    principal: PrincipalDep,
     merchant: MerchantOrAdminDep,
-    from_: Annotated[datetime, Query(alias="from", description="inclusive, with an offset")],
-    to: Annotated[datetime, Query(description="exclusive, with an offset")],
-    granularity: Literal["hour", "day", "month"] = "day",
+    force_base: ForceBaseDep,
+    from_: FromQuery,
+    to: ToQuery,
+    granularity: BucketSize = "day",
     group_by: Annotated[str, Query(description="comma-separated: method, status, currency")] = "",
-    force_base: Annotated[
-        bool, Query(description="skip the rollups (for comparisons); admin keys only")
-    ] = False,
 ) -> SalesResponse:
     """Count, gross, canceled and net amount per bucket (calendar buckets in the
     datasource's time zone), from the coarsest rollup that answers exactly.
 
     ``force_base`` scans the base rows, which costs far more than a rollup; it is
     operator tooling (comparisons, benchmarks), so only admin keys may ask for it."""
-    if force_base and not principal.is_admin:
-        raise Forbidden("force_base is admin tooling: it needs an admin key")
     spec = services.spec
     groups = tuple(g.strip() for g in group_by.split(",") if g.strip())
     tenant = spec.datasource.tenant

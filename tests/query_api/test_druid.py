@@ -12,6 +12,7 @@ Druid twin here.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 import uuid
@@ -48,6 +49,9 @@ from tests.storage.druid.loading import load, load_rollups
 
 pytestmark = pytest.mark.slow
 SQL_TIMEOUT_S = 2.0
+# Shapes Druid's planner refuses (a 400 naming why): a scalar subquery, and an outer
+# join on a condition that is not an equality. Its inner joins on one are planned.
+_UNPLANNABLE = re.compile(r"MAX\(|FULL OUTER JOIN .* ON [^=]*<>")
 REQUEST_TIMEOUT_S = 3.0
 
 
@@ -107,7 +111,7 @@ def test_one_transaction_and_the_list_are_the_merged_rows(api: Api) -> None:
 @given(
     who=st.sampled_from(MERCHANTS),
     # Druid has no MAX over strings: that shape is a 400 (test_sql_reads_merged_rows…).
-    shape=st.sampled_from([s for s in _SHAPES if "MAX(" not in s]),
+    shape=st.sampled_from([s for s in _SHAPES if not _UNPLANNABLE.search(s)]),
     t=st.sampled_from(PAYMENT_SOURCES),
     u=st.sampled_from(PAYMENT_SOURCES),
     dialect=st.sampled_from(["mysql", "postgres", "starrocks"]),
@@ -119,6 +123,15 @@ def test_no_query_shape_reaches_another_merchant_on_druid(
     status, body = _sql(api, who, sql, dialect)
     assert status == 200, (sql, body)
     assert {row[0] for row in body["rows"]} <= {who, None}
+
+
+def test_every_plannable_shape_is_answered_with_the_keys_rows_only(api: Api) -> None:
+    """Each shape once (the property above samples them), base beside a rollup."""
+    for shape in (s for s in _SHAPES if not _UNPLANNABLE.search(s)):
+        sql = shape.format(t="payments", u="payments_daily") + " LIMIT 5000"
+        status, body = _sql(api, "m1", sql, "mysql")
+        assert status == 200, (sql, body)
+        assert {row[0] for row in body["rows"]} <= {"m1", None}, sql
 
 
 def test_sql_reads_merged_rows_with_the_tenant_bound(api: Api) -> None:
@@ -134,8 +147,9 @@ def test_sql_reads_merged_rows_with_the_tenant_bound(api: Api) -> None:
     )
     assert status == 200, body
     assert body["rows"] == [["m1", len(mine)]]
-    status, body = _sql(api, "m1", "SELECT (SELECT MAX(merchant_id) FROM payments) FROM payments")
-    assert status == 400 and body["error"]["code"] == "query_error"  # Druid's limit, not a leak
+    for shape in (s for s in _SHAPES if _UNPLANNABLE.search(s)):  # Druid's limits, not leaks
+        status, body = _sql(api, "m1", shape.format(t="payments", u="payments"))
+        assert status == 400 and body["error"]["code"] == "query_error", (shape, body)
 
 
 def test_druid_stuck_is_a_503_within_the_timeouts(api: Api, druid: Druid) -> None:

@@ -175,4 +175,6 @@ def test_shipped_specs_are_turned_on_by_name_and_an_unknown_name_is_one_line() -
     assert [r.name for r in logs.rollups] == ["access_logs_hourly"]
     with pytest.raises(SpecError) as caught:
         spec_paths([Path("ledger")])
-    assert str(caught.value) == ("specs: no shipped spec 'ledger' (shipped: access_logs, payments)")
+    assert str(caught.value) == (
+        "specs: no shipped spec 'ledger' (shipped: access_logs, settlements, payments)"
+    )
