@@ -255,7 +255,12 @@
     try {
       const item = await api(state.key, `/v1/transactions/${encodeURIComponent(id)}`);
       const body = $("details-body");
-      body.replaceChildren(...Object.entries(item).flatMap(([k, v]) => [
+      // A related entity (the payment's settlement) is listed field by field.
+      const fields = Object.entries(item).flatMap(([k, v]) =>
+        v !== null && typeof v === "object"
+          ? Object.entries(v).map(([sub, value]) => [`${k}.${sub}`, value])
+          : [[k, v]]);
+      body.replaceChildren(...fields.flatMap(([k, v]) => [
         el("dt", {}, k), el("dd", { dataset: { field: k } }, v === null ? "—" : String(v))]));
       $("details-title").textContent = `Payment ${id}`;
       $("details").showModal();
