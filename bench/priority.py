@@ -11,8 +11,8 @@ segment holding a probe payment; probes every 100 ms, ``bench.ingest.steady``).
 The bound (``BOUND_MS``, stated in the README): with priority, the surge adds at most
 that much to payments' freshness p99 — a payments batch never waits for an access-log
 write, and shares the machine with at most one ``ingest.yield_batch_rows`` write per
-access-log lane (two here: OLAP and search), each well under 100 ms on a 2-core
-machine. ``priority_within_bound`` records whether this run kept it.
+access-log lane at a time (two here: OLAP and search), each well under 100 ms on a
+2-core machine. ``priority_within_bound`` records whether this run kept it.
 """
 
 from __future__ import annotations

@@ -46,7 +46,9 @@ def run_ingest(
 
         serve(metrics_port)
     gate = gate or (
-        PriorityGate(settings.ingest.yield_batch_rows) if settings.ingest.priority else None
+        PriorityGate(settings.ingest.yield_batch_rows, settings.ingest.yield_max_wait_s)
+        if settings.ingest.priority
+        else None
     )
     runners = [
         Runner(settings, spec, make_sink(settings, spec, name, registry), stop, gate)

@@ -77,6 +77,12 @@ class IngestSettings(BaseModel):
         description="a lower-priority lane's batch cap while a higher one has work: the "
         "write a critical batch may find in progress is this small",
     )
+    yield_max_wait_s: float = Field(
+        1.0,
+        gt=0,
+        description="a lower-priority write waits for the higher lanes at most this long: "
+        "it slows down under their backlog, never starves",
+    )
     retry_initial_s: float = Field(0.2, gt=0)
     retry_max_s: float = Field(5.0, gt=0)
     session_timeout_ms: int = Field(6000, ge=1000)

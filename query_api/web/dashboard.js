@@ -255,7 +255,7 @@
     try {
       const item = await api(state.key, `/v1/transactions/${encodeURIComponent(id)}`);
       const body = $("details-body");
-      // A related entity (the payment's settlement) is listed field by field.
+      // A related entity (another datasource's row of this key) is listed field by field.
       const fields = Object.entries(item).flatMap(([k, v]) =>
         v !== null && typeof v === "object"
           ? Object.entries(v).map(([sub, value]) => [`${k}.${sub}`, value])

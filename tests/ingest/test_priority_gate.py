@@ -23,8 +23,9 @@ def _write(gate: PriorityGate, lane: str, rank: int, rows: int, hold: threading.
 
 
 def _overlaps(low: Turn, high: Turn) -> bool:
-    """The lower turn started while the higher batch was pending."""
-    return high.queued <= low.started < high.ended
+    """The lower turn started while the higher batch was pending (and had not waited
+    its longest)."""
+    return high.queued <= low.started < high.ended and low.started - low.asked < 1.0
 
 
 def test_a_lower_lane_waits_for_a_pending_higher_batch_and_then_runs() -> None:
@@ -47,6 +48,18 @@ def test_a_lower_lane_waits_for_a_pending_higher_batch_and_then_runs() -> None:
     assert gate.turns is not None
     by_lane = {t.lane: t for t in gate.turns}
     assert by_lane["logs"].started >= by_lane["payments"].ended
+
+
+def test_a_lower_lane_waits_its_longest_and_then_writes_anyway() -> None:
+    """A higher lane forever behind (here: a batch that never ends) slows a lower lane
+    down to one write per max_wait_s; it never starves it."""
+    gate = PriorityGate(yield_rows=100, max_wait_s=0.05, record=True)
+    gate.queued(0)
+    for _ in range(3):
+        with gate.turn("logs", 3, 10, gate.queued(3), STOP):
+            pass
+    assert gate.turns is not None and len(gate.turns) == 3
+    assert all(t.started - t.asked >= 0.05 for t in gate.turns)
 
 
 def test_lanes_of_one_rank_never_wait_for_each_other() -> None:

@@ -6,9 +6,11 @@ from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
+from sqlglot import exp
+
 from ingest.deadletter import list_dead_letters, raw_value, read_topic
 from search import open_index
-from storage import open_reader
+from storage import backend, open_reader
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
 from tests.factories import latest_by_key, normalise, reference_rollup
@@ -30,8 +32,11 @@ def assert_exact(
     try:
         ds = spec.datasource
         columns = [ds.key, *(c for c in spec.columns if c != ds.key)]
-        quoted = ", ".join(f'"{c}"' for c in columns)
-        rows = reader.query(f'SELECT {quoted} FROM "{spec.name}"').rows
+        # Rendered in the engine's own dialect (StarRocks quotes with backticks).
+        dialect = backend(settings.store.backend).capabilities.sql_dialect
+        select = exp.select(*(exp.column(c, quoted=True) for c in columns))
+        sql = select.from_(exp.table_(spec.name, quoted=True)).sql(dialect=dialect)
+        rows = reader.query(sql).rows
         got = {r[0]: tuple(normalise(v) for v in r[1:]) for r in rows}
         want = expected_rows(spec, published, columns[1:])
         assert len(got) == len(rows), "a key appears twice in the merged view"

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from storage import open_store
-from tally.specs import SpecRegistry
+from tally.specs import SpecRegistry, spec_paths
 from tally.timeutil import floor
 from tests.query_api.conftest import MERCHANTS, START, Api
 
@@ -91,8 +91,10 @@ def test_one_transaction_is_only_its_merchants(api: Api) -> None:
         assert got.status_code == 200
         body = got.json()
         assert body["status"] == mine["status"] and body["amount"] == mine["amount"]
-        # Every column, and the related settlement (the servers here serve both specs).
-        assert set(body) == {*api.spec.columns, "settlement"}
+        # Every column, and each related datasource's entity where the server has one.
+        served = SpecRegistry.load(spec_paths(api.settings.specs))
+        related = {r.relation.as_ for r in served.related("payments") if r.relation}
+        assert set(body) == {*api.spec.columns, *related}
         _error(c.get(f"/v1/transactions/{theirs['txn_id']}"), 404, "not_found")
         _error(c.get("/v1/transactions/no-such-id"), 404, "not_found")
 
