@@ -120,16 +120,7 @@ def progress(
     could not say just now (a fresh Kafka answers NOT_COORDINATOR while its offsets
     topic loads): ask again."""
     if sink == "olap":
-        from storage.embedded.catalog import Catalog
-
-        if not settings.catalog_path.exists():
-            return 0
-        catalog = Catalog(settings.catalog_path, readonly=True)  # never contend for the lock
-        try:
-            with catalog.read():
-                return sum(catalog.offsets("payments").values())
-        finally:
-            catalog.close()
+        return olap_committed(settings, "payments")
     assert probe is not None, "the search sink's progress needs a probe consumer"
     try:
         committed = probe.committed([TopicPartition(topic, p) for p in parts], timeout=10)
@@ -373,6 +364,21 @@ def commit_times(settings: Settings) -> dict[str, float]:
     for txn, path in rows:
         out[txn] = min(out.get(txn, float("inf")), created[path])
     return out
+
+
+def olap_committed(settings: Settings, datasource: str) -> int:
+    """Messages of ``datasource`` the OLAP sink made durable: its catalog offsets,
+    summed (topics of one run start at offset 0)."""
+    from storage.embedded.catalog import Catalog
+
+    if not settings.catalog_path.exists():
+        return 0
+    catalog = Catalog(settings.catalog_path, readonly=True)  # never contend for the lock
+    try:
+        with catalog.read():
+            return sum(catalog.offsets(datasource).values())
+    finally:
+        catalog.close()
 
 
 def probe_event(txn: str) -> dict[str, Any]:

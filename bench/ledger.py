@@ -60,7 +60,6 @@ def build(settings: Settings, registry: SpecRegistry, n: int, log: Log) -> int:
     the settlement events committed."""
     spec = registry.get("payments")
     sspec = registry.get("settlements")
-    times = [c for c, col in sspec.columns.items() if col.type == "timestamp"]
     store = open_store(settings, registry)
     config = GeneratorConfig(transactions=n, merchants=500, days=DAYS, start=START, seed=5)
     rng = np.random.default_rng(5)
@@ -72,7 +71,7 @@ def build(settings: Settings, registry: SpecRegistry, n: int, log: Log) -> int:
         both = pa.concat_tables([table, cancels])
         store.commit("payments", both, now=now)
         events = generate_settlements(both.to_pylist())
-        rows = [{**e, **{t: parse_time(e[t]) for t in times}} for e in events]
+        rows = [{**e, **{t: parse_time(e[t]) for t in sspec.timestamps}} for e in events]
         for i in range(0, len(rows), 20_000):
             store.commit("settlements", rows[i : i + 20_000])
         done += table.num_rows

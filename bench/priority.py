@@ -27,13 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bench.common import Figures, percentile
-from bench.ingest import commit_times, env, running_broker, steady
+from bench.ingest import commit_times, env, olap_committed, running_broker, steady
 from ingest.kafka import ensure_topics
 from producers.access_logs import AccessLogConfig, generate_access_logs
 from producers.generate import GeneratorConfig, generate_events
-from producers.malformed import Wire, encode
+from producers.malformed import encode, with_malformed
 from producers.publish import Publisher
-from storage.embedded.catalog import Catalog
 from tally.settings import Settings
 from tally.specs import SpecRegistry, spec_paths
 
@@ -125,7 +124,8 @@ def _run(
             surge.wait(120)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and (
-            not _all_durable(settings, produced) or (surge and _rows(settings) < SURGE)
+            not _all_durable(settings, produced)
+            or (surge and olap_committed(settings, "access_logs") < SURGE)
         ):
             time.sleep(0.5)
     finally:
@@ -145,26 +145,14 @@ def _run(
 def _warm_up(settings: Settings, registry: SpecRegistry, log: Log) -> None:
     """Until the process has joined and committed a first payments batch."""
     warm = GeneratorConfig(transactions=200, merchants=5, days=1, seed=3)
-    wires = [Wire(str(e["txn_id"]).encode(), encode(e), None) for e in generate_events(warm)]
+    wires = with_malformed(generate_events(warm), 0.0, warm.seed)
     Publisher(settings, settings.topic("payments.v1")).send(wires)
     deadline = time.monotonic() + 60
-    while _rows(settings, "payments") == 0:
+    while olap_committed(settings, "payments") == 0:
         if time.monotonic() > deadline:
             raise RuntimeError("tally ingest committed nothing in 60 s")
         time.sleep(0.2)
     log(f"{settings.topic_namespace} ingest warmed up")
-
-
-def _rows(settings: Settings, datasource: str = "access_logs") -> int:
-    """Messages of ``datasource`` the OLAP sink made durable (its catalog offsets)."""
-    if not settings.catalog_path.exists():
-        return 0
-    catalog = Catalog(settings.catalog_path, readonly=True)  # never contend for the lock
-    try:
-        with catalog.read():
-            return sum(catalog.offsets(datasource).values())
-    finally:
-        catalog.close()
 
 
 def _all_durable(settings: Settings, produced: dict[str, float]) -> bool:

@@ -109,6 +109,7 @@ class Runner:
         # Alone in its process (no gate given), a lane never waits and is never capped.
         self.gate = gate or PriorityGate(settings.ingest.batch_max_rows)
         self.rank = RANKS[spec.datasource.priority]
+        self.lane = f"{sink.name}/{spec.name}"
         self.positions: dict[int, int | None] = {}  # partition → start of the next batch
         self._last_contact: float | None = None  # last prompt answer or message from the broker
         self._healthy_since: float | None = None  # broker answering promptly since then
@@ -268,9 +269,8 @@ class Runner:
                 if self._fenced.is_set() or self._failure is not None:
                     self.gate.dropped(self.rank)
                 else:
-                    lane = f"{self.sink.name}/{self.spec.name}"
                     rows = len(item.messages)
-                    with self.gate.turn(lane, self.rank, rows, item.queued, self.stop):
+                    with self.gate.turn(self.lane, self.rank, rows, item.queued, self.stop):
                         self._process(item.messages, item.ranges)
                     self._publish_pending()
             except TallyError as exc:

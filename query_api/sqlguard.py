@@ -191,7 +191,6 @@ def scope(
     view of that name by default, or a relation (a subquery) on engines whose names
     are not merged views. Without ``joins`` the engine cannot join and a JOIN is
     refused (subqueries in a predicate still work)."""
-    tables = tenant_columns
     if dialect not in DIALECTS:
         raise InvalidArgument(f"dialect must be one of {', '.join(DIALECTS)}")
     try:
@@ -204,12 +203,12 @@ def scope(
     if not isinstance(root, exp.Query):
         raise InvalidArgument(f"only queries are allowed, not {root.key.upper()}")
     ctes = _cte_names(root)
-    clash = ctes & set(tables)
+    clash = ctes & set(tenant_columns)
     if clash:
         raise InvalidArgument(f"a CTE may not be named like a datasource: {sorted(clash)[0]}")
     read: set[str] = set()
     for node in root.walk():
-        _check(node, tables, ctes, read)
+        _check(node, tenant_columns, ctes, read)
         if not joins and isinstance(node, exp.Join):
             raise InvalidArgument(
                 "this engine does not join datasources; ask each alone, or use /v1/ledger"

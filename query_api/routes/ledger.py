@@ -10,8 +10,9 @@ again until it is paid out anew.
 
 Both sides are aggregates the rollup router answers (from each datasource's coarsest
 exact rollup, or the base), combined here per bucket and currency rather than joined
-in the engine: exact on every backend, Druid included, whose engine does not join two
-merged datasources. The response names the source of each side.
+in the engine: exact and cheap on every backend, Druid included, which joins two merged
+datasources only by materialising one side (``Capabilities.sql_joins``). The response
+names the source of each side.
 """
 
 from __future__ import annotations
@@ -32,8 +33,7 @@ from query_api.deps import (
     ToQuery,
 )
 from query_api.models import ErrorBody, LedgerBucket, LedgerResponse
-from query_api.params import time_range
-from query_api.routes.sales import check_buckets
+from query_api.params import check_buckets, time_range
 from rollups.request import AggregateRequest
 from rollups.router import run
 from storage import OlapReader

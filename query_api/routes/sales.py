@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, Query
@@ -16,25 +15,12 @@ from query_api.deps import (
     ToQuery,
 )
 from query_api.models import ErrorBody, SalesBucket, SalesResponse
-from query_api.params import time_range
+from query_api.params import check_buckets, time_range
 from rollups.request import AggregateRequest
 from rollups.router import run
 from tally.errors import InvalidArgument
-from tally.timeutil import Granularity
 
 router = APIRouter(tags=["sales"])
-MAX_BUCKETS = 20_000
-_SECONDS = {"hour": 3600, "day": 86_400, "month": 28 * 86_400}
-
-
-def check_buckets(start: datetime, end: datetime, granularity: Granularity) -> None:
-    """Refuse a range of more buckets than one answer should hold."""
-    span = (end - start).total_seconds()
-    if span > 0 and span / _SECONDS[granularity] > MAX_BUCKETS:
-        raise InvalidArgument(
-            f"{span / _SECONDS[granularity]:,.0f} {granularity} buckets requested; "
-            f"at most {MAX_BUCKETS:,} — use a coarser granularity or a shorter range"
-        )
 
 
 @router.get(

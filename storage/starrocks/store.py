@@ -765,10 +765,9 @@ def _json_rows(spec: DatasourceSpec, table: pa.Table) -> list[dict[str, Any]]:
         return []
     parts = partitions_of(table.column(ds.time), ds.granularity, ds.timezone).to_pylist()
     pts = {p: ddl.partition_pt(spec, ds.granularity, p) for p in set(parts)}
-    times = [n for n, c in spec.columns.items() if c.type == "timestamp"]
     out = []
     for row, part in zip(table.to_pylist(), parts, strict=True):
-        for name in times:
+        for name in spec.timestamps:
             if row[name] is not None:
                 row[name] = ddl.utc_text(row[name])
         row[ddl.PT] = pts[part]

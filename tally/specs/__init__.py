@@ -223,6 +223,11 @@ class DatasourceSpec(BaseModel):
             cols.extend(metric.columns)
         return tuple(dict.fromkeys(cols))
 
+    @cached_property
+    def timestamps(self) -> tuple[str, ...]:
+        """The timestamp columns: what an event's RFC 3339 text is parsed into."""
+        return tuple(n for n, c in self.columns.items() if c.type == "timestamp")
+
     @property
     def dead_letter_topic(self) -> str:
         return self.datasource.dead_letter_topic or f"{self.datasource.topic}.dlq"

@@ -38,11 +38,7 @@ def build(
 def published(wires: list[Wire], spec: DatasourceSpec | None = None) -> Published:
     """The reference of what ``wires`` hold (also for a stream cut short), decoded as
     ``spec``'s events (payments' by default)."""
-    times = (
-        ("occurred_at", "approved_at")
-        if spec is None
-        else tuple(n for n, c in spec.columns.items() if c.type == "timestamp")
-    )
+    times = ("occurred_at", "approved_at") if spec is None else spec.timestamps
     good = []
     bad: Counter[bytes] = Counter()
     for wire in wires:

@@ -161,9 +161,8 @@ def fill_settlements(
     """Settlements of the payments (every tenth has none yet), committed in batches in
     the order the settlement domain publishes them; returns them."""
     spec = registry.get("settlements")
-    times = [n for n, c in spec.columns.items() if c.type == "timestamp"]
     events = [
-        {**e, **{n: parse_time(e[n]) for n in times}}
+        {**e, **{n: parse_time(e[n]) for n in spec.timestamps}}
         for e in generate_settlements(payments)
         if int(e["txn_id"][2:]) % 10
     ]
