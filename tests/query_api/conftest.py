@@ -184,11 +184,14 @@ def serving(
     issued["admin"] = keys.create(None, admin=True)[1]
     keys.close()
     port = free_port()
+    # To a file, not a pipe nobody reads (a full one blocks the server), kept to read
+    # after a failure (a CI run saw this server stop answering mid-suite).
+    log = (settings.data_dir / "serve.log").open("ab")
     server = subprocess.Popen(
         [sys.executable, "-m", "tally", "serve", "--port", str(port), "--workers", "2"],
         env={**os.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=log,
+        stderr=log,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -197,6 +200,7 @@ def serving(
     finally:
         server.terminate()
         server.wait(30)
+        log.close()
 
 
 # --- a live platform for the pages: the broker, `tally ingest`, `tally serve` ----------
