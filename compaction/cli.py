@@ -68,6 +68,12 @@ def run(
     try:
         if partition is not None:
             assert datasource is not None
+            known = {p.partition for p in store.partition_stats(datasource)}
+            if partition not in known:
+                shown = ", ".join(sorted(known)[-5:]) or "none stored yet"
+                raise InvalidArgument(
+                    f"{datasource} has no stored partition {partition!r} (the latest: {shown})"
+                )
             results = [store.compactor.compact(datasource, partition)]
         else:
             watcher = Watcher(c.settings, c.registry, store)

@@ -43,6 +43,12 @@ def topics_create(
         )
 
 
+ingest_app = typer.Typer(
+    help="Consume the datasource topics into the OLAP store and the search index.",
+)
+
+
+@ingest_app.callback(invoke_without_command=True)
 def ingest(
     ctx: typer.Context,
     datasource: Annotated[str | None, typer.Option(help="default: every datasource")] = None,
@@ -54,9 +60,12 @@ def ingest(
     fmt: FormatOption = Format.table,
     log_format: LogFormatOption = LogFormat.text,
 ) -> None:
-    """Consume the datasource topics into the OLAP store and the search index."""
+    """Consume the datasource topics into the OLAP store and the search index
+    (``tally ingest reset``: decide for partitions whose stored position was refused)."""
     from ingest.service import run_ingest
 
+    if ctx.invoked_subcommand is not None:
+        return
     if sink not in ("olap", "search", "all"):
         raise typer.BadParameter(f"{sink!r} is not one of olap, search, all", param_hint="--sink")
     c = state(ctx)
@@ -87,6 +96,39 @@ def ingest(
     failed = [r for r in reports if r.error]
     if failed:
         raise TallyError("; ".join(f"{r.sink}/{r.datasource}: {r.error}" for r in failed))
+
+
+@ingest_app.command("reset")
+def ingest_reset(
+    ctx: typer.Context,
+    datasource: Annotated[str, typer.Option(help="the datasource whose sink stopped")],
+    sink: Annotated[str, typer.Option(help="olap or search")],
+    to: Annotated[
+        str,
+        typer.Option(
+            help="earliest (read the log again from its start), latest (skip what it"
+            " holds), stored (keep the offsets, adopt the log they are in)"
+        ),
+    ],
+    by: Annotated[str | None, typer.Option(help="who decides (default: user@host)")] = None,
+    fmt: FormatOption = Format.table,
+) -> None:
+    """Set a sink's positions after a stop (its ingesters stopped first); recorded
+    with the topic's id and who/when. Then `tally verify` tells what the store misses
+    or holds beyond the log."""
+    from ingest.reset import MODES, SINKS, reset
+
+    if sink not in SINKS:
+        raise typer.BadParameter(f"{sink!r} is not one of {', '.join(SINKS)}", param_hint="--sink")
+    if to not in MODES:
+        raise typer.BadParameter(f"{to!r} is not one of {', '.join(MODES)}", param_hint="--to")
+    c = state(ctx)
+    rows = reset(c.settings, c.registry, c.registry.get(datasource), sink, to, by)
+    if fmt is Format.json:
+        emit_json({"datasource": datasource, "sink": sink, "to": to, "partitions": rows})
+    else:
+        cols = ["partition", "stored", "now", "log_start", "log_end", "stored_log", "log"]
+        emit_table(cols, [[r[k] for k in cols] for r in rows])
 
 
 @dlq_app.command("list")
@@ -128,4 +170,4 @@ def dlq_replay(
 def register(app: typer.Typer) -> None:
     app.add_typer(topics_app, name="topics")
     app.add_typer(dlq_app, name="dlq")
-    app.command("ingest")(ingest)
+    app.add_typer(ingest_app, name="ingest")

@@ -12,10 +12,19 @@ import time
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from ingest.decode import Message
+from storage import StoredPosition, logmark
 from tally.errors import BrokerError, BrokerUnavailable, TallyError
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
@@ -54,11 +63,20 @@ def _quiet(err: KafkaError) -> None:
     log.debug("kafka: %s", err.str())
 
 
+# librdkafka's own log lines (it prints them to stderr by itself): through Python
+# logging instead, so a daemon logs them in its one format and a one-shot command,
+# which configures no logging, prints only its one-line error (the NullHandler keeps
+# Python's last-resort handler from printing them).
+CLIENT_LOG = logging.getLogger("tally.kafka.client")
+CLIENT_LOG.addHandler(logging.NullHandler())
+
+
 def base_config(settings: Settings) -> dict[str, Any]:
     conf: dict[str, Any] = {
         "bootstrap.servers": settings.kafka_bootstrap,
         "error_cb": _quiet,
         "log_level": 3,
+        "logger": CLIENT_LOG,
     }
     if settings.kafka_password is not None:
         conf |= {
@@ -75,7 +93,10 @@ def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
         "group.id": group,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
-        "auto.offset.reset": "earliest",
+        # A position the log does not hold (before its start: retention; past its end:
+        # another log) is reported, never moved silently (``ingest.positions``); a
+        # partition with nothing stored is assigned at its beginning explicitly.
+        "auto.offset.reset": "error",
         "partition.assignment.strategy": "cooperative-sticky",
         "session.timeout.ms": settings.ingest.session_timeout_ms,
         "heartbeat.interval.ms": settings.ingest.heartbeat_interval_ms,
@@ -302,6 +323,81 @@ def committed_offsets(
     finally:
         consumer.close()
     return {tp.partition: tp.offset for tp in found if tp.offset >= 0}
+
+
+def committed_positions(
+    consumer: Consumer, partitions: list[tuple[str, int]], timeout_s: float = 30.0
+) -> dict[tuple[str, int], StoredPosition | None]:
+    """The consumer's group's committed offsets, with the log each is of. A passing
+    refusal (the group's coordinator moving or loading) is asked again until
+    ``timeout_s``: this runs where a partition is taken over, and giving up there
+    stops the sink."""
+    if not partitions:
+        return {}
+    wanted = [TopicPartition(t, p) for t, p in partitions]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            got = consumer.committed(wanted, timeout=min(10.0, timeout_s))
+            failed = next((tp.error for tp in got if tp.error is not None), None)
+            if failed is None:
+                break
+            err = translate(KafkaException(failed), "reading committed offsets")
+        except KafkaException as exc:
+            err = translate(exc, "reading committed offsets")
+        if not err.transient or time.monotonic() > deadline:
+            raise err
+        log.info("%s, asking again", err.message)
+        time.sleep(0.2)
+    return {(tp.topic, tp.partition): logmark.decode(tp.offset, tp.metadata) for tp in got}
+
+
+def topic_id(admin: AdminClient, topic: str, timeout_s: float = 5.0) -> str | None:
+    """The topic's id (KIP-516; new each time the topic is created), or None where the
+    broker gives none (an all-zero id). A topic that does not exist raises BrokerError."""
+    try:
+        found = admin.describe_topics(TopicCollection([topic]), request_timeout=timeout_s)[
+            topic
+        ].result()
+    except KafkaException as exc:
+        err = translate(exc, f"describing {topic}")
+        if not err.transient:
+            raise BrokerError(f"topic {topic} does not exist or cannot be described") from exc
+        raise err from exc
+    ident = str(found.topic_id) if found.topic_id is not None else ""
+    return ident if ident.strip("A=") else None  # base64 of sixteen zero bytes: none
+
+
+def log_bounds(settings: Settings, topic: str, partitions: list[int]) -> dict[int, tuple[int, int]]:
+    """Each partition's (start, end) as a fetch reports them: a reader assigned at the
+    beginning takes the watermarks of the first fetch response (the development
+    broker misreports them to ListOffsets, not in fetches); Kafka answers both alike."""
+    consumer = _reader(
+        settings,
+        f"{settings.topic_namespace}tally.bounds",
+        **_SCAN,
+        **{"auto.offset.reset": "earliest", "fetch.wait.max.ms": 100},
+    )
+    out: dict[int, tuple[int, int]] = {}
+    try:
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        deadline = time.monotonic() + 10
+        while len(out) < len(partitions) and time.monotonic() < deadline:
+            for m in consumer.consume(1000, 0.2):
+                part = m.partition()
+                if part is None or part in out:
+                    continue
+                low, high = consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
+                if low is not None and high is not None and low >= 0 and high >= 0:
+                    out[part] = (low, high)
+        for part in set(partitions) - set(out):
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, part), timeout=5)
+            out[part] = (low, high)
+    except KafkaException as exc:
+        raise translate(exc, f"reading the bounds of {topic}") from exc
+    finally:
+        consumer.close()
+    return out
 
 
 def end_offsets(settings: Settings, topic: str, partitions: list[int]) -> dict[int, int]:

@@ -43,6 +43,13 @@ lag = Gauge(
     (*LABELS, "partition"),
 )
 
+stopped_partitions = Gauge(
+    "tally_ingest_position_stopped",
+    "1 while a partition is stopped because its stored position is not of the log read"
+    " (another topic incarnation, past its end, or behind its start: `tally ingest reset`)",
+    (*LABELS, "partition", "reason"),
+)
+
 
 def serve(port: int) -> None:
     start_http_server(port, addr="127.0.0.1")

@@ -54,7 +54,7 @@ from ingest.kafka import (
     producer,
     translate,
 )
-from storage import OffsetRange
+from storage import OffsetRange, StoredPosition, logmark
 from storage.deadletters import headers
 from storage.keystate import KeyStates, encode_state, restore
 from storage.refined import (
@@ -174,7 +174,7 @@ class KafkaRelay:
 
     # --- positions -----------------------------------------------------------------------
 
-    def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+    def start_positions(self, partitions: list[TP]) -> dict[TP, StoredPosition | None]:
         """Taking ``partitions`` over: where to resume them, and their key state as of
         those offsets (committed in the same transactions)."""
         self._group_metadata = self._bound().consumer_group_metadata()
@@ -184,7 +184,7 @@ class KafkaRelay:
             restore(self._states, base_config(self.settings), self._state_topic, parts)
         return out
 
-    def resume_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+    def resume_positions(self, partitions: list[TP]) -> dict[TP, StoredPosition | None]:
         """The group's committed offsets: exactly what the transactions committed.
         Fetched as read_committed (stable offsets: a pending transaction of a crashed
         member is waited out, never read half-way). A partition without one starts at
@@ -207,17 +207,18 @@ class KafkaRelay:
                 raise BrokerUnavailable(f"{self.source}: committed offsets unavailable: {reason}")
             log.info("%s: committed offsets not stable yet (%s), waiting", self.source, reason)
             time.sleep(0.2)
-        out: dict[TP, int | None] = {}
+        out: dict[TP, StoredPosition | None] = {}
         for tp in got:
-            offset = tp.offset if tp.offset is not None and tp.offset >= 0 else None
-            if offset is None:
+            position = logmark.decode(tp.offset, tp.metadata)
+            if position is None:
                 try:
                     offset, _high = consumer.get_watermark_offsets(
                         TopicPartition(tp.topic, tp.partition), timeout=10
                     )
                 except KafkaException as exc:
                     raise translate(exc, f"reading the start of {tp.topic}") from exc
-            out[(tp.topic, tp.partition)] = offset
+                position = StoredPosition(offset)
+            out[(tp.topic, tp.partition)] = position
         return out
 
     def released(self, partitions: list[TP]) -> None:
@@ -233,7 +234,10 @@ class KafkaRelay:
         prod = self._producer
         keys, values = self._encoder.encode(decoded.table)
         letters = [record(r, self.spec.name, self.name) for r in decoded.rejected]
-        offsets = [TopicPartition(t, p, r.end) for (t, p), r in ranges.items()]
+        offsets = [
+            TopicPartition(t, p, r.end, metadata=logmark.encode(r.log))
+            for (t, p), r in ranges.items()
+        ]
         plan = (
             None if self._states is None else self._states.plan(decoded.table, decoded.partitions)
         )

@@ -42,21 +42,28 @@ from datetime import UTC, datetime
 
 from confluent_kafka import (
     OFFSET_BEGINNING,
-    OFFSET_STORED,
     Consumer,
     KafkaError,
     KafkaException,
     TopicPartition,
 )
+from confluent_kafka.admin import AdminClient
 
 from ingest import metrics
 from ingest.decode import Decoder, Message
-from ingest.kafka import consumer_config, translate, unread
+from ingest.kafka import base_config, consumer_config, topic_id, translate, unread
+from ingest.positions import Stop, identity_stop, out_of_range, recreated, reset_hint, summary
 from ingest.priority import RANKS, PriorityGate
 from ingest.selection import Selector
 from ingest.sinks import TP, Sink
-from storage import OffsetRange
-from tally.errors import BrokerError, BrokerUnavailable, OffsetMismatch, TallyError
+from storage import OffsetRange, logmark
+from tally.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    OffsetMismatch,
+    PositionMismatch,
+    TallyError,
+)
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
 
@@ -127,6 +134,10 @@ class Runner:
         self._lag_at = 0.0
         self._revoked: set[int] = set()  # partitions revoked while a batch was filling
         self._closing = False
+        self._admin = AdminClient(base_config(settings))
+        self._log: str | None = None  # the topic's id as last seen (KIP-516)
+        self._stopped: dict[int, Stop] = {}  # partitions whose position is not of the log
+        self._hint = reset_hint(spec.name, sink.name)
 
     # --- rebalancing --------------------------------------------------------------------
 
@@ -140,27 +151,84 @@ class Runner:
         self._work.join()
         tps: list[TP] = [(p.topic, p.partition) for p in partitions]
         starts = self.sink.start_positions(tps)
-        assign = []
+        self._watch_log(consumer)  # the topic's id now (and a change since the last)
+        assign, stops = [], []
         for topic, part in tps:
-            offset = starts.get((topic, part))
-            self.positions[part] = offset
-            if offset is not None:
-                self._durable[part] = offset
-            assign.append(
-                TopicPartition(topic, part, offset if offset is not None else OFFSET_STORED)
-            )
+            stored = starts.get((topic, part))
+            stop = identity_stop(topic, part, stored, self._log, self._hint)
+            if stop is not None:
+                stops.append(stop)
+            elif stored is not None:
+                self.positions[part] = stored.offset
+                self._durable[part] = stored.offset
+            else:
+                self.positions[part] = None  # nothing stored: from the log's beginning
+            offset = stored.offset if stored is not None and stop is None else OFFSET_BEGINNING
+            assign.append(TopicPartition(topic, part, offset))
         consumer.incremental_assign(assign)
+        for stop in stops:
+            self._stop_partition(consumer, stop)
         self.report.assigned = sorted(self.positions)
         log.info("%s/%s assigned %s", self.sink.name, self.spec.name, sorted(p for _, p in tps))
 
+    def _watch_log(self, consumer: Consumer) -> None:
+        """Learn the topic's id; if it changed since this sink last looked, everything
+        it holds was read from the old log: those partitions stop."""
+        old = self._log
+        if self._refresh_log() and old is not None and self._log is not None:
+            for part in sorted(self.positions):
+                self._stop_partition(
+                    consumer, recreated(self.topic, part, old, self._log, self._hint)
+                )
+
+    def _refresh_log(self) -> bool:
+        """Ask the topic's id; True when it changed from a known one."""
+        try:
+            now = topic_id(self._admin, self.topic)
+        except TallyError as exc:
+            # Unknown for now (the check is repeated every few seconds): the range check
+            # of every fetch still applies meanwhile.
+            log.warning("%s: topic id unknown for now: %s", self.lane, exc.message)
+            return False
+        old, self._log = self._log, now
+        return old is not None and now is not None and old != now
+
+    def _stop_partition(self, consumer: Consumer, stop: Stop) -> None:
+        """Read nothing more of the partition and never commit for it, until an
+        operator decides; one error line and the metric say why."""
+        part = stop.partition
+        self.positions.pop(part, None)
+        self._stopped[part] = stop
+        with self._done_lock:
+            self._durable.pop(part, None)
+            self._done.pop((self.topic, part), None)
+        with contextlib.suppress(KafkaException):
+            consumer.pause([TopicPartition(self.topic, part)])
+        metrics.stopped_partitions.labels(**self.labels, partition=str(part), reason=stop.kind).set(
+            1
+        )
+        log.error("%s: %s", self.lane, stop.message)
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         self._work.join()  # finish what was handed to the worker before letting go
+        if not self._closing and self._refresh_log():
+            # A revoke is how the client meets a recreated topic: positions of the old
+            # log must not be committed as the new one's (nor paused: they are going).
+            with self._done_lock:
+                self._done.clear()
         self._commit_kafka(consumer)  # while still ours: the next owner resumes after it
         for p in partitions:
             self.positions.pop(p.partition, None)
             self._revoked.add(p.partition)
             with contextlib.suppress(KeyError):  # another member reports it now
                 metrics.lag.remove(self.sink.name, self.spec.name, str(p.partition))
+            # Its next owner checks it for itself (kept when closing: the report says it).
+            stop = None if self._closing else self._stopped.pop(p.partition, None)
+            if stop is not None:
+                with contextlib.suppress(KeyError):
+                    metrics.stopped_partitions.remove(
+                        self.sink.name, self.spec.name, str(p.partition), stop.kind
+                    )
         with self._done_lock:
             for p in partitions:
                 self._durable.pop(p.partition, None)
@@ -179,10 +247,10 @@ class Runner:
         """After being fenced: continue from what the sink has actually stored."""
         tps: list[TP] = [(self.topic, p) for p in self.positions]
         starts = self.sink.start_positions(tps)
-        for (topic, part), offset in starts.items():
-            self.positions[part] = offset
-            if offset is not None:
-                consumer.seek(TopicPartition(topic, part, offset))
+        for (topic, part), stored in starts.items():
+            self.positions[part] = None if stored is None else stored.offset
+            if stored is not None:
+                consumer.seek(TopicPartition(topic, part, stored.offset))
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -210,6 +278,7 @@ class Runner:
                 self._commit_kafka(consumer)
                 if time.monotonic() >= self._next_recommit:
                     self._next_recommit = time.monotonic() + RECOMMIT_S
+                    self._watch_log(consumer)
                     self._recommit(consumer)
                 self._record_lag(consumer)
                 if messages:
@@ -238,6 +307,8 @@ class Runner:
             self._closing = True
             consumer.close()
             self.sink.close()
+        if self._failure is None and self._stopped:
+            self._failure = PositionMismatch(summary(list(self._stopped.values())))
         if self._failure is not None:
             self.report.error = self._failure.message
             log.error("%s/%s stopped: %s", self.sink.name, self.spec.name, self._failure.message)
@@ -291,7 +362,7 @@ class Runner:
             start = known if known is not None else m.offset
             current = ranges.get((m.topic, m.partition))
             ranges[(m.topic, m.partition)] = OffsetRange(
-                current.start if current else min(start, m.offset), m.offset + 1
+                current.start if current else min(start, m.offset), m.offset + 1, self._log
             )
         for (_topic, part), rng in ranges.items():
             self.positions[part] = rng.end
@@ -326,8 +397,8 @@ class Runner:
 
     def _consumed(self, consumer: Consumer) -> bool:
         """Whether a consumer resuming every partition where this sink would (as
-        ``_on_assign`` does) finds nothing left; a probe that gets no answer restarts
-        the quiet period, like a failed health check."""
+        ``_on_assign`` does; stopped ones aside) finds nothing left; a probe that
+        gets no answer restarts the quiet period, like a failed health check."""
         behind: set[int] | None = None
         try:
             behind = unread(self.settings, self.topic, self._resume_positions(consumer))
@@ -358,14 +429,14 @@ class Runner:
         meta = consumer.list_topics(self.topic, timeout=2).topics.get(self.topic)
         if meta is None or meta.error is not None or not meta.partitions:
             raise BrokerUnavailable(f"no partitions known for {self.topic}")
-        tps: list[TP] = [(self.topic, p) for p in sorted(meta.partitions)]
+        # A stopped partition is not behind: it waits for an operator (the run's report
+        # says so), and its position is not of this log.
+        tps: list[TP] = [(self.topic, p) for p in sorted(meta.partitions) if p not in self._stopped]
         starts = self.sink.resume_positions(tps)  # asks; taking over is for assignments
-        positions = {p: start for (_t, p), start in starts.items() if start is not None}
-        others = [TopicPartition(t, p) for t, p in tps if p not in positions]
-        for tp in consumer.committed(others, timeout=5) if others else []:
-            offset = tp.offset if tp.error is None and tp.offset is not None else -1
-            positions[tp.partition or 0] = offset if offset >= 0 else OFFSET_BEGINNING
-        return positions
+        return {
+            p: OFFSET_BEGINNING if start is None else start.offset
+            for (_t, p), start in starts.items()
+        }
 
     def _check_health(self, consumer: Consumer) -> None:
         """Probe the broker about once a second while quiet. Silence only counts as
@@ -430,11 +501,14 @@ class Runner:
             for m in batch:
                 err = m.error()
                 if err is not None:
-                    if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                        raise BrokerError(
-                            f"topic {self.topic} does not exist (run: tally topics create)"
-                        )
-                    if err.code() != KafkaError._PARTITION_EOF:
+                    refused = m.partition()
+                    if err.code() == KafkaError._AUTO_OFFSET_RESET and refused is not None:
+                        out = [kept for kept in out if kept.partition != refused]
+                        if refused in self.positions:
+                            self._stop_partition(consumer, self._out_of_range(consumer, refused))
+                    elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                        self._topic_missing(consumer)
+                    elif err.code() != KafkaError._PARTITION_EOF:
                         log.warning("consume: %s", err.str())
                     continue
                 part = m.partition()
@@ -445,6 +519,32 @@ class Runner:
             if not batch and not out:
                 break
         return out
+
+    def _out_of_range(self, consumer: Consumer, part: int) -> Stop:
+        """What the broker's refusal of this partition's position means, from its
+        watermarks now."""
+        position = self.positions.get(part)
+        low: int | None
+        high: int | None
+        try:
+            low, high = consumer.get_watermark_offsets(
+                TopicPartition(self.topic, part), timeout=5.0
+            )
+        except KafkaException:
+            low = high = None
+        return out_of_range(self.topic, part, position, low, high, self._hint)
+
+    def _topic_missing(self, consumer: Consumer) -> None:
+        """The topic is unknown to the broker: gone (stop, with the command that makes
+        it), or deleted and already created again (its partitions come back through a
+        rebalance, where the positions are checked)."""
+        try:
+            meta = consumer.list_topics(self.topic, timeout=5).topics.get(self.topic)
+        except KafkaException as exc:
+            raise translate(exc, f"describing {self.topic}") from exc
+        if meta is None or meta.error is not None:
+            raise BrokerError(f"topic {self.topic} does not exist (run: tally topics create)")
+        log.warning("%s: %s was unknown for a moment (recreated?)", self.lane, self.topic)
 
     def _process(self, messages: list[Message], ranges: dict[TP, OffsetRange]) -> None:
         started = time.perf_counter()
@@ -535,7 +635,12 @@ class Runner:
             done, self._done = self._done, {}
         if self.sink.commits_offsets_itself:
             return  # committed with the sink's output; a second, async commit would race it
-        offsets = [TopicPartition(t, p, end) for (t, p), end in done.items() if p in self.positions]
+        note = logmark.encode(self._log)
+        offsets = [
+            TopicPartition(t, p, end, metadata=note)
+            for (t, p), end in done.items()
+            if p in self.positions
+        ]
         if not offsets:
             return
         try:

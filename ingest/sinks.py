@@ -15,9 +15,9 @@ from confluent_kafka import Consumer
 
 from ingest.deadletter import Publisher, record
 from ingest.decode import Decoded, Decoder
-from ingest.kafka import read_ranges
+from ingest.kafka import committed_positions, read_ranges
 from search import Doc, SearchIndex
-from storage import OffsetRange, OlapStore
+from storage import OffsetRange, OlapStore, StoredPosition
 from tally.settings import Settings
 from tally.specs import DatasourceSpec
 from tally.timeutil import utc_datetimes
@@ -38,12 +38,12 @@ class Sink(Protocol):
         """Called once, before subscribing, with the runner's consumer."""
         ...
 
-    def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
-        """Take over newly assigned partitions: where to resume each (None: Kafka's
-        committed/earliest)."""
+    def start_positions(self, partitions: list[TP]) -> dict[TP, StoredPosition | None]:
+        """Take over newly assigned partitions: where to resume each, and the log that
+        position is of (None: nothing stored, start at the beginning)."""
         ...
 
-    def resume_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+    def resume_positions(self, partitions: list[TP]) -> dict[TP, StoredPosition | None]:
         """Where each partition would resume, owned or not, with no side effect (the
         idle probe asks for every partition of the topic)."""
         ...
@@ -79,11 +79,12 @@ class OlapSink:
         self.publisher = Publisher(settings, spec, store.outbox)
         self._owned: set[TP] = set()  # whose dead letters this sink publishes
         self._newest: datetime | None = None
+        self._consumer: Consumer | None = None
 
     def bind(self, consumer: Consumer) -> None:
-        pass
+        self._consumer = consumer
 
-    def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
+    def start_positions(self, partitions: list[TP]) -> dict[TP, StoredPosition | None]:
         self._owned.update(partitions)
         self.publisher.taken_over()
         if self.store.capabilities.resumable_commits:
@@ -111,8 +112,14 @@ class OlapSink:
             decoded = Decoder(self.spec).decode(messages)
             self.write(decoded, ranges)
 
-    def resume_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
-        stored = self.store.stored_offsets(self.spec.name)
+    def resume_positions(self, partitions: list[TP]) -> dict[TP, StoredPosition | None]:
+        """The catalog's positions: nothing stored there means the store holds nothing
+        of the partition, whatever the group committed (a new data directory beside
+        an old group starts at the beginning)."""
+        if self.uses_kafka_offsets:
+            assert self._consumer is not None, "bind() first"
+            return committed_positions(self._consumer, partitions)
+        stored = self.store.stored_positions(self.spec.name)
         return {tp: stored.get(tp) for tp in partitions}
 
     def released(self, partitions: list[TP]) -> None:
@@ -147,15 +154,19 @@ class SearchSink:
         self.linger_s = linger_s
         self._newest: datetime | None = None
         self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="search-commit")
+        self._consumer: Consumer | None = None
 
     def bind(self, consumer: Consumer) -> None:
-        pass
+        self._consumer = consumer
 
-    def start_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
-        return dict.fromkeys(partitions)
+    def start_positions(self, partitions: list[TP]) -> dict[TP, StoredPosition | None]:
+        return self.resume_positions(partitions)
 
-    def resume_positions(self, partitions: list[TP]) -> dict[TP, int | None]:
-        return dict.fromkeys(partitions)
+    def resume_positions(self, partitions: list[TP]) -> dict[TP, StoredPosition | None]:
+        """The group's committed offsets (the index's upserts are idempotent: a
+        replay after a lost commit rewrites the same documents)."""
+        assert self._consumer is not None, "bind() first"
+        return committed_positions(self._consumer, partitions)
 
     def released(self, partitions: list[TP]) -> None:
         for _topic, partition in partitions:

@@ -25,6 +25,7 @@ from storage.protocol import (
     OlapReader,
     OlapStore,
     QueryResult,
+    StoredPosition,
 )
 from tally.errors import ConfigError
 from tally.settings import Settings
@@ -69,6 +70,7 @@ __all__ = [
     "OlapReader",
     "OlapStore",
     "QueryResult",
+    "StoredPosition",
     "backend",
     "open_reader",
     "open_store",

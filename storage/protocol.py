@@ -75,6 +75,10 @@ class OffsetRange:
 
     start: int
     end: int
+    # The log the offsets are of (Kafka's topic id, KIP-516), stored with the end so a
+    # later owner can tell the position belongs to the topic it now reads; None: the
+    # broker gives none (the position is then checked against the log's range only).
+    log: str | None = None
 
     def __post_init__(self) -> None:
         if self.start < 0 or self.end < self.start:
@@ -82,6 +86,15 @@ class OffsetRange:
 
 
 TopicPartition = tuple[str, int]
+
+
+@dataclass(frozen=True)
+class StoredPosition:
+    """Where a sink resumes one source partition, and what that position is of."""
+
+    offset: int  # next offset to read
+    log: str | None = None  # the topic id it was stored from (None: not recorded)
+    reset: str | None = None  # the operator's last reset of it: what, who, when
 
 
 @dataclass(frozen=True)
@@ -256,6 +269,18 @@ class OlapStore(Protocol):
         ...
 
     def stored_offsets(self, datasource: str) -> dict[TopicPartition, int]: ...
+
+    def stored_positions(self, datasource: str) -> dict[TopicPartition, StoredPosition]:
+        """``stored_offsets`` with the log each was stored from and its last reset."""
+        ...
+
+    def reset_positions(
+        self, datasource: str, positions: Mapping[TopicPartition, StoredPosition]
+    ) -> None:
+        """Set these positions whatever is stored (``tally ingest reset``: an operator's
+        decision after a position check stopped the partitions), with their reset note.
+        Only while no ingester of the datasource runs: a running one would be fenced."""
+        ...
 
     def pending_batches(self, datasource: str) -> list[dict[TopicPartition, OffsetRange]]:
         """Batches a crash interrupted mid-commit (``capabilities.resumable_commits``;

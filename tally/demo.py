@@ -12,6 +12,7 @@ Ctrl-C (or ``--duration``) stops everything cleanly, the broker it started inclu
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -213,14 +214,44 @@ def _port(settings: Settings, wanted: int | None) -> int:
 
 
 def _tansu(settings: Settings) -> tuple[Settings, Callable[[], object] | None]:
-    """The development broker on ``kafka_bootstrap``, unless something answers there."""
+    """The development broker on ``kafka_bootstrap``, unless something answers there.
+
+    It keeps its topics in memory: one started here begins empty, so whatever an
+    earlier demo stored in the data directory is of a log that no longer exists (its
+    positions would be refused, ``ingest.positions``): that state is cleared first,
+    and the demo says so."""
     from engines.devbroker import DevBroker, reachable
 
     if reachable(settings.kafka_bootstrap):
         return settings, None
+    cleared = clear_previous_run(settings)
+    if cleared:
+        print(
+            f"the development broker starts empty: cleared the previous demo's"
+            f" {', '.join(cleared)} in {settings.data_dir}",
+            file=sys.stderr,
+        )
     broker = DevBroker(settings)
     broker.up()
     return settings, broker.down
+
+
+def clear_previous_run(settings: Settings) -> list[str]:
+    """Remove what ingestion, compaction and the API stored in the data directory (API
+    keys stay; the demo makes new ones); returns the names removed."""
+    names = ["segments", "search", "catalog.sqlite", "compaction-runs.sqlite", "ratelimit.sqlite"]
+    removed = []
+    for name in names:
+        for path in [settings.data_dir / name, *settings.data_dir.glob(f"{name}-*")]:
+            if path.is_dir():
+                shutil.rmtree(path)
+            elif path.exists():
+                path.unlink()
+            else:
+                continue
+            if name not in removed:
+                removed.append(name)
+    return removed
 
 
 def _kafka(settings: Settings) -> tuple[Settings, Callable[[], object] | None]:
@@ -243,6 +274,18 @@ BROKERS: dict[str, Callable[[Settings], tuple[Settings, Callable[[], object] | N
 }
 
 
+_STAGE_THREADS = {
+    "stream": ("publisher", "access-logs", "settlements"),
+    "ingest": ("ingest",),
+    "watch": ("watcher",),
+}
+
+
+def _forward(source: threading.Event, target: threading.Event) -> None:
+    source.wait()
+    target.set()
+
+
 def run_demo(
     settings: Settings,
     registry: SpecRegistry,
@@ -262,27 +305,32 @@ def run_demo(
 
     stop = threading.Event()
     # Ctrl-C and SIGTERM (docker stop, systemd) only ask everything to stop; the
-    # cleanup below then always runs, whatever the main thread was doing.
+    # cleanup below then stops each part after what depends on it: the streams, the
+    # ingesters, the watcher, the server, then the broker.
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
+    stages = {name: threading.Event() for name in ("stream", "ingest", "watch")}
     threads: list[threading.Thread] = []
     server: subprocess.Popen[bytes] | None = None
     stop_broker: Callable[[], object] | None = None
     try:
         settings, stop_broker = BROKERS[broker](settings)
         ensure_topics(settings, registry)
+        streams, ingest, watch = stages["stream"], stages["ingest"], stages["watch"]
         workers: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
-            "demo-publisher": (_stream, (settings, registry, rate, stop, seed)),
-            "demo-access-logs": (_stream_access_logs, (settings, registry, rate, stop, seed)),
-            "demo-settlements": (_stream_settlements, (settings, registry, rate, stop, seed)),
-            "demo-ingest": (run_ingest, (settings, list(registry), ["olap", "search"], stop)),
-            "demo-watcher": (_watch, (settings, registry, stop)),
+            "demo-publisher": (_stream, (settings, registry, rate, streams, seed)),
+            "demo-access-logs": (_stream_access_logs, (settings, registry, rate, streams, seed)),
+            "demo-settlements": (_stream_settlements, (settings, registry, rate, streams, seed)),
+            "demo-ingest": (run_ingest, (settings, list(registry), ["olap", "search"], ingest)),
+            "demo-watcher": (_watch, (settings, registry, watch)),
         }
         threads = [
             threading.Thread(target=target, args=args, name=name, daemon=True)
             for name, (target, args) in workers.items()
         ]
+        # An ingester that stops by itself (a terminal error) stops the demo too.
+        threading.Thread(target=_forward, args=(ingest, stop), daemon=True).start()
         for t in threads:
             t.start()
         merchant = busiest_merchant(rate, seed, registry.get("payments").tz)
@@ -307,14 +355,17 @@ def run_demo(
         return {}
     finally:
         stop.set()
+        for stage in ("stream", "ingest", "watch"):
+            stages[stage].set()
+            for t in threads:
+                if t.name.removeprefix("demo-") in _STAGE_THREADS[stage]:
+                    t.join(60)
         if server is not None:
             server.terminate()
             try:
                 server.wait(30)
             except subprocess.TimeoutExpired:
                 server.kill()
-        for t in threads:
-            t.join(60)
         if stop_broker is not None:
             stop_broker()
         for sig, handler in previous.items():

@@ -82,6 +82,14 @@ class OffsetMismatch(StoreError):
     code = "offset_mismatch"
 
 
+class PositionMismatch(TallyError):
+    """A stored position is not of the log being read: the topic was recreated, the
+    cluster is another one, or retention removed what the sink never read. Terminal:
+    the partition stops until an operator decides (``tally ingest reset``)."""
+
+    code = "position_mismatch"
+
+
 class DruidUnavailable(StoreUnavailable):
     """Druid's overlord (or broker) is not configured or did not answer; nothing was
     changed. The CLI exits 2, like an engine that cannot be had."""

@@ -42,6 +42,7 @@ from typing import Any
 import pyarrow as pa
 from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 
+from storage import logmark
 from storage.deadletters import headers
 from storage.druid.capabilities import CAPABILITIES
 from storage.druid.compactor import DruidCompactor
@@ -55,6 +56,7 @@ from storage.protocol import (
     RebuildReport,
     RepairResult,
     SegmentInfo,
+    StoredPosition,
 )
 from storage.protocol import (
     TopicPartition as TP,
@@ -206,7 +208,10 @@ class DruidStore:
                 for part, entity, state in plan.states:
                     _produce(prod, changelog, entity.encode(), encode_state(state), None, part)
             if offsets:
-                tps = [TopicPartition(t, p, r.end) for (t, p), r in offsets.items()]
+                tps = [
+                    TopicPartition(t, p, r.end, metadata=logmark.encode(r.log))
+                    for (t, p), r in offsets.items()
+                ]
                 meta = self._group(spec).consumer_group_metadata()
                 prod.send_offsets_to_transaction(tps, meta, self._timeout_s)
             prod.commit_transaction(self._timeout_s)
@@ -236,7 +241,11 @@ class DruidStore:
                 old.abort_transaction(5)
 
     def stored_offsets(self, datasource: str) -> dict[TP, int]:
-        """The sink group's committed offsets on the source topic (read stable)."""
+        return {tp: pos.offset for tp, pos in self.stored_positions(datasource).items()}
+
+    def stored_positions(self, datasource: str) -> dict[TP, StoredPosition]:
+        """The sink group's committed offsets on the source topic (read stable), with
+        the log each is of (``storage.logmark``)."""
         spec = self._spec(datasource)
         consumer = self._group(spec)
         source = self.settings.topic(spec.datasource.topic)
@@ -248,7 +257,21 @@ class DruidStore:
             got = consumer.committed(wanted, timeout=self._timeout_s * 3)
         except KafkaException as exc:
             raise _translate(exc, f"reading the committed offsets of {source}") from exc
-        return {(tp.topic, tp.partition): tp.offset for tp in got if tp.offset >= 0}
+        out = {(tp.topic, tp.partition): logmark.decode(tp.offset, tp.metadata) for tp in got}
+        return {tp: pos for tp, pos in out.items() if pos is not None}
+
+    def reset_positions(self, datasource: str, positions: Mapping[TP, StoredPosition]) -> None:
+        """Committed for the sink's group, as a group without members: Kafka refuses
+        it while an ingester is a member (the reset is for stopped ingesters)."""
+        spec = self._spec(datasource)
+        offsets = [
+            TopicPartition(t, p, pos.offset, metadata=logmark.encode(pos.log, pos.reset))
+            for (t, p), pos in positions.items()
+        ]
+        try:
+            self._group(spec).commit(offsets=offsets, asynchronous=False)
+        except KafkaException as exc:
+            raise _translate(exc, f"resetting the offsets of {spec.name}") from exc
 
     # --- what the watcher and operators use ------------------------------------------
 

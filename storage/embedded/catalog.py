@@ -40,7 +40,7 @@ import orjson
 from storage.protocol import DeadLetterRecord, SegmentInfo
 from tally.errors import StoreBusy, StoreError, StoreFileError, StoreFull, StoreUnavailable
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _SEGMENTS = """
 CREATE TABLE IF NOT EXISTS segments (
@@ -70,6 +70,7 @@ CREATE INDEX IF NOT EXISTS segments_path ON segments (path);
 CREATE TABLE IF NOT EXISTS offsets (
     datasource TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,
     next_offset INTEGER NOT NULL, updated_at REAL NOT NULL,
+    log_id TEXT, reset TEXT,
     PRIMARY KEY (datasource, topic, partition)
 );
 CREATE TABLE IF NOT EXISTS dead_letters (
@@ -280,12 +281,35 @@ class Catalog:
         ]
 
     def offsets(self, datasource: str) -> dict[tuple[str, int], int]:
+        return {tp: offset for tp, (offset, _log, _reset) in self.positions(datasource).items()}
+
+    def positions(
+        self, datasource: str
+    ) -> dict[tuple[str, int], tuple[int, str | None, str | None]]:
+        """(topic, partition) → (next offset, the log it is of, its last reset)."""
         if not self._has("offsets"):
             return {}
         rows = self._con.execute(
-            "SELECT topic, partition, next_offset FROM offsets WHERE datasource=?", (datasource,)
+            "SELECT topic, partition, next_offset, log_id, reset FROM offsets WHERE datasource=?",
+            (datasource,),
         )
-        return {(t, p): o for t, p, o in rows}
+        return {(t, p): (o, log, reset) for t, p, o, log, reset in rows}
+
+    def reset_positions(
+        self, datasource: str, positions: dict[tuple[str, int], tuple[int, str | None, str]]
+    ) -> None:
+        """Set positions unconditionally (an operator's reset), noting the reset."""
+        now = time.time()
+        self._con.executemany(
+            "INSERT INTO offsets VALUES (?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (datasource, topic, partition) DO UPDATE"
+            " SET next_offset = excluded.next_offset, updated_at = excluded.updated_at,"
+            " log_id = excluded.log_id, reset = excluded.reset",
+            [
+                (datasource, t, p, offset, now, log, note)
+                for (t, p), (offset, log, note) in positions.items()
+            ],
+        )
 
     def stats_rows(self, datasources: Sequence[str] | None) -> list[tuple[object, ...]]:
         if not self._has("segments", "partition_stats"):
@@ -362,12 +386,13 @@ class Catalog:
         return ids
 
     def check_and_set_offsets(
-        self, datasource: str, ranges: dict[tuple[str, int], tuple[int, int]]
+        self, datasource: str, ranges: dict[tuple[str, int], tuple[int, int, str | None]]
     ) -> list[str]:
-        """Return the mismatches (empty when the batch's start offsets are the stored ones)."""
+        """Return the mismatches (empty when the batch's start offsets are the stored
+        ones); else store the ends, each with the log it is of (kept when not given)."""
         stored = self.offsets(datasource)
         problems = []
-        for (topic, part), (start, _end) in sorted(ranges.items()):
+        for (topic, part), (start, _end, _log) in sorted(ranges.items()):
             have = stored.get((topic, part))
             if have is not None and have != start:
                 problems.append(f"{topic}[{part}] starts at {start} but the catalog is at {have}")
@@ -375,9 +400,11 @@ class Catalog:
             return problems
         now = time.time()
         self._con.executemany(
-            "INSERT INTO offsets VALUES (?, ?, ?, ?, ?) ON CONFLICT (datasource, topic, partition)"
-            " DO UPDATE SET next_offset = excluded.next_offset, updated_at = excluded.updated_at",
-            [(datasource, t, p, end, now) for (t, p), (_s, end) in ranges.items()],
+            "INSERT INTO offsets VALUES (?, ?, ?, ?, ?, ?, NULL)"
+            " ON CONFLICT (datasource, topic, partition) DO UPDATE"
+            " SET next_offset = excluded.next_offset, updated_at = excluded.updated_at,"
+            " log_id = COALESCE(excluded.log_id, log_id)",
+            [(datasource, t, p, end, now, log) for (t, p), (_s, end, log) in ranges.items()],
         )
         return []
 
@@ -538,7 +565,8 @@ def _segment(row: Sequence[Any]) -> SegmentInfo:
 
 def _migrate(con: sqlite3.Connection) -> None:
     """Bring a catalog written by an older Tally to ``SCHEMA_VERSION`` (inside the
-    caller's write transaction). v1 → v2: segment paths stop being unique (packs)."""
+    caller's write transaction). v1 → v2: segment paths stop being unique (packs);
+    v2 → v3: an offset records the log it is of and its last reset."""
     row = con.execute(
         "SELECT v FROM meta WHERE k='schema_version'"
         if con.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
@@ -556,6 +584,9 @@ def _migrate(con: sqlite3.Connection) -> None:
             " seq, created_at, replaced_at FROM segments_v1"
         )
         con.execute("DROP TABLE segments_v1")  # its indexes go with it
+    if version <= 2:
+        con.execute("ALTER TABLE offsets ADD COLUMN log_id TEXT")
+        con.execute("ALTER TABLE offsets ADD COLUMN reset TEXT")
     con.execute("UPDATE meta SET v = ? WHERE k='schema_version'", (SCHEMA_VERSION,))
 
 

@@ -53,6 +53,7 @@ from storage.protocol import (
     RebuildReport,
     RepairResult,
     SegmentInfo,
+    StoredPosition,
     TopicPartition,
 )
 from tally.errors import OffsetMismatch
@@ -84,6 +85,18 @@ class EmbeddedStore:
         with self.core.catalog.read():
             return self.core.catalog.offsets(datasource)
 
+    def stored_positions(self, datasource: str) -> dict[TopicPartition, StoredPosition]:
+        with self.core.catalog.read():
+            rows = self.core.catalog.positions(datasource)
+        return {tp: StoredPosition(o, log, reset) for tp, (o, log, reset) in rows.items()}
+
+    def reset_positions(
+        self, datasource: str, positions: Mapping[TopicPartition, StoredPosition]
+    ) -> None:
+        rows = {tp: (p.offset, p.log, p.reset or "reset") for tp, p in positions.items()}
+        with self.core.catalog.write():
+            self.core.catalog.reset_positions(datasource, rows)
+
     def pending_batches(self, datasource: str) -> list[dict[TopicPartition, OffsetRange]]:
         return []  # a commit is one transaction: never left half-done
 
@@ -107,7 +120,7 @@ class EmbeddedStore:
         late_before_us = int(
             (now_s - parse_duration(spec.datasource.active_window).total_seconds()) * 1e6
         )
-        ranges = {tp: (r.start, r.end) for tp, r in (offsets or {}).items()}
+        ranges = {tp: (r.start, r.end, r.log) for tp, r in (offsets or {}).items()}
 
         written: list[Path] = []
         try:

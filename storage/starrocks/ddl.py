@@ -172,6 +172,8 @@ def offsets_ddl(settings: Settings) -> Statement:
         _column("pending_ranges", "VARCHAR(65533)", True),  # its ranges, JSON
         _column("pending_at", "DATETIME", True),
         _column("updated_at", "DATETIME", False),
+        _column("log_id", "VARCHAR(64)", True),  # the source topic's id the offset is of
+        _column("reset_note", "VARCHAR(1024)", True),  # the operator's last reset
     ]
     key = f"PRIMARY KEY ({q('slot')})"
     return _small_table(settings, OFFSETS, "offsets", cols, key)

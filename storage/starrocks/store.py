@@ -48,6 +48,7 @@ import base64
 import hashlib
 import logging
 import re
+import uuid
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,6 +69,7 @@ from storage.protocol import (
     RebuildReport,
     RepairResult,
     SegmentInfo,
+    StoredPosition,
 )
 from storage.schema import row_schema, rows_to_table
 from storage.starrocks import ddl
@@ -139,7 +141,14 @@ class StarRocksStore:
     def _offset_rows(self, datasource: str) -> dict[TP, dict[str, Any]]:
         query = (
             exp.select(
-                "topic", "partition", "committed", "pending_batch", "pending_ranges", "pending_at"
+                "topic",
+                "partition",
+                "committed",
+                "pending_batch",
+                "pending_ranges",
+                "pending_at",
+                "log_id",
+                "reset_note",
             )
             .from_(self._ref(ddl.OFFSETS))
             .where(exp.column("datasource").eq(exp.Literal.string(datasource)))
@@ -149,6 +158,49 @@ class StarRocksStore:
 
     def stored_offsets(self, datasource: str) -> dict[TP, int]:
         return {tp: int(row["committed"]) for tp, row in self._offset_rows(datasource).items()}
+
+    def stored_positions(self, datasource: str) -> dict[TP, StoredPosition]:
+        return {
+            tp: StoredPosition(int(row["committed"]), row["log_id"], row["reset_note"])
+            for tp, row in self._offset_rows(datasource).items()
+        }
+
+    def reset_positions(self, datasource: str, positions: Mapping[TP, StoredPosition]) -> None:
+        """One labelled load of the new positions (no batch pending: the reset is
+        the operator's, made while no ingester runs)."""
+        now = datetime.now(UTC)
+        rows = [
+            self._offset_row(datasource, tp, pos.offset, now, log=pos.log, note=pos.reset)
+            for tp, pos in positions.items()
+        ]
+        self.loader.load(ddl.OFFSETS, rows, f"tally-reset-{uuid.uuid4().hex}")
+
+    def _offset_row(
+        self,
+        datasource: str,
+        tp: TP,
+        committed: int,
+        now: datetime,
+        *,
+        log: str | None,
+        note: str | None,
+        pending: str | None = None,
+        encoded: str | None = None,
+    ) -> dict[str, Any]:
+        topic, partition = tp
+        return {
+            "slot": _slot(datasource, topic, partition),
+            "datasource": datasource,
+            "topic": topic,
+            "partition": partition,
+            "committed": committed,
+            "pending_batch": pending,
+            "pending_ranges": encoded,
+            "pending_at": ddl.utc_text(now) if pending else None,
+            "updated_at": ddl.utc_text(now),
+            "log_id": log,
+            "reset_note": note,
+        }
 
     def pending_batches(self, datasource: str) -> list[dict[TP, OffsetRange]]:
         """Batches whose loads were interrupted: each must be committed again with
@@ -170,31 +222,35 @@ class StarRocksStore:
         *,
         pending: str | None,
         now: datetime,
+        stored: Mapping[TP, dict[str, Any]] | None = None,
     ) -> None:
         encoded = orjson.dumps(sorted((t, p, r.start, r.end) for (t, p), r in ranges.items()))
+        kept = stored or {}
         rows = [
-            {
-                "slot": _slot(datasource, t, p),
-                "datasource": datasource,
-                "topic": t,
-                "partition": p,
-                "committed": r.start if pending else r.end,
-                "pending_batch": pending,
-                "pending_ranges": encoded.decode() if pending else None,
-                "pending_at": ddl.utc_text(now) if pending else None,
-                "updated_at": ddl.utc_text(now),
-            }
-            for (t, p), r in ranges.items()
+            self._offset_row(
+                datasource,
+                tp,
+                r.start if pending else r.end,
+                now,
+                log=r.log or kept.get(tp, {}).get("log_id"),
+                note=kept.get(tp, {}).get("reset_note"),
+                pending=pending,
+                encoded=encoded.decode() if pending else None,
+            )
+            for tp, r in ranges.items()
         ]
         self.loader.load(ddl.OFFSETS, rows, label)
 
     def _fence(
-        self, datasource: str, ranges: Mapping[TP, OffsetRange], batch: str
+        self,
+        datasource: str,
+        ranges: Mapping[TP, OffsetRange],
+        batch: str,
+        stored: Mapping[TP, dict[str, Any]],
     ) -> datetime | None:
-        """Refuse a batch that does not continue the committed offsets, or that cuts
-        across another batch still pending; the pending time of this very batch (a
-        replay) if it is one."""
-        stored = self._offset_rows(datasource)
+        """Refuse a batch that does not continue the committed offsets (``stored``),
+        or that cuts across another batch still pending; the pending time of this very
+        batch (a replay) if it is one."""
         resumed: datetime | None = None
         for tp, rng in ranges.items():
             row = stored.get(tp)
@@ -233,9 +289,12 @@ class StarRocksStore:
         base = ddl.base_table(self.settings, spec)
         digest = "" if ranges else _rows_digest(spec, table)
         batch = batch_label(base, ranges, digest)
-        resumed = self._fence(datasource, ranges, batch) if ranges else None
+        stored = self._offset_rows(datasource) if ranges else {}
+        resumed = self._fence(datasource, ranges, batch, stored) if ranges else None
         if ranges and resumed is None:
-            self._offsets_load(datasource, ranges, f"{batch}-i", pending=batch, now=now)
+            self._offsets_load(
+                datasource, ranges, f"{batch}-i", pending=batch, now=now, stored=stored
+            )
         trust_labels = resumed is None or (
             now - resumed < timedelta(seconds=self.settings.starrocks.label_keep_s)
         )
@@ -266,7 +325,9 @@ class StarRocksStore:
                 )
         late, partitions = self._load_writes(spec, accepted, f"{batch}-w", now)
         if ranges:
-            self._offsets_load(datasource, ranges, f"{batch}-o", pending=None, now=now)
+            self._offsets_load(
+                datasource, ranges, f"{batch}-o", pending=None, now=now, stored=stored
+            )
         if not trust_labels:
             log.warning(
                 "%s: batch %s was left pending longer than StarRocks keeps labels; its"

@@ -148,6 +148,15 @@ def test_status_and_run_commands(store: EmbeddedStore, data_dir: Path) -> None:
     assert day["last_compacted_at"] is not None
     bad = tally("compaction", "run", "--partition", "2026-01-10", data_dir=data_dir)
     assert bad.code != 0 and "--datasource" in bad.err and "Traceback" not in bad.err
+    for unknown in ("bogus", "2020-01-01"):  # not a key; a key with nothing stored
+        ran = tally(
+            "compaction", "run", "--datasource", "payments", "--partition", unknown,
+            data_dir=data_dir,
+        )  # fmt: skip
+        assert ran.code == 1 and ran.out == "", ran.out
+        line = ran.err.strip()
+        assert line.startswith(f"error: payments has no stored partition {unknown!r}"), line
+        assert "\n" not in line and "2026-01-10" in line
 
 
 def test_settings_bound_the_policy() -> None:

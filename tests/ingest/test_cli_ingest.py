@@ -381,6 +381,19 @@ def test_ingest_rejects_an_unknown_sink(kafka_settings: Settings) -> None:
     assert ran.err.strip() == line
 
 
+@pytest.mark.parametrize("command", [("dlq", "list"), ("topics", "create")])
+def test_a_command_meeting_a_broker_that_is_down_prints_one_line(
+    command: tuple[str, ...], tmp_path: Path
+) -> None:
+    """librdkafka's own log lines (``%3|…|FAIL|…``) go through Python logging, which a
+    one-shot command does not print: its one-line error is all there is."""
+    down = f"127.0.0.1:{free_port()}"  # nothing listens there
+    ran = tally(*command, env={"TALLY_KAFKA_BOOTSTRAP": down, "TALLY_DATA_DIR": str(tmp_path)})
+    line = error_line(ran)
+    assert ran.err.strip() == line, ran.err[:2000]
+    assert "rdkafka" not in ran.err and "%3|" not in ran.err
+
+
 @pytest.mark.slow
 def test_ingest_without_topics_says_to_create_them(kafka_settings: Settings) -> None:
     topic = kafka_settings.topic("payments.v1")

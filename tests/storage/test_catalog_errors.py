@@ -146,7 +146,7 @@ def test_a_failed_begin_read_never_commits_an_open_transaction(tmp_path: Path) -
     path = tmp_path / "catalog.sqlite"
     catalog = Catalog(path)
     with pytest.raises(StoreError) as caught, catalog.write():
-        catalog.check_and_set_offsets("payments", {(TOPIC, 0): (0, 5)})
+        catalog.check_and_set_offsets("payments", {(TOPIC, 0): (0, 5, None)})
         with catalog.read():  # BEGIN fails: a transaction is already open
             pytest.fail("the body ran")
     assert "begin read" in caught.value.message  # the first error, not a later one

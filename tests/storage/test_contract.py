@@ -33,7 +33,15 @@ from typing import Any
 import pytest
 from sqlglot import exp
 
-from storage import DeadLetterRecord, OffsetRange, OlapReader, OlapStore, open_reader, open_store
+from storage import (
+    DeadLetterRecord,
+    OffsetRange,
+    OlapReader,
+    OlapStore,
+    StoredPosition,
+    open_reader,
+    open_store,
+)
 from storage.protocol import CommitResult, PartitionStats, TopicPartition
 from storage.sql import subquery
 from tally.errors import OffsetMismatch
@@ -315,3 +323,22 @@ def test_repair_replaces_a_stored_row_whatever_its_version(backend: Backend) -> 
     assert (result.rows_written, result.keys_removed) == (1, 1)
     stored = _rows(backend, ["a", "b"])
     assert list(stored) == ["a"] and (stored["a"]["version"], stored["a"]["amount"]) == (2, 9_000)
+
+
+def test_a_position_keeps_the_log_it_is_of_and_an_operator_reset(backend: Backend) -> None:
+    """``tally ingest reset`` writes through ``reset_positions``; the next commit must
+    continue from it, and keep the log it names (``ingest.positions``)."""
+    store = backend.store
+    backend.commit([payment("k1", 1)], {backend.tp: OffsetRange(0, 3, "log-A")})
+    assert store.stored_positions("payments")[backend.tp].log == "log-A"
+    store.reset_positions(
+        "payments", {backend.tp: StoredPosition(0, "log-B", "to earliest by ops at now")}
+    )
+    reset = store.stored_positions("payments")[backend.tp]
+    assert (reset.offset, reset.log, reset.reset) == (0, "log-B", "to earliest by ops at now")
+    if store.capabilities.transactional_offsets:  # fenced from the reset position on
+        with pytest.raises(OffsetMismatch):
+            store.commit("payments", [payment("k2", 1)], {backend.tp: OffsetRange(3, 4, "log-B")})
+    backend.commit([payment("k2", 1)], {backend.tp: OffsetRange(0, 2, "log-B")})
+    after = store.stored_positions("payments")[backend.tp]
+    assert (after.offset, after.log) == (2, "log-B")

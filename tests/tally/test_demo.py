@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from engines.devbroker import reachable
-from storage import open_reader
+from storage import open_reader, open_store
 from tally.cli import DEMO_SPECS
 from tally.settings import Settings
 from tally.specs import SpecRegistry, spec_paths
@@ -201,3 +201,67 @@ def test_the_demo_prints_the_dashboard_and_console_urls_and_both_open(tmp_path: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _demo_until_it_grows(data_dir: Path, tmp_path: Path) -> tuple[list[int], str, int]:
+    """Run ``tally demo`` (its table output) until it printed three transaction counts,
+    then press Ctrl-C as a terminal does: SIGINT to the whole process group."""
+    env = {
+        **os.environ,
+        "TALLY_DATA_DIR": str(data_dir),
+        "TALLY_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+    }
+    err_path = tmp_path / f"demo-{time.monotonic_ns()}.err"
+    with err_path.open("w") as err:
+        proc = subprocess.Popen(
+            [*_TALLY, "demo", "--rate", "1500"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+            start_new_session=True,  # its own group, as a shell gives a foreground job
+        )
+        counts: list[int] = []
+        try:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 150
+            while len(counts) < 3 and time.monotonic() < deadline:
+                line = proc.stdout.readline()  # a line every 5 s once it runs
+                if not line:
+                    break
+                if found := re.match(r"([\d,]+) transactions from", line):
+                    counts.append(int(found.group(1).replace(",", "")))
+            os.killpg(proc.pid, signal.SIGINT)
+            proc.communicate(timeout=90)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return counts, err_path.read_text(), proc.returncode
+
+
+def test_a_second_demo_on_the_same_data_dir_starts_clean_and_ctrl_c_is_quiet(
+    tmp_path: Path,
+) -> None:
+    """The development broker keeps nothing between runs, so a second demo on the same
+    data directory must not resume the first one's positions (it did: the store looked
+    frozen for a minute while the new topic's first messages were skipped). And Ctrl-C
+    stops the parts in order, the broker last: no client is left retrying it."""
+    data_dir = tmp_path / "demo"
+    first, err, code = _demo_until_it_grows(data_dir, tmp_path)
+    assert code == 0 and len(first) == 3, err[-3000:]
+    assert "cleared the previous demo" not in err  # nothing to clear the first time
+    second, err, code = _demo_until_it_grows(data_dir, tmp_path)
+    assert code == 0 and len(second) == 3, err[-3000:]
+    assert "cleared the previous demo's segments, search, catalog.sqlite" in err, err[-3000:]
+    assert second == sorted(second) and second[0] < second[-1], second  # growing, not frozen
+    assert second[0] < first[-1], (first, second)  # started from an empty store
+    for noise in ("rdkafka", "%3|", "Connection refused", "Traceback"):
+        assert noise not in err, err[-3000:]
+    registry = SpecRegistry.load(spec_paths(DEMO_SPECS))
+    store = open_store(Settings(data_dir=data_dir), registry)
+    try:
+        positions = store.stored_positions("payments").values()
+    finally:
+        store.close()
+    assert len({p.log for p in positions}) == 1 and None not in {p.log for p in positions}
