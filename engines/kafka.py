@@ -88,6 +88,9 @@ def server_properties(broker_port: int, controller_port: int, data: Path) -> str
         # incarnation's session expires (default 9 s): keep that short.
         "broker.heartbeat.interval.ms": "500",
         "broker.session.timeout.ms": "3000",
+        # A topic's retention settings take effect within a second (default: checked
+        # every 5 min), so what retention removes from a log is seen soon.
+        "log.retention.check.interval.ms": "1000",
         # Tally creates its topics (`tally topics create`); a typo must not make one.
         "auto.create.topics.enable": "false",
     }

@@ -93,10 +93,7 @@ def consumer_config(settings: Settings, group: str) -> dict[str, Any]:
         "group.id": group,
         "enable.auto.commit": False,
         "enable.auto.offset.store": False,
-        # A position the log does not hold (before its start: retention; past its end:
-        # another log) is reported, never moved silently (``ingest.positions``); a
-        # partition with nothing stored is assigned at its beginning explicitly.
-        "auto.offset.reset": "error",
+        "auto.offset.reset": "earliest",
         "partition.assignment.strategy": "cooperative-sticky",
         "session.timeout.ms": settings.ingest.session_timeout_ms,
         "heartbeat.interval.ms": settings.ingest.heartbeat_interval_ms,

@@ -255,7 +255,12 @@ class Runner:
     # --- the loop --------------------------------------------------------------------------
 
     def run(self, until_idle: float | None = None) -> RunReport:
-        consumer = Consumer(consumer_config(self.settings, self.group))
+        # A position the log does not hold (before its start: retention; past its end:
+        # another log) is reported, never moved silently (``ingest.positions``): every
+        # partition is assigned at an explicit position, the beginning when none is stored.
+        consumer = Consumer(
+            consumer_config(self.settings, self.group) | {"auto.offset.reset": "error"}
+        )
         self._consumer = consumer
         worker = threading.Thread(target=self._worker, name=f"{self.group}-writer", daemon=True)
         worker.start()

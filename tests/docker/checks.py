@@ -98,7 +98,8 @@ def parse_problem(argv: list[str]) -> str | None:
         if sub is None:
             return f"tally: no such command {args[0]!r}"
         cmd, path = sub, [*path, args.pop(0)]
-    if isinstance(cmd, TyperGroup):
+    if isinstance(cmd, TyperGroup) and not cmd.invoke_without_command:
+        # (a group that runs by itself, ``tally ingest``, parses its options below)
         return f"{' '.join(path)}: a group, not a command"
     try:
         cmd.make_context(" ".join(path), args)

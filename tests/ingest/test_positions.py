@@ -14,8 +14,15 @@ from pathlib import Path
 
 import orjson
 import pytest
-from confluent_kafka import Consumer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka import Consumer
+from confluent_kafka.admin import (  # type: ignore[attr-defined]
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+    ResourceType,
+)
 
 from ingest.kafka import (
     base_config,
@@ -34,6 +41,7 @@ from tally.settings import Settings
 from tally.specs import SpecRegistry
 from tests.brokers import Broker
 from tests.cli import tally
+from tests.factories import latest_by_key
 from tests.ingest.conftest import env_for, start_ingest
 from tests.ingest.reference import Published, build, published
 from tests.ingest.verify import assert_exact
@@ -138,7 +146,7 @@ def test_recreated_topic_under_a_running_ingester(
     """On Kafka. (On the development broker librdkafka 2.16 itself crashes, SIGSEGV in
     its metadata cache, when a subscribed topic is recreated there; a restarted
     ingester then meets the stopped-ingester case above.)"""
-    settings = _kafka_settings(kafka_broker, registry, tmp_path)
+    settings = _settings_on(kafka_broker, registry, tmp_path)
     spec = registry.get("payments")
     topic = settings.topic(spec.datasource.topic)
     first, second = _events(5, 1500), _events(6, 900)
@@ -177,36 +185,53 @@ def test_recreated_topic_under_a_running_ingester(
 def test_retention_removing_unread_messages_is_reported_as_a_loss(
     kafka_broker: Broker, registry: SpecRegistry, tmp_path: Path
 ) -> None:
-    """Kafka's retention moves a partition's log start past offsets a stopped sink never
-    read; DeleteRecords moves it the same way at once (retention would at its next check,
-    ``log.retention.check.interval.ms``, minutes by default)."""
-    settings = _kafka_settings(kafka_broker, registry, tmp_path)
+    """Kafka's retention by size (1 MiB segments, 1 MiB kept; the local broker checks
+    every second) removes messages a stopped sink never read: the next run says what
+    is lost, and after ``--to earliest`` the store holds what was read plus all the log
+    still has. One partition, so a megabyte of events fills it soon."""
+    from tests.conftest import broker_settings
+
+    settings = broker_settings(kafka_broker, tmp_path / "data", partitions=1)
     spec = registry.get("payments")
     topic = settings.topic(spec.datasource.topic)
-    first, second = _events(7, 1200), _events(8, 2000)
+    admin = AdminClient(base_config(settings))
+    config = {"segment.bytes": str(2**20), "retention.bytes": str(2**20)}
+    admin.create_topics([NewTopic(topic, 1, 1, config=config)])[topic].result()
+    ensure_topics(settings, registry)  # the rest as usual
+    first, second = _events(7, 1500), _events(8, 40_000)
     Publisher(settings, topic).send(first.wires)
     log = tmp_path / "ingest.log"
     assert _ingest(settings, log, "--sink", "olap")[0] == 0
     before = _positions(settings, registry)
     Publisher(settings, topic).send(second.wires)
-    bounds = log_bounds(settings, topic, list(range(settings.ingest.partitions)))
-    cut = {p: (before[(topic, p)] + high) // 2 for p, (_low, high) in bounds.items()}
-    admin = AdminClient(base_config(settings))
-    for future in admin.delete_records(
-        [TopicPartition(topic, p, o) for p, o in cut.items()]
-    ).values():
+    deadline = time.monotonic() + 120
+    while log_bounds(settings, topic, [0])[0][0] <= before[(topic, 0)]:
+        assert time.monotonic() < deadline, "retention removed nothing unread"
+        time.sleep(0.5)  # polling the broker's retention check
+    # Retention stops here, so what the log holds stays put while the test reads it.
+    keep_all = ConfigResource(
+        ResourceType.TOPIC,
+        topic,
+        incremental_configs=[
+            ConfigEntry("retention.bytes", "-1", incremental_operation=AlterConfigOpType.SET)
+        ],
+    )
+    for future in admin.incremental_alter_configs([keep_all]).values():
         future.result()
+    low, high = log_bounds(settings, topic, [0])[0]
 
     code, reports = _ingest(settings, log, "--sink", "olap")
     assert code != 0
     error = str(reports[0]["error"])
-    assert "retention removed offsets" in error and "lost to it" in error
+    stored = before[(topic, 0)]
+    assert f"retention removed offsets {stored}.." in error and "lost to it" in error, error
     assert _positions(settings, registry) == before
 
-    _reset(settings, "olap", "earliest")
+    rows = _reset(settings, "olap", "earliest")
+    assert rows[0]["now"] == low and rows[0]["stored"] == stored
     assert _ingest(settings, log, "--sink", "olap")[0] == 0
     # Exact: what was read before the loss, and all the log still holds.
-    remaining = read_ranges(settings, {(topic, p): (o, bounds[p][1]) for p, o in cut.items()})
+    remaining = read_ranges(settings, {(topic, 0): (low, high)})
     kept = published(first.wires)
     kept.good.extend(_decoded(m.value) for m in remaining)
     assert_exact(settings, registry, kept, search=False)
@@ -220,10 +245,10 @@ def _committed(settings: Settings, group: str, topic: str, parts: list[int]) -> 
         return {}
 
 
-def _kafka_settings(kafka: Broker, registry: SpecRegistry, tmp_path: Path) -> Settings:
+def _settings_on(broker: Broker, registry: SpecRegistry, tmp_path: Path) -> Settings:
     from tests.conftest import broker_settings
 
-    settings = broker_settings(kafka, tmp_path / "data")
+    settings = broker_settings(broker, tmp_path / "data")
     ensure_topics(settings, registry)
     return settings
 
@@ -288,3 +313,30 @@ def test_the_search_sink_reset_waits_for_its_ingesters_and_commits_its_group(
             m is not None and (m.reset or "").startswith("to latest by ops@test")
             for m in marks.values()
         )
+
+
+def test_after_a_reset_to_latest_verify_tells_what_the_store_misses_and_holds_beyond_the_log(
+    dev_broker: Broker, registry: SpecRegistry, tmp_path: Path
+) -> None:
+    """``--to latest`` skips what the new log holds and keeps what the old one gave:
+    ``tally verify`` then names both, key by key."""
+    settings = _settings_on(dev_broker, registry, tmp_path)
+    spec = registry.get("payments")
+    topic = settings.topic(spec.datasource.topic)
+    first, second = _events(11, 400), _events(12, 200)
+    Publisher(settings, topic).send(first.wires)
+    log = tmp_path / "ingest.log"
+    assert _ingest(settings, log, "--sink", "olap")[0] == 0
+    _recreate(settings, topic)
+    Publisher(settings, topic).send(second.wires)
+    assert _ingest(settings, log, "--sink", "olap")[0] != 0
+    _reset(settings, "olap", "latest")
+    assert _ingest(settings, log, "--sink", "olap")[0] == 0
+    ran = tally("verify", "--datasource", "payments", "--format", "json", env=env_for(settings))
+    assert ran.code == 1, ran.err
+    found = [d for d in ran.json()["differences"] if d["sink"] == "olap" and "key" in d]
+    kinds = {
+        kind: {d["key"] for d in found if d["kind"] == kind} for kind in ("missing", "unexpected")
+    }
+    assert kinds["unexpected"] == set(latest_by_key(spec, first.good))  # beyond the log
+    assert kinds["missing"] == set(latest_by_key(spec, second.good))  # skipped by the reset
