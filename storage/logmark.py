@@ -20,10 +20,11 @@ _LOG = "tally:log="
 _RESET = ";reset="
 
 
-def encode(log: str | None, reset: str | None = None) -> str | None:
-    """The commit metadata for a position of ``log`` (None: nothing to record)."""
+def encode(log: str | None, reset: str | None = None) -> str:
+    """The commit metadata for a position of ``log`` ("" when there is nothing to
+    record: the client takes a string, never None)."""
     if log is None and reset is None:
-        return None
+        return ""
     return f"{_LOG}{log or ''}" + (f"{_RESET}{reset}" if reset else "")
 
 

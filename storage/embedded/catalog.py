@@ -584,7 +584,8 @@ def _migrate(con: sqlite3.Connection) -> None:
             " seq, created_at, replaced_at FROM segments_v1"
         )
         con.execute("DROP TABLE segments_v1")  # its indexes go with it
-    if version <= 2:
+    has_offsets = con.execute("SELECT 1 FROM sqlite_master WHERE name='offsets'").fetchone()
+    if version <= 2 and has_offsets:  # (without one, the schema below creates it whole)
         con.execute("ALTER TABLE offsets ADD COLUMN log_id TEXT")
         con.execute("ALTER TABLE offsets ADD COLUMN reset TEXT")
     con.execute("UPDATE meta SET v = ? WHERE k='schema_version'", (SCHEMA_VERSION,))

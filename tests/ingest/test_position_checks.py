@@ -68,4 +68,4 @@ def test_metadata_of_others_and_missing_offsets_read_as_unrecorded_or_nothing() 
     assert logmark.decode(5, "some other tool's note") == StoredPosition(5)
     assert logmark.decode(5, None) == StoredPosition(5)
     assert logmark.decode(-1001, "tally:log=X") is None  # nothing committed
-    assert logmark.encode(None) is None
+    assert logmark.encode(None) == "" and logmark.decode(5, "") == StoredPosition(5)
