@@ -274,11 +274,7 @@ BROKERS: dict[str, Callable[[Settings], tuple[Settings, Callable[[], object] | N
 }
 
 
-_STAGE_THREADS = {
-    "stream": ("publisher", "access-logs", "settlements"),
-    "ingest": ("ingest",),
-    "watch": ("watcher",),
-}
+_Workers = dict[str, tuple[Callable[..., Any], tuple[Any, ...]]]  # thread name → target, args
 
 
 def _forward(source: threading.Event, target: threading.Event) -> None:
@@ -310,29 +306,55 @@ def run_demo(
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
-    stages = {name: threading.Event() for name in ("stream", "ingest", "watch")}
-    threads: list[threading.Thread] = []
+    # Each stage's threads watch their own event; they are stopped in this order.
+    stages: list[tuple[threading.Event, list[threading.Thread]]] = []
     server: subprocess.Popen[bytes] | None = None
     stop_broker: Callable[[], object] | None = None
     try:
         settings, stop_broker = BROKERS[broker](settings)
         ensure_topics(settings, registry)
-        streams, ingest, watch = stages["stream"], stages["ingest"], stages["watch"]
-        workers: dict[str, tuple[Callable[..., Any], tuple[Any, ...]]] = {
-            "demo-publisher": (_stream, (settings, registry, rate, streams, seed)),
-            "demo-access-logs": (_stream_access_logs, (settings, registry, rate, streams, seed)),
-            "demo-settlements": (_stream_settlements, (settings, registry, rate, streams, seed)),
-            "demo-ingest": (run_ingest, (settings, list(registry), ["olap", "search"], ingest)),
-            "demo-watcher": (_watch, (settings, registry, watch)),
-        }
-        threads = [
-            threading.Thread(target=target, args=args, name=name, daemon=True)
-            for name, (target, args) in workers.items()
+        streams, ingest, watch = threading.Event(), threading.Event(), threading.Event()
+        plan: list[tuple[threading.Event, _Workers]] = [
+            (
+                streams,
+                {
+                    "demo-publisher": (_stream, (settings, registry, rate, streams, seed)),
+                    "demo-access-logs": (
+                        _stream_access_logs,
+                        (settings, registry, rate, streams, seed),
+                    ),
+                    "demo-settlements": (
+                        _stream_settlements,
+                        (settings, registry, rate, streams, seed),
+                    ),
+                },
+            ),
+            (
+                ingest,
+                {
+                    "demo-ingest": (
+                        run_ingest,
+                        (settings, list(registry), ["olap", "search"], ingest),
+                    )
+                },
+            ),
+            (watch, {"demo-watcher": (_watch, (settings, registry, watch))}),
+        ]
+        stages = [
+            (
+                event,
+                [
+                    threading.Thread(target=target, args=args, name=name, daemon=True)
+                    for name, (target, args) in workers.items()
+                ],
+            )
+            for event, workers in plan
         ]
         # An ingester that stops by itself (a terminal error) stops the demo too.
         threading.Thread(target=_forward, args=(ingest, stop), daemon=True).start()
-        for t in threads:
-            t.start()
+        for _event, threads in stages:
+            for t in threads:
+                t.start()
         merchant = busiest_merchant(rate, seed, registry.get("payments").tz)
         with KeyStore(settings.keys_path) as keys:
             _, key = keys.create(merchant)
@@ -355,11 +377,10 @@ def run_demo(
         return {}
     finally:
         stop.set()
-        for stage in ("stream", "ingest", "watch"):
-            stages[stage].set()
+        for event, threads in stages:
+            event.set()
             for t in threads:
-                if t.name.removeprefix("demo-") in _STAGE_THREADS[stage]:
-                    t.join(60)
+                t.join(60)
         if server is not None:
             server.terminate()
             try:
