@@ -117,7 +117,7 @@ def unread(
     transactions; a position the log no longer holds resets to its beginning). A
     partition that does not answer within ``timeout_s`` raises BrokerUnavailable.
     """
-    consumer = _reader(
+    consumer = outside_consumer(
         settings,
         f"{settings.topic_namespace}tally.end-probe",
         **_SCAN,
@@ -298,9 +298,10 @@ def ensure_like(
     return count
 
 
-def _reader(settings: Settings, group: str, **extra: Any) -> Consumer:
-    """A consumer that never joins ``group`` nor commits: for reading positions, or
-    (with ``_SCAN``) messages at assigned positions."""
+def outside_consumer(settings: Settings, group: str, **extra: Any) -> Consumer:
+    """A consumer that never joins ``group`` and never commits by itself: for reading
+    positions, (with ``_SCAN``) messages at assigned positions, or committing as a group
+    without members (``tally ingest reset``)."""
     return Consumer(
         base_config(settings)
         | {"group.id": group, "enable.auto.commit": False, "enable.auto.offset.store": False}
@@ -312,7 +313,7 @@ def committed_offsets(
     settings: Settings, group: str, topic: str, partitions: list[int]
 ) -> dict[int, int]:
     """A consumer group's committed offsets, read without joining the group."""
-    consumer = _reader(settings, group)
+    consumer = outside_consumer(settings, group)
     try:
         found = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
     except KafkaException as exc:
@@ -369,7 +370,7 @@ def log_bounds(settings: Settings, topic: str, partitions: list[int]) -> dict[in
     """Each partition's (start, end) as a fetch reports them: a reader assigned at the
     beginning takes the watermarks of the first fetch response (the development
     broker misreports them to ListOffsets, not in fetches); Kafka answers both alike."""
-    consumer = _reader(
+    consumer = outside_consumer(
         settings,
         f"{settings.topic_namespace}tally.bounds",
         **_SCAN,
@@ -399,7 +400,7 @@ def log_bounds(settings: Settings, topic: str, partitions: list[int]) -> dict[in
 
 def end_offsets(settings: Settings, topic: str, partitions: list[int]) -> dict[int, int]:
     """Each partition's end (high watermark: a transaction's marker included)."""
-    consumer = _reader(settings, f"{settings.topic_namespace}tally.ends")
+    consumer = outside_consumer(settings, f"{settings.topic_namespace}tally.ends")
     try:
         return {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
@@ -421,7 +422,7 @@ def read_ranges(
     wanted = {tp: rng for tp, rng in ranges.items() if rng[1] > rng[0]}
     if not wanted:
         return []
-    consumer = _reader(
+    consumer = outside_consumer(
         settings,
         f"{settings.topic_namespace}tally.range-reader",
         **_SCAN,

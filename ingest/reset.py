@@ -23,13 +23,14 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from ingest.kafka import (
     base_config,
     committed_positions,
     log_bounds,
+    outside_consumer,
     partition_count,
     topic_id,
     translate,
@@ -86,10 +87,7 @@ class _GroupPositions:
 
     def __init__(self, settings: Settings, group: str, datasource: str) -> None:
         self.group, self.datasource = group, datasource
-        self.consumer = Consumer(
-            base_config(settings)
-            | {"group.id": group, "enable.auto.commit": False, "enable.auto.offset.store": False}
-        )
+        self.consumer = outside_consumer(settings, group)
 
     def read(self, partitions: list[TP]) -> dict[TP, StoredPosition | None]:
         return committed_positions(self.consumer, partitions)
