@@ -24,6 +24,7 @@ from ingest.kafka import committed_offsets, end_offsets
 from ingest.selection import Selector
 from search import Doc, SearchIndex
 from storage import OlapReader
+from storage.calendar import partitions_of
 from storage.deltas import SIGN, signed_deltas
 from storage.sql import every_row, summed
 from tally.settings import Settings
@@ -42,11 +43,22 @@ class Check:
         log: LogState,
         reader: OlapReader,
         index: SearchIndex,
+        skip: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
+        """``skip``: damaged partitions (name → partition → why), reported apart and
+        left out of the comparison: neither expected nor read there."""
         self.settings, self.registry, self.spec, self.log = settings, registry, spec, log
         self.reader, self.index = reader, index
         ds = spec.datasource
         self.columns = list(spec.columns)
+        self.skip = {name: set(parts) for name, parts in (skip or {}).items() if parts}
+        # Keys whose latest row lies in a damaged base partition: not compared in OLAP.
+        self.damaged_keys: set[str] = set()
+        if self.skip.get(spec.name):
+            where = partitions_of(log.rows.column(ds.time), ds.granularity, ds.timezone)
+            bad = pa.array(sorted(self.skip[spec.name]), pa.string())
+            inside = log.rows.filter(pc.is_in(where, bad)).column(ds.key).to_pylist()
+            self.damaged_keys = set(inside)
         rows = table_rows(log.rows, [*self.columns, SOURCE_PARTITION, SOURCE_OFFSET])
         key = self.columns.index(ds.key)
         self.rows: dict[str, Row] = {r[key]: r[: len(self.columns)] for r in rows}
@@ -66,9 +78,14 @@ class Check:
     # --- reading the sinks --------------------------------------------------------------
 
     def _olap(self, keys: Iterable[str] | None = None) -> pa.Table:
+        name = self.spec.name
         if keys is not None:
-            return self.reader.lookup(self.spec.name, sorted(keys))
-        return self.reader.arrow(merged_rows(self.reader, self.spec.name))
+            healthy = None
+            if self.skip.get(name):
+                listed = [p for group in self.reader.partition_groups(name) for p in group]
+                healthy = [p for p in listed if p not in self.skip[name]]
+            return self.reader.lookup(name, sorted(keys), partitions=healthy)
+        return self.reader.arrow(merged_rows(self.reader, name, skip_damaged=bool(self.skip)))
 
     def _expected_groups(self, rollup: Rollup, rows: pa.Table) -> dict[Group, tuple[int, ...]]:
         if not rows.num_rows:
@@ -77,8 +94,23 @@ class Check:
         return _groups(self.spec, rollup, signed_deltas(self.spec, rollup, signed))
 
     def _stored_groups(self, rollup: Rollup) -> dict[Group, tuple[int, ...]]:
-        summed = summed_groups(self.reader, self.spec, rollup)
+        summed = summed_groups(self.reader, self.spec, rollup, skip_damaged=bool(self.skip))
         return _groups(self.spec, rollup, self.reader.arrow(summed))
+
+    def _unskipped(
+        self, rollup: Rollup, groups: dict[Group, tuple[int, ...]]
+    ) -> dict[Group, tuple[int, ...]]:
+        """``groups`` without those whose bucket lies in a damaged rollup partition."""
+        bad = self.skip.get(rollup.name)
+        if not bad or not groups:
+            return groups
+        buckets = pa.array([g[0] for g in groups], pa.timestamp("us", tz="UTC"))
+        where = partitions_of(buckets, rollup.partition, self.spec.datasource.timezone)
+        return {
+            g: v
+            for g, v, p in zip(groups, groups.values(), where.to_pylist(), strict=True)
+            if p not in bad
+        }
 
     def _search(self, keys: Iterable[str] | None = None) -> list[Difference]:
         found = self.index.all_versions()
@@ -97,12 +129,12 @@ class Check:
     # --- comparing ----------------------------------------------------------------------
 
     def _olap_expected(self, keys: Iterable[str] | None = None) -> dict[str, Row]:
-        chosen = set(self.rows) if keys is None else set(keys)
+        chosen = (set(self.rows) if keys is None else set(keys)) - self.damaged_keys
         return {k: self.rows[k] for k in chosen & self.kept["olap"] if k in self.rows}
 
     def _olap_found(self, table: pa.Table) -> list[Row]:
         key = self.columns.index(self.spec.datasource.key)
-        skip = self.unchecked["olap"]
+        skip = self.unchecked["olap"] | self.damaged_keys
         return [r for r in table_rows(table, self.columns) if r[key] not in skip]
 
     def compare_all(self) -> list[Difference]:
@@ -114,8 +146,9 @@ class Check:
     def _compare_rollup(self, rollup: Rollup) -> list[Difference]:
         metrics = [m.name for m in self.spec.parsed_metrics]
         columns = ["bucket", *rollup.dimensions]
-        stored = self._stored_groups(rollup)
-        return compare_groups(rollup.name, columns, metrics, self.groups[rollup.name], stored)
+        stored = self._unskipped(rollup, self._stored_groups(rollup))
+        expected = self._unskipped(rollup, self.groups[rollup.name])
+        return compare_groups(rollup.name, columns, metrics, expected, stored)
 
     def again(self, diffs: list[Difference]) -> list[Difference]:
         """Re-read what ``diffs`` are about and compare it once more."""
@@ -273,16 +306,19 @@ def by_report_order(d: Difference) -> tuple[Any, ...]:
     return ("olap", "rollup", "search").index(d.sink), d.rollup or "", d.kind, d.key or "", group
 
 
-def merged_rows(reader: OlapReader, name: str) -> str:
+def merged_rows(reader: OlapReader, name: str, *, skip_damaged: bool = False) -> str:
     """Every merged row of a datasource, through the reader's relation (a view on the
     embedded store, merge on read on Druid)."""
-    return every_row(reader.relation(name)).sql(dialect=reader.capabilities.sql_dialect)
+    relation = reader.relation(name, skip_damaged=skip_damaged)
+    return every_row(relation).sql(dialect=reader.capabilities.sql_dialect)
 
 
-def summed_groups(reader: OlapReader, spec: DatasourceSpec, rollup: Rollup) -> str:
+def summed_groups(
+    reader: OlapReader, spec: DatasourceSpec, rollup: Rollup, *, skip_damaged: bool = False
+) -> str:
     keys = ["bucket", *rollup.dimensions]
     metrics = [m.name for m in spec.parsed_metrics]
-    query = summed(reader.relation(rollup.name), keys, metrics)
+    query = summed(reader.relation(rollup.name, skip_damaged=skip_damaged), keys, metrics)
     return query.sql(dialect=reader.capabilities.sql_dialect)
 
 

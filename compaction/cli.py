@@ -35,7 +35,7 @@ def status(
     ctx: typer.Context, datasource: DatasourceOption = None, fmt: FormatOption = Format.table
 ) -> None:
     """Per partition: live segments, rows, bytes, late rows since the last compaction,
-    when it was last compacted, and whether a compaction is due."""
+    when it was last compacted, whether a compaction is due, and damaged files."""
     from compaction.status import partition_status
 
     c = state(ctx)
@@ -43,8 +43,8 @@ def status(
     if fmt is Format.json:
         emit_json({"partitions": rows})
         return
-    cols = ["datasource", "partition", "segments", "rows", "bytes", "late_rows", "due"]
-    emit_table(cols, [[r[k] for k in cols] for r in rows])
+    cols = ["datasource", "partition", "segments", "rows", "bytes", "late_rows", "due", "damaged"]
+    emit_table(cols, [[r[k] or "" if k == "damaged" else r[k] for k in cols] for r in rows])
 
 
 @compaction_app.command("run")

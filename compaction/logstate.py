@@ -49,8 +49,15 @@ class LogState:
     partitions: list[int]
     rows: pa.Table  # latest row per key, plus where its event was read
     ends: dict[int, int] = field(default_factory=dict)  # partition → offset after the last read
+    starts: dict[int, int] = field(default_factory=dict)  # partition → first offset it holds
     events: int = 0
     rejected: int = 0  # messages ingestion dead-letters (skipped here)
+
+    @property
+    def removed(self) -> dict[int, int]:
+        """Partitions whose start retention (or a deletion) removed: partition → the
+        first offset still held (everything before it is gone)."""
+        return {p: start for p, start in sorted(self.starts.items()) if start > 0}
 
 
 def latest_rows(spec: DatasourceSpec, table: pa.Table) -> pa.Table:
@@ -125,6 +132,7 @@ def _read(consumer: Consumer, topic: str, spec: DatasourceSpec, idle_s: float) -
                 consumer.pause([TopicPartition(topic, part)])
                 continue
             offset = m.offset() or 0
+            state.starts.setdefault(part, offset)  # read from the beginning: the log's start
             messages.append(Message(topic, part, offset, m.key(), m.value(), stamp))
             state.ends[part] = offset + 1
         if not messages:
@@ -141,6 +149,9 @@ def _read(consumer: Consumer, topic: str, spec: DatasourceSpec, idle_s: float) -
         raise BrokerUnavailable(
             f"reading {topic}: the broker stopped answering, the end of the log is unknown"
         ) from exc
+    for part in set(partitions) - set(state.starts):  # nothing read: empty, or all removed
+        low, _high = consumer.get_watermark_offsets(TopicPartition(topic, part), cached=True)
+        state.starts[part] = max(0, low or 0)
     if not tables:
         tables = [_decode(decoder, [], state)]
     state.rows = latest_rows(spec, pa.concat_tables(tables))

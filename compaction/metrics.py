@@ -37,6 +37,23 @@ detect_to_start = Histogram(
     buckets=(0.5, 1, 2, 3, 5, 7.5, 10, 15, 30, 60, 120),
 )
 in_flight = Gauge("tally_compaction_in_flight", "Compactions running now (engine tasks)")
+damaged = Gauge(
+    "tally_store_damaged_partitions",
+    "1 for each partition whose stored files were found missing, truncated or altered",
+    ("datasource", "partition"),
+)
+restored = Counter(
+    "tally_store_partitions_restored_total",
+    "Damaged partitions rebuilt from the log",
+    ("datasource",),
+)
+
+
+def record_damage(found: Sequence[tuple[str, str]]) -> None:
+    """Set the damaged partitions' gauge to what the last check found (and only that)."""
+    damaged.clear()
+    for datasource, partition in sorted(set(found)):
+        damaged.labels(datasource, partition).set(1)
 
 
 def record_due(tasks: Sequence[Task], datasources: Sequence[str]) -> None:

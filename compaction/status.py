@@ -1,6 +1,7 @@
 """What ``tally compaction status`` and the console show per partition: live segments,
-rows, bytes, late rows since the last compaction, when it was last compacted, and
-whether a compaction is due."""
+rows, bytes, late rows since the last compaction, when it was last compacted, whether a
+compaction is due, and why its files are damaged if they are (sizes are checked on the
+way: a file lost since the last check shows at once)."""
 
 from __future__ import annotations
 
@@ -24,8 +25,10 @@ def partition_status(
         now = datetime.now(UTC)
         old = window_test(registry, store)
         due = [is_due(s, old(s.datasource, s.partition, now)) for s in stats]
+        found = store.check_files(full=False, found_by="status")
     finally:
         store.close()
+    damaged = {(d.datasource, d.partition): d.reason for d in found}
     return [
         {
             "datasource": s.datasource,
@@ -36,6 +39,7 @@ def partition_status(
             "late_rows": s.late_rows,
             "last_compacted_at": utc_iso(s.last_compacted_at),
             "due": d,
+            "damaged": damaged.get((s.datasource, s.partition)),
         }
         for s, d in zip(stats, due, strict=True)
     ]

@@ -13,6 +13,11 @@ still differs and ingestion catching up does not explain it — a key whose late
 event lies at or beyond a sink's committed offset (or a sink ahead of what was read)
 is counted under ``lagging``, not reported. A corrupt row is never explained by lag.
 
+Stored files are checked first (sizes and digests, ``EmbeddedStore.check_files``): a
+damaged partition is reported, left out of the comparison, and with ``--repair``
+rebuilt from the log before anything is compared (``compaction.damage``); what the log
+no longer holds is reported as lost, and rebuilt only with ``--accept-loss``.
+
 Repair is staged: OLAP rows first (``EmbeddedStore.repair`` rewrites the partitions
 involved), then the rollups of every partition touched (``rebuild_rollups``, from the
 now-repaired base), then search documents (``SearchIndex.replace``/``delete``). What
@@ -27,13 +32,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from compaction.check import Check, by_report_order
+from compaction.damage import Restoration, of_spec, restore_damaged
 from compaction.differences import Difference
-from compaction.logstate import read_log
+from compaction.logstate import LogState, read_log
 from compaction.repair import repair_all
-from search import open_index
-from storage import open_reader
+from search import SearchIndex, open_index
+from storage import backend, open_reader, open_store
 from tally.settings import Settings
-from tally.specs import SpecRegistry
+from tally.specs import DatasourceSpec, SpecRegistry
 
 
 @dataclass
@@ -48,6 +54,7 @@ class VerifyReport:
     lagging: dict[str, dict[str, Any]] = field(default_factory=dict)
     remaining: int = 0  # differences not repaired: the exit code is 1 when > 0
     notes: list[str] = field(default_factory=list)  # what a repair could not do, and why
+    damage: Restoration | None = None  # damaged partitions: what was restored, what is lost
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -61,7 +68,62 @@ class VerifyReport:
             "lagging": self.lagging,
             "remaining": self.remaining,
             "notes": self.notes,
+            "damage": None if self.damage is None else self.damage.as_dict(),
         }
+
+
+def _damage(
+    settings: Settings,
+    registry: SpecRegistry,
+    spec: DatasourceSpec,
+    log: LogState,
+    index: SearchIndex,
+    *,
+    repair: bool,
+    accept_loss: bool,
+) -> Restoration | None:
+    """Every stored file of the datasource checked (sizes and digests); with
+    ``repair``, damaged partitions restored from ``log`` (see ``compaction.damage``).
+    None where the engine keeps its own files."""
+    if not backend(settings.store.backend).capabilities.checks_files:
+        return None
+    store = open_store(settings, registry)
+    try:
+        found = of_spec(spec, store.check_files(full=True, found_by="verify"))
+        if not found:
+            return None
+        if not repair:
+            report = Restoration(spec.name, found)
+            report.left = sorted({f"{d.datasource}/{d.partition}" for d in found})
+            return report
+        return restore_damaged(
+            settings, store, spec, found, index=index, log_state=log, accept_loss=accept_loss
+        )
+    finally:
+        store.close()
+
+
+def _beyond_the_log(
+    log: LogState, check: Check, diffs: list[Difference]
+) -> tuple[list[Difference], list[str]]:
+    """Where retention removed the start of the log, a key a sink holds and the log
+    does not is no longer evidence of anything: it may be an event only retention
+    removed. Such keys are not differences (a repair would delete real data): a note
+    says how many and which offsets are gone."""
+    unknown = [d for d in diffs if d.kind == "unexpected" and d.key not in check.rows]
+    if not unknown:
+        return diffs, []
+    removed = log.removed
+    if not removed:
+        return diffs, []
+    gone = ", ".join(f"[{p}] 0..{at - 1}" for p, at in sorted(removed.items()))
+    keys = sorted({d.key for d in unknown if d.key is not None})
+    note = (
+        f"{len(keys)} key(s) held by a sink are not in the log, which no longer holds offsets"
+        f" {gone} (retention): not compared, not repaired ({', '.join(keys[:5])}"
+        f"{' …' if len(keys) > 5 else ''})"
+    )
+    return [d for d in diffs if d not in unknown], [note]
 
 
 def verify(
@@ -72,16 +134,21 @@ def verify(
     repair: bool = False,
     idle_s: float = 2.0,
     recheck_s: float = 1.0,
+    accept_loss: bool = False,
 ) -> VerifyReport:
     spec = registry.get(datasource)
     log = read_log(settings, spec, idle_s=idle_s)
     reader = open_reader(settings, registry)
     index = open_index(settings, spec, readonly=not repair)
     try:
-        check = Check(settings, registry, spec, log, reader, index)
+        damage = _damage(
+            settings, registry, spec, log, index, repair=repair, accept_loss=accept_loss
+        )
+        check = Check(settings, registry, spec, log, reader, index, skip=reader.damaged())
         report = VerifyReport(
             spec.name, log.topic, log.events, log.rejected, len(check.rows), check.compare_all()
         )
+        report.damage = damage
         if report.differences:
             time.sleep(recheck_s)  # a difference may be ingestion in flight: look again
         olap_at, search_at = check.committed()
@@ -89,10 +156,13 @@ def verify(
         again = check.again(report.differences) if report.differences else []
         report.differences = [d for d in again if d.ident in persisting]
         report.differences, report.lagging = check.lag(report.differences, olap_at, search_at)
+        report.differences, beyond = _beyond_the_log(log, check, report.differences)
         report.differences.sort(key=by_report_order)
+        report.notes += beyond
         remaining = report.differences
         if repair and remaining:
-            fixes, report.notes = repair_all(check, remaining)
+            fixes, notes = repair_all(check, remaining)
+            report.notes += notes
             still = {d.ident for d in check.again(remaining)}
             remaining = [d for d in remaining if d.ident in still]
             report.repaired = [
@@ -100,7 +170,7 @@ def verify(
                 for d in report.differences
                 if d.ident not in still and d.ident in fixes
             ]
-        report.remaining = len(remaining)
+        report.remaining = len(remaining) + (len(damage.left) if damage is not None else 0)
         return report
     finally:
         index.close()

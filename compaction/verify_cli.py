@@ -26,6 +26,14 @@ def verify_command(
     recheck: Annotated[
         float, typer.Option(min=0, help="seconds to wait before re-reading a difference")
     ] = 1.0,
+    accept_loss: Annotated[
+        bool,
+        typer.Option(
+            "--accept-loss",
+            help="with --repair, rebuild a damaged partition even from a log that no longer"
+            " holds all of it (what is lost is listed either way)",
+        ),
+    ] = False,
     fmt: FormatOption = Format.table,
 ) -> None:
     """Compare each sink with the log (each datasource in turn, or the one named):
@@ -42,7 +50,15 @@ def verify_command(
     c = state(ctx)
     names = [datasource] if datasource is not None else [spec.name for spec in c.registry]
     reports = [
-        verify(c.settings, c.registry, name, repair=repair, idle_s=idle, recheck_s=recheck)
+        verify(
+            c.settings,
+            c.registry,
+            name,
+            repair=repair,
+            idle_s=idle,
+            recheck_s=recheck,
+            accept_loss=accept_loss,
+        )
         for name in names
     ]
     for report in reports:  # JSON: one line per datasource
@@ -77,6 +93,25 @@ def _show(report: Any, repair: bool, fmt: Format) -> None:
         typer.echo(f"lagging: {sink} {_values(lag)}")
     for note in report.notes:
         typer.echo(f"note: {note}")
+    if report.damage is not None:
+        _show_damage(report.damage)
+
+
+def _show_damage(damage: Any) -> None:
+    for d in damage.damaged:
+        typer.echo(f"damaged: {d.datasource}/{d.partition}: {d.reason}")
+    for name in damage.restored:
+        typer.echo(f"restored from the log: {name}")
+    for loss in damage.lost:
+        keys = ", ".join(loss.keys[:20]) + (" …" if len(loss.keys) > 20 else "")
+        gone = ", ".join(f"[{p}] 0..{at - 1}" for p, at in sorted(loss.removed.items()))
+        typer.echo(
+            f"lost: {damage.datasource}/{loss.partition} ({loss.start.isoformat()} to"
+            f" {loss.end.isoformat()}): {len(loss.keys)} key(s) the log no longer holds"
+            f" (retention removed offsets {gone}){': ' + keys if keys else ''}"
+        )
+    for name in damage.left:
+        typer.echo(f"not restored: {name} (tally verify --repair; --accept-loss if lost)")
 
 
 def _subject(d: dict[str, Any]) -> str:

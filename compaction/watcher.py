@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 from compaction import metrics
 from compaction.journal import Journal
 from compaction.policy import Done, PolicyConfig, Task, ended_before, plan
-from storage.protocol import OlapStore
+from storage.protocol import Damage, OlapStore
 from tally.errors import CompactionConflict, TallyError
 from tally.settings import Settings
 from tally.specs import SpecRegistry
@@ -117,6 +118,53 @@ class Watcher:
         )
         self._in_flight: dict[tuple[str, str], Future[Done | None]] = {}
         self.journal = Journal(settings.compaction_journal_path)
+        self.registry = registry
+        self.damage: list[Damage] = []
+        self._checked_at = self._digests_at = float("-inf")
+
+    def check_files(self) -> list[Damage]:
+        """Sizes every ``check_files_s``, digests every ``check_digests_s``: damage is
+        recorded (readers leave it out), shown as a metric, and with ``repair_damaged``
+        rebuilt from the log (a partition the log no longer holds whole stays listed)."""
+        c = self.settings.compaction
+        now = time.monotonic()
+        if not self.store.capabilities.checks_files or now - self._checked_at < c.check_files_s:
+            return self.damage
+        full = now - self._digests_at >= c.check_digests_s
+        self._checked_at = now
+        if full:
+            self._digests_at = now
+        self.damage = self.store.check_files(full=full, found_by="watcher")
+        if self.damage and c.repair_damaged:
+            self._restore()
+        metrics.record_damage([(d.datasource, d.partition) for d in self.damage])
+        return self.damage
+
+    def _restore(self) -> None:
+        from compaction.damage import of_spec, restore_damaged
+        from search import open_index
+
+        for spec in self.registry:
+            mine = of_spec(spec, self.damage)
+            if not mine:
+                continue
+            index = open_index(self.settings, spec, readonly=True)
+            try:
+                done = restore_damaged(self.settings, self.store, spec, mine, index=index)
+            finally:
+                index.close()
+            metrics.restored.labels(spec.name).inc(len(done.restored))
+            for loss in done.lost:
+                log.error(
+                    "%s partition %s not rebuilt: the log no longer holds all of it (%d key(s)"
+                    " known lost); tally verify --repair --accept-loss rebuilds what it holds",
+                    spec.name,
+                    loss.partition,
+                    len(loss.keys),
+                )
+            if done.restored:
+                log.info("rebuilt from the log: %s", ", ".join(done.restored))
+        self.damage = self.store.check_files(full=False, found_by="watcher")
 
     def due(self, datasource: str | None = None) -> list[Task]:
         """What to compact now; nothing where the engine compacts by itself."""
@@ -128,6 +176,10 @@ class Watcher:
         tasks = plan(
             stats, segments, now, lambda d, p: self._old(d, p, now), self.config, self._unit_of
         )
+        if self.damage:  # a damaged file cannot be read: never compacted, restored instead
+            bad = {d.path for d in self.damage}
+            ids = {s.id for s in segments if s.path in bad}
+            tasks = [t for t in tasks if not ids & set(t.segment_ids)]
         metrics.record_due(tasks, self.store.datasource_names(datasource))
         return tasks
 
@@ -136,6 +188,7 @@ class Watcher:
         Where the engine runs compactions, start due ones instead (at most
         ``max_in_flight``, one per partition) and return those that finished."""
         self.report.ticks += 1
+        self.check_files()
         if self._pool is not None:
             return self._tick_in_engine(self._pool, datasource)
         budget = self.settings.compaction.max_bytes_per_tick

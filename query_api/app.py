@@ -48,6 +48,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     errors.install(app)
     app.middleware("http")(metrics.middleware)
+    app.middleware("http")(errors.with_request_id)  # outermost: every response has one
     app.include_router(health.router)
     app.include_router(sales.router)
     app.include_router(ledger.router)

@@ -1,22 +1,35 @@
-"""Every failure leaves the API as a 4xx with ``{"error": {"code", "message"}}``.
+"""Every failure leaves the API with ``{"error": {"code", "message", "request_id"}}``.
 
-Errors are translated here, at the HTTP boundary: a ``TallyError``'s stable ``code``
-picks the status; FastAPI's validation errors become one readable line naming the
-parameter; anything else is a bug, logged with its traceback and answered with a
-generic 500 body that leaks nothing.
+Errors are translated here, at the HTTP boundary. Whose fault it is picks the class of
+status: the server's or an engine's (a store or index down, busy or damaged; a broker;
+anything unexpected) is 5xx, logged here with its details and the request id; the
+caller's (a bad argument, an unknown id, a missing key) is 4xx. A message never carries
+a filesystem path (the engines' errors name their files), a stack trace or anything the
+caller did not send: the request id ties the client's line to the server's log.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from query_api.ratelimit import RateLimited
-from tally.errors import TallyError
+from tally.errors import (
+    BrokerError,
+    BrokerUnavailable,
+    EngineError,
+    EngineUnavailable,
+    SearchUnavailable,
+    StoreError,
+    TallyError,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,43 +38,97 @@ STATUS = {
     "forbidden": 403,
     "not_found": 404,
     "rate_limited": 429,
-    "store_busy": 503,
-    "store_unavailable": 503,
-    "druid_unavailable": 503,
-    "store_full": 503,
-    "store_file_error": 503,
-    "search_unavailable": 503,
 }
+# The server's or an engine's fault, whatever the error says: 503 (retry later).
+SERVER_FAULTS: tuple[type[TallyError], ...] = (
+    StoreError,
+    SearchUnavailable,
+    BrokerUnavailable,
+    BrokerError,
+    EngineError,
+    EngineUnavailable,
+)
+REQUEST_ID = "X-Request-ID"
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_PATHS = re.compile(r"(?<![\w:/])/(?:[\w.@+-]+/)+[\w.@+-]*|[A-Za-z]:\\[^\s'\"]+")
 
 
-def error_body(code: str, message: str) -> dict[str, dict[str, str]]:
-    return {"error": {"code": code, "message": message}}
+def public(message: str) -> str:
+    """``message`` as a client may see it: one line, with no filesystem path."""
+    return _PATHS.sub("<file>", " ".join(message.split()))
+
+
+def error_body(code: str, message: str, request_id: str = "") -> dict[str, dict[str, str]]:
+    return {"error": {"code": code, "message": public(message), "request_id": request_id}}
+
+
+def status_of(exc: TallyError) -> int:
+    if exc.code in STATUS:
+        return STATUS[exc.code]
+    if isinstance(exc, SERVER_FAULTS) or exc.transient:
+        return 503
+    return 400
+
+
+def request_id(request: Request) -> str:
+    return str(getattr(request.state, "request_id", ""))
+
+
+async def with_request_id(
+    request: Request, call_next: Callable[[Request], Awaitable[Response]]
+) -> Response:
+    """Every request gets an id (the caller's ``X-Request-ID`` if it is a plain token),
+    answered in the same header and in every error body."""
+    given = request.headers.get(REQUEST_ID, "")
+    request.state.request_id = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+    response = await call_next(request)
+    response.headers[REQUEST_ID] = request.state.request_id
+    return response
 
 
 def install(app: FastAPI) -> None:
     @app.exception_handler(TallyError)
-    async def tally_error(_: Request, exc: TallyError) -> JSONResponse:
-        # Anything transient (an engine down or slow) is the service's, not the
-        # caller's: 503, whatever backend raised it.
-        status = STATUS.get(exc.code, 503 if exc.transient else 400)
-        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    async def tally_error(request: Request, exc: TallyError) -> JSONResponse:
+        status = status_of(exc)
+        rid = request_id(request)
+        if status >= 500:
+            cause = (
+                f" (from {type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+            )
+            log.error(
+                "request %s %s %s: %s: %s%s",
+                rid,
+                request.method,
+                request.url.path,
+                exc.code,
+                exc.message,
+                cause,
+            )
+        headers = {"WWW-Authenticate": "Bearer"} if status == 401 else {}
         if isinstance(exc, RateLimited):
             headers = {"Retry-After": str(exc.retry_after_s)}
-        return JSONResponse(error_body(exc.code, exc.message), status, headers=headers)
+        headers[REQUEST_ID] = rid
+        return JSONResponse(error_body(exc.code, exc.message, rid), status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
-    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(error_body("invalid_request", _one_line(exc)), 422)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        rid = request_id(request)
+        body = error_body("invalid_request", _one_line(exc), rid)
+        return JSONResponse(body, 422, headers={REQUEST_ID: rid})
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse(error_body(code, str(exc.detail)), exc.status_code)
+        rid = request_id(request)
+        body = error_body(code, str(exc.detail), rid)
+        return JSONResponse(body, exc.status_code, headers={REQUEST_ID: rid})
 
     @app.exception_handler(Exception)
-    async def bug(_: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return JSONResponse(error_body("internal", "internal error"), 500)
+    async def bug(request: Request, exc: Exception) -> JSONResponse:
+        rid = request_id(request)
+        log.exception("request %s %s %s: unhandled error", rid, request.method, request.url.path)
+        body = error_body("internal", f"internal error (request {rid})", rid)
+        return JSONResponse(body, 500, headers={REQUEST_ID: rid})
 
 
 def _one_line(exc: RequestValidationError) -> str:

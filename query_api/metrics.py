@@ -117,6 +117,15 @@ class CatalogCollector(Collector):
             letters.add_metric([name, sink, "recorded"], recorded)
             letters.add_metric([name, sink, "unpublished"], pending)
         yield letters
+        damaged = GaugeMetricFamily(
+            "tally_store_damaged_partitions",
+            "1 for each partition whose stored files are missing, truncated or altered",
+            labels=["datasource", "partition"],
+        )
+        for datasource, parts in sorted(services.reader.damaged().items()):
+            for partition in sorted(parts):
+                damaged.add_metric([datasource, partition], 1)
+        yield damaged
 
 
 def render(services: Services) -> bytes:

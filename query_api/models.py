@@ -16,6 +16,7 @@ _PY_TYPES: dict[str, Any] = {"string": str, "int": int, "timestamp": datetime, "
 class ErrorDetail(BaseModel):
     code: str
     message: str
+    request_id: str = Field("", description="also in the X-Request-ID header and the server log")
 
 
 class ErrorBody(BaseModel):
@@ -80,8 +81,11 @@ class SqlResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    status: str = Field(description="ready, degraded (some partitions damaged) or not ready")
     checks: dict[str, str] = {}
+    damaged: list[str] = Field(
+        default_factory=list, description="<datasource>/<partition> whose stored files are damaged"
+    )
 
 
 def transaction_model(spec: DatasourceSpec, name: str = "Transaction") -> type[BaseModel]:
@@ -193,6 +197,7 @@ class CompactionPartition(BaseModel):
     late_rows: int
     last_compacted_at: datetime | None
     due: bool
+    damaged: str | None = Field(None, description="why its stored files cannot be read, if so")
 
 
 class CompactionRun(BaseModel):

@@ -63,6 +63,10 @@ class Capabilities:
     # ``store.repair`` can overwrite a stored key whatever its version (``tally verify
     # --repair``); without it the engine's stored rows cannot be rewritten by key.
     repair: bool = True
+    # Tally keeps the segment files and checks them (digests, sizes): a damaged one is
+    # found, isolated and rebuilt from the log. False where the engine keeps its own
+    # (Druid reloads segments from deep storage; StarRocks replicates tablets).
+    checks_files: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,19 @@ class SegmentInfo:
 
 
 @dataclass(frozen=True)
+class Damage:
+    """A live segment whose file was found missing, truncated, altered or unreadable
+    (``reason`` never names the path: it may reach a client)."""
+
+    datasource: str
+    partition: str
+    path: str
+    reason: str
+    found_at: float
+    found_by: str  # "open", "watcher", "verify", …
+
+
+@dataclass(frozen=True)
 class IngestFigures:
     """What ingestion has stored, per the catalog (for dashboards and alerts)."""
 
@@ -303,6 +320,27 @@ class OlapStore(Protocol):
         self, datasource: str, partition: str | None = None, rollup_name: str | None = None
     ) -> list[RebuildReport]: ...
 
+    def check_files(self, *, full: bool, found_by: str) -> list[Damage]:
+        """Examine the stored files (sizes; with ``full``, digests too), record what is
+        damaged, return every damaged segment known. Empty without
+        ``capabilities.checks_files``."""
+        ...
+
+    def restore_partitions(
+        self,
+        datasource: str,
+        tables: Mapping[str, pa.Table],
+        read_to: Mapping[TopicPartition, int] | None = None,
+    ) -> None:
+        """Replace base partitions whole with ``tables`` (partition → every row it must
+        hold, from the log read to ``read_to``), atomically. For damaged partitions
+        (``checks_files``); rebuild their rollups next (``rebuild_rollups``)."""
+        ...
+
+    def restore_rollup(self, rollup: str, partition: str) -> None:
+        """Recompute one rollup partition whole from the merged base and replace it."""
+        ...
+
     def repair(
         self,
         datasource: str,
@@ -337,8 +375,12 @@ class OlapReader(Protocol):
         end: datetime | None = None,
         *,
         tenants: Sequence[str] | None = None,
+        skip_damaged: bool = False,
     ) -> Any:
         """A relation (sqlglot expression) over only the partitions overlapping the range.
+
+        A damaged partition in the range (``damaged``) raises ``PartitionDamaged``;
+        ``skip_damaged`` leaves it out instead (``tally verify`` compares the rest).
 
         ``tenants``: the caller reads only these tenants' rows (it still filters on them
         itself); an engine that merges on read may restrict to them before merging, so
@@ -375,6 +417,12 @@ class OlapReader(Protocol):
     ) -> pa.Table: ...
 
     def freshness(self, datasource: str) -> datetime | None: ...
+
+    def damaged(self) -> dict[str, dict[str, str]]:
+        """Datasource or rollup → partition → why its stored files cannot be read, as
+        far as this reader knows (the catalog's records and its own failed reads).
+        Empty where the engine keeps its own files (``capabilities.checks_files``)."""
+        ...
 
     def ingest_figures(self, datasource: str) -> IngestFigures:
         """Committed offsets, stored sizes (the datasource and its rollups) and dead

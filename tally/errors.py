@@ -72,6 +72,14 @@ class StoreFileError(StoreError):
     code = "store_file_error"
 
 
+class PartitionDamaged(StoreError):
+    """A stored partition's files are missing, truncated or altered: what reads it
+    fails with this (the server's fault: 503 over HTTP) until ``tally verify --repair``
+    rebuilds it from the log. Names the datasource and partitions, never a path."""
+
+    code = "partition_damaged"
+
+
 class OffsetMismatch(StoreError):
     """A commit's start offsets differ from the catalog's: the writer is a zombie.
 

@@ -127,6 +127,17 @@ class CompactionSettings(BaseModel):
     task_timeout_s: float = Field(
         600.0, gt=0, description="an engine's compaction task is shut down after this long"
     )
+    check_files_s: float = Field(
+        30.0, gt=0, description="the watcher checks every segment file's size this often"
+    )
+    check_digests_s: float = Field(
+        3600.0, gt=0, description="...and re-reads every file against its digest this often"
+    )
+    repair_damaged: bool = Field(
+        False,
+        description="the watcher rebuilds a damaged partition from the log by itself"
+        " (never one the log no longer holds whole)",
+    )
 
 
 class ApiSettings(BaseModel):

@@ -116,6 +116,7 @@ class DruidReader:
         end: datetime | None = None,
         *,
         tenants: Sequence[str] | None = None,
+        skip_damaged: bool = False,  # (the engine keeps its own files: none is damaged)
     ) -> exp.Expression:
         """A datasource merged on read, or a rollup's summable rows, within
         [start, end); with ``tenants``, only their rows (for a datasource, the window
@@ -198,6 +199,9 @@ class DruidReader:
         return self.broker.arrow(sql, params)
 
     # --- figures ----------------------------------------------------------------------
+
+    def damaged(self) -> dict[str, dict[str, str]]:
+        return {}  # the engine keeps its own files (capabilities.checks_files)
 
     def freshness(self, datasource: str) -> datetime | None:
         """Newest event (partition) time Druid serves for ``datasource``: what its

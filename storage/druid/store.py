@@ -47,6 +47,7 @@ from storage.deadletters import headers
 from storage.druid.capabilities import CAPABILITIES
 from storage.druid.compactor import DruidCompactor
 from storage.druid.repair import rebuild_rollup, repair_rows
+from storage.enginefiles import EngineKeepsFiles
 from storage.keystate import KeyStates, encode_state, restore
 from storage.protocol import (
     CommitResult,
@@ -80,7 +81,7 @@ class _TopicOutbox:
         return None
 
 
-class DruidStore:
+class DruidStore(EngineKeepsFiles):
     capabilities = CAPABILITIES
 
     def __init__(self, settings: Settings, registry: SpecRegistry) -> None:

@@ -11,4 +11,5 @@ CAPABILITIES = Capabilities(
     manual_compaction=True,
     packs=True,
     resident_rollups=True,
+    checks_files=True,
 )

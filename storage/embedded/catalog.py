@@ -37,10 +37,10 @@ from typing import Any
 
 import orjson
 
-from storage.protocol import DeadLetterRecord, SegmentInfo
+from storage.protocol import Damage, DeadLetterRecord, SegmentInfo
 from tally.errors import StoreBusy, StoreError, StoreFileError, StoreFull, StoreUnavailable
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 _SEGMENTS = """
 CREATE TABLE IF NOT EXISTS segments (
@@ -54,6 +54,7 @@ CREATE TABLE IF NOT EXISTS segments (
     created_at REAL NOT NULL,
     replaced_at REAL,
     packed INTEGER NOT NULL DEFAULT 0,
+    digest TEXT, file_bytes INTEGER,
     UNIQUE (path, partition)
 )"""
 
@@ -82,6 +83,9 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 );
 CREATE INDEX IF NOT EXISTS dead_letters_pending ON dead_letters (datasource)
     WHERE published_at IS NULL;
+CREATE TABLE IF NOT EXISTS damage (
+    path TEXT PRIMARY KEY, reason TEXT NOT NULL, found_at REAL NOT NULL, found_by TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS partition_stats (
     datasource TEXT NOT NULL, partition TEXT NOT NULL,
     late_rows INTEGER NOT NULL DEFAULT 0,
@@ -98,6 +102,19 @@ class NewSegment:
     path: str
     rows: int
     bytes: int
+    digest: str | None = None  # of the whole file (None: written before digests existed)
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    """A live segment file as the catalog knows it (a pack: one record, all its
+    partitions): what a check compares the file on disk with."""
+
+    path: str
+    datasource: str
+    partitions: tuple[str, ...]
+    file_bytes: int | None
+    digest: str | None
 
 
 # Primary result codes (the low byte of an extended one), https://sqlite.org/rescode.html
@@ -371,16 +388,35 @@ class Catalog:
         )
 
     def add_segments(
-        self, segments: Iterable[NewSegment], *, seq: int | None = None, packed: bool = False
+        self,
+        segments: Iterable[NewSegment],
+        *,
+        seq: int | None = None,
+        packed: bool = False,
+        file_bytes: int | None = None,
     ) -> list[int]:
+        """Add live segments; ``file_bytes`` is a pack's whole file (a segment's own
+        ``bytes`` otherwise), what a check compares the file's size with."""
         seq = self.next_seq() if seq is None else seq
         now = time.time()
         ids = []
         for seg in segments:
+            size = seg.bytes if file_bytes is None else file_bytes
             cur = self._con.execute(
                 "INSERT INTO segments (datasource, partition, path, rows, bytes, seq, created_at,"
-                " packed) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (seg.datasource, seg.partition, seg.path, seg.rows, seg.bytes, seq, now, packed),
+                " packed, digest, file_bytes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    seg.datasource,
+                    seg.partition,
+                    seg.path,
+                    seg.rows,
+                    seg.bytes,
+                    seq,
+                    now,
+                    packed,
+                    seg.digest,
+                    size if seg.digest is not None else None,
+                ),
             )
             ids.append(int(cur.lastrowid or 0))
         return ids
@@ -504,7 +540,13 @@ class Catalog:
         )
 
     def add_pack(
-        self, datasource: str, old_ids: Sequence[int], path: str, rows: dict[str, int], size: int
+        self,
+        datasource: str,
+        old_ids: Sequence[int],
+        path: str,
+        rows: dict[str, int],
+        size: int,
+        digest: str | None = None,
     ) -> list[int]:
         """Atomically retire ``old_ids`` (one live segment per partition) and add one
         packed row per partition of ``rows`` pointing at ``path``; raise if any was
@@ -523,9 +565,13 @@ class Catalog:
             raise _Conflict
         total = max(1, sum(rows.values()))
         ids = self.add_segments(
-            [NewSegment(datasource, p, path, n, size * n // total) for p, n in rows.items()],
+            [
+                NewSegment(datasource, p, path, n, size * n // total, digest)
+                for p, n in rows.items()
+            ],
             seq=int(seq),
             packed=True,
+            file_bytes=size,
         )
         self.bump_generation()
         return ids
@@ -550,6 +596,59 @@ class Catalog:
             is None
         ]
 
+    # --- damage: files found missing or altered (``storage.embedded.integrity``) ------
+
+    def file_records(self, datasource: str | None = None) -> list[FileRecord]:
+        """Every live segment file once, with the partitions it holds."""
+        files: dict[str, FileRecord] = {}
+        for seg, digest, size in self._live_with_digests(datasource):
+            have = files.get(seg.path)
+            parts = (*have.partitions, seg.partition) if have else (seg.partition,)
+            files[seg.path] = FileRecord(seg.path, seg.datasource, parts, size, digest)
+        return list(files.values())
+
+    def _live_with_digests(
+        self, datasource: str | None
+    ) -> list[tuple[SegmentInfo, str | None, int | None]]:
+        if not self._has("segments"):
+            return []
+        sql = (
+            "SELECT id, datasource, partition, path, rows, bytes, seq, created_at, packed,"
+            " digest, file_bytes FROM segments WHERE replaced_at IS NULL"
+        )
+        args: tuple[str, ...] = ()
+        if datasource is not None:
+            sql += " AND datasource = ?"
+            args = (datasource,)
+        return [(_segment(r[:9]), r[9], r[10]) for r in self._con.execute(sql, args)]
+
+    def damage(self) -> list[Damage]:
+        """Live segments whose file is recorded as damaged (a repair replaces them)."""
+        if not self._has("segments", "damage"):
+            return []
+        rows = self._con.execute(
+            "SELECT s.datasource, s.partition, d.path, d.reason, d.found_at, d.found_by"
+            " FROM damage d JOIN segments s ON s.path = d.path AND s.replaced_at IS NULL"
+            " ORDER BY s.datasource, s.partition"
+        )
+        return [Damage(*r) for r in rows]
+
+    def record_damage(self, found: Iterable[tuple[str, str]], found_by: str) -> int:
+        """Record (path, reason) pairs not recorded yet; how many were new."""
+        now = time.time()
+        cur = self._con.executemany(
+            "INSERT OR IGNORE INTO damage VALUES (?, ?, ?, ?)",
+            [(path, reason, now, found_by) for path, reason in found],
+        )
+        return max(0, cur.rowcount)
+
+    def forget_damage(self) -> None:
+        """Drop records of files no live segment refers to any more (repaired)."""
+        self._con.execute(
+            "DELETE FROM damage WHERE path NOT IN"
+            " (SELECT path FROM segments WHERE replaced_at IS NULL)"
+        )
+
     def all_paths(self) -> set[str]:
         if not self._has("segments"):
             return set()
@@ -566,7 +665,8 @@ def _segment(row: Sequence[Any]) -> SegmentInfo:
 def _migrate(con: sqlite3.Connection) -> None:
     """Bring a catalog written by an older Tally to ``SCHEMA_VERSION`` (inside the
     caller's write transaction). v1 → v2: segment paths stop being unique (packs);
-    v2 → v3: an offset records the log it is of and its last reset."""
+    v2 → v3: an offset records the log it is of and its last reset; v3 → v4: a
+    segment records its file's digest and size (older ones have none: unchecked)."""
     row = con.execute(
         "SELECT v FROM meta WHERE k='schema_version'"
         if con.execute("SELECT 1 FROM sqlite_master WHERE name='meta'").fetchone()
@@ -588,6 +688,10 @@ def _migrate(con: sqlite3.Connection) -> None:
     if version <= 2 and has_offsets:  # (without one, the schema below creates it whole)
         con.execute("ALTER TABLE offsets ADD COLUMN log_id TEXT")
         con.execute("ALTER TABLE offsets ADD COLUMN reset TEXT")
+    columns = {r[1] for r in con.execute("PRAGMA table_info(segments)")}
+    if columns and "digest" not in columns:  # (a v1 catalog's table was just created whole)
+        con.execute("ALTER TABLE segments ADD COLUMN digest TEXT")
+        con.execute("ALTER TABLE segments ADD COLUMN file_bytes INTEGER")
     con.execute("UPDATE meta SET v = ? WHERE k='schema_version'", (SCHEMA_VERSION,))
 
 

@@ -19,7 +19,7 @@ from storage.embedded.segments import base_schema, base_sort_keys, rollup_sort_k
 from storage.embedded.sqlgen import compaction_query, pack_query
 from storage.protocol import CompactionResult
 from storage.schema import rollup_schema
-from tally.errors import CompactionConflict, InvalidArgument
+from tally.errors import CompactionConflict, InvalidArgument, PartitionDamaged
 
 
 class EmbeddedCompactor:
@@ -40,6 +40,12 @@ class EmbeddedCompactor:
         spec, rollup_name = self.core.owner(datasource)
         with self.core.catalog.read():
             live = self.core.catalog.partition_segments(datasource, partition)
+            damaged = {d.path for d in self.core.catalog.damage()}
+        if any(s.path in damaged for s in live):
+            raise PartitionDamaged(
+                f"{datasource}/{partition} is damaged: it is rebuilt from the log"
+                " (tally verify --repair), not compacted"
+            )
         chosen = live if segment_ids is None else [s for s in live if s.id in set(segment_ids)]
         if segment_ids is not None and len(chosen) != len(set(segment_ids)):
             missing = sorted(set(segment_ids) - {s.id for s in chosen})
@@ -66,8 +72,8 @@ class EmbeddedCompactor:
         new_path: Path | None = None
         new: NewSegment | None = None
         if table.num_rows:
-            new_path, size = self.core.segments.write(table, datasource, partition, sort)
-            new = NewSegment(datasource, partition, str(new_path), table.num_rows, size)
+            new_path, size, digest = self.core.segments.write(table, datasource, partition, sort)
+            new = NewSegment(datasource, partition, str(new_path), table.num_rows, size, digest)
         try:
             with self.core.catalog.write():
                 new_id = self.core.catalog.replace_segments(
@@ -111,7 +117,10 @@ class EmbeddedCompactor:
         wanted = set(segment_ids)
         with self.core.catalog.read():
             live = self.core.catalog.live_segments(datasource)
+            damaged = {d.path for d in self.core.catalog.damage()}
         chosen = [s for s in live if s.id in wanted]
+        if any(s.path in damaged for s in chosen):
+            raise PartitionDamaged(f"{datasource}: a partition to pack is damaged; nothing changed")
         per_partition: dict[str, int] = {}
         for seg in live:
             per_partition[seg.partition] = per_partition.get(seg.partition, 0) + 1
@@ -133,13 +142,13 @@ class EmbeddedCompactor:
         for part in keys.to_pylist():
             rows[part] += 1
         first, last = min(rows), max(rows)
-        path, size = self.core.segments.write(
+        path, size, digest = self.core.segments.write(
             table, datasource, f"_packs/{first}_{last}", base_sort_keys(spec)
         )
         try:
             with self.core.catalog.write():
                 self.core.catalog.add_pack(
-                    datasource, [s.id for s in chosen], str(path), rows, size
+                    datasource, [s.id for s in chosen], str(path), rows, size, digest
                 )
         except _Conflict:
             path.unlink(missing_ok=True)

@@ -16,8 +16,15 @@ import duckdb
 import pyarrow as pa
 
 from storage.embedded.catalog import Catalog, NewSegment
+from storage.embedded.integrity import check_files
 from storage.embedded.keyindex import KeyIndex
-from storage.embedded.segments import DELETED, PendingSegment, SegmentWriter, base_schema
+from storage.embedded.segments import (
+    DELETED,
+    PendingSegment,
+    SegmentWriter,
+    Written,
+    base_schema,
+)
 from storage.embedded.sqlgen import Read
 from storage.protocol import SegmentInfo
 from tally.errors import InvalidArgument, InvalidRow
@@ -36,6 +43,8 @@ class StoreCore:
         self.segments = SegmentWriter(settings.segments_dir)
         self._indexes: dict[str, KeyIndex] = {}
         self._duck: duckdb.DuckDBPyConnection | None = None
+        # A file lost while no writer ran is found before any writer reads it.
+        check_files(self.catalog, full=False, found_by="open")
 
     def close(self) -> None:
         self.catalog.close()
@@ -63,7 +72,11 @@ class StoreCore:
             # remove some) the index is rebuilt from the segments.
             index = self._indexes[spec.name] = KeyIndex(spec)
             seq = self.catalog.current_seq()
-            index.load(self.duck, self.reads(spec, self.catalog.live_segments(spec.name)), seq)
+            # Without the damaged files: what they held is unknown until restored from
+            # the log, which reloads every index (its rows may differ from these).
+            damaged = {d.path for d in self.catalog.damage()}
+            live = [s for s in self.catalog.live_segments(spec.name) if s.path not in damaged]
+            index.load(self.duck, self.reads(spec, live), seq)
             index.repairs = repairs
             return index
         newer = self.catalog.segments_after(spec.name, index.seq)
@@ -92,10 +105,10 @@ class StoreCore:
         return new_segments(pending, self.segments.write_many(pending, written))
 
 
-def new_segments(pending: list[PendingSegment], files: list[tuple[Path, int]]) -> list[NewSegment]:
+def new_segments(pending: list[PendingSegment], files: list[Written]) -> list[NewSegment]:
     return [
-        NewSegment(p.datasource, p.partition, str(path), p.table.num_rows, size)
-        for p, (path, size) in zip(pending, files, strict=True)
+        NewSegment(p.datasource, p.partition, str(f.path), p.table.num_rows, f.size, f.digest)
+        for p, f in zip(pending, files, strict=True)
     ]
 
 

@@ -15,6 +15,7 @@ datasource and rollup (segment rows as stored, with a ``filename`` column).
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from collections.abc import Mapping, Sequence
@@ -26,10 +27,12 @@ from zoneinfo import ZoneInfo
 
 import duckdb
 import pyarrow as pa
+import sqlglot
 from sqlglot import exp
 
 from storage.embedded.capabilities import CAPABILITIES
 from storage.embedded.catalog import Catalog
+from storage.embedded.integrity import examine
 from storage.embedded.resident import ResidentRollups
 from storage.embedded.segments import DELETED
 from storage.embedded.sqlgen import (
@@ -44,11 +47,15 @@ from storage.embedded.sqlgen import (
     split_reads,
 )
 from storage.protocol import IngestFigures, QueryResult, SegmentInfo
+from storage.schema import BUCKET
 from storage.sql import col, subquery
-from tally.errors import QueryError, StoreUnavailable
+from storage.sqlbounds import overlaps, read_range
+from tally.errors import PartitionDamaged, QueryError, StoreUnavailable, TallyError
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, Rollup, SpecRegistry
 from tally.timeutil import Granularity, bucket_range
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,18 +63,35 @@ class Snapshot:
     generation: int = -1
     files: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # ds → part → paths
     packed: set[str] = field(default_factory=set)  # paths of packs (several partitions each)
+    damaged: dict[str, dict[str, str]] = field(default_factory=dict)  # ds → part → why
 
     @classmethod
-    def of(cls, generation: int, segments: Sequence[SegmentInfo]) -> Snapshot:
+    def of(
+        cls, generation: int, segments: Sequence[SegmentInfo], damaged: Mapping[str, str]
+    ) -> Snapshot:
+        """``damaged``: path → why (the catalog's records and this reader's finds)."""
         snap = cls(generation)
         for seg in segments:
             snap.files.setdefault(seg.datasource, {}).setdefault(seg.partition, []).append(seg.path)
             if seg.packed:
                 snap.packed.add(seg.path)
+            why = damaged.get(seg.path)
+            if why is not None:
+                snap.damaged.setdefault(seg.datasource, {})[seg.partition] = why
         return snap
 
-    def paths(self, datasource: str) -> list[str]:
-        return [p for parts in self.files.get(datasource, {}).values() for p in parts]
+    def healthy(self, datasource: str) -> dict[str, list[str]]:
+        """Partition → files, without the damaged partitions (what views read)."""
+        bad = self.damaged.get(datasource, {})
+        return {p: fs for p, fs in self.files.get(datasource, {}).items() if p not in bad}
+
+    def partition_of(self, path: str) -> tuple[str, list[str]] | None:
+        """(datasource, partitions) holding ``path``."""
+        for ds, parts in self.files.items():
+            held = [p for p, fs in parts.items() if path in fs]
+            if held:
+                return ds, held
+        return None
 
 
 class EmbeddedReader:
@@ -94,6 +118,7 @@ class EmbeddedReader:
         self._con.execute("SET GLOBAL TimeZone = 'UTC'")
         self._con.execute("CREATE SCHEMA IF NOT EXISTS raw")
         self.snapshot = Snapshot()
+        self._found: dict[str, str] = {}  # path → why: files this reader failed to read
         # Every pack path seen: a path is a pack (or not) for its whole life, so this
         # only grows, and any thread may consult it without holding a snapshot.
         self._packs: set[str] = set()
@@ -140,7 +165,8 @@ class EmbeddedReader:
                 generation = catalog.generation()
                 if generation == self.snapshot.generation:
                     return self.snapshot
-                snap = Snapshot.of(generation, catalog.live_segments())
+                damage = {d.path: d.reason for d in catalog.damage()}
+                snap = Snapshot.of(generation, catalog.live_segments(), self._found | damage)
         except Exception as exc:  # sqlite errors are translated inside Catalog
             raise StoreUnavailable(f"cannot read catalog: {exc}") from exc
         self._packs |= snap.packed
@@ -150,14 +176,14 @@ class EmbeddedReader:
     def _body(self, snap: Snapshot, schema: str, name: str) -> exp.Expression:
         spec, rollup = self._owner(name)
         if rollup is None:
-            parts = snap.files.get(name, {})
+            parts = snap.healthy(name)
             if schema == "raw":
                 clean, dirty = self._reads(spec, parts)
                 if not parts:
                     return _raw([*base_columns(spec), (DELETED, "bool")], [])
                 return scan([*clean, *dirty], spec.datasource.time, filename=True)
             return self._merged(spec, parts)
-        paths = snap.paths(name)
+        paths = [p for files in snap.healthy(name).values() for p in files]
         if schema == "raw":
             return _raw(rollup_columns(spec, rollup), paths)
         return merged_rollup(spec, rollup, paths)
@@ -198,18 +224,91 @@ class EmbeddedReader:
         some views for a newer generation cannot give this query a mix of two."""
         with self._lock:
             snap = self._refresh_locked()
+            if sql is not None and snap.damaged:
+                self._refuse_damaged(snap, sql)
             self._install(snap, sql)
             cur = self._con.cursor()
             cur.execute("BEGIN TRANSACTION")
             cur.execute("SELECT 1 FROM duckdb_views() LIMIT 0").fetchall()
             return cur
 
+    def _refuse_damaged(self, snap: Snapshot, sql: str) -> None:
+        """Raise if ``sql`` reads the time range of a damaged partition (or cannot be
+        shown not to): views leave damaged partitions out, so what passes here loses
+        nothing it asked for."""
+        for name, parts in snap.damaged.items():
+            if not _names(name).search(sql):
+                continue
+            spec, rollup = self._owner(name)
+            granularity = rollup.partition if rollup else spec.datasource.granularity
+            column = BUCKET if rollup else spec.datasource.time
+            try:
+                span = read_range(sql, name, column, DIALECT)
+            except sqlglot.errors.SqlglotError:
+                span = (None, None)
+            if span is None:
+                continue
+            hit = sorted(p for p in parts if overlaps(span, *_bounds(p, granularity, spec.tz)))
+            if hit:
+                raise _damaged_error(name, hit, parts)
+
+    def damaged(self) -> dict[str, dict[str, str]]:
+        """The catalog's damage records, and what a size check of every live file finds
+        (one ``stat`` a file: readiness probes call this): a file lost while no writer
+        looked is reported here, and left out of every view, at once."""
+        self._check_sizes()
+        return {name: dict(parts) for name, parts in self.refresh().damaged.items()}
+
+    def _check_sizes(self) -> None:
+        catalog = self._catalog_or_none()
+        if catalog is None:
+            return
+        with self._lock, catalog.read():
+            records = catalog.file_records()
+        found = {r.path: why for r in records if (why := examine(r, full=False)) is not None}
+        if set(found) - set(self._found):
+            with self._lock:
+                self._found |= found
+                self.snapshot = Snapshot()  # views are rebuilt without them
+                self._installed.clear()
+
+    def _failed(self, exc: duckdb.Error, what: str) -> TallyError:
+        """A failed read, classified: a live segment file named in the engine's error
+        is damaged (marked, so views leave it out from now on: 503 naming the
+        partition); a fault of the engine is the server's (503); anything else is the
+        query's (400). No path leaves here: the details go to the server's log."""
+        text = str(exc)
+        snap = self.snapshot
+        for path in {p for parts in snap.files.values() for fs in parts.values() for p in fs}:
+            if path in text:
+                held = snap.partition_of(path)
+                log.error("reading %s failed: %s", path, _one_line(exc))
+                new = path not in self._found
+                with self._lock:
+                    self._found[path] = "file unreadable"
+                    self.snapshot = Snapshot()  # views are rebuilt without it
+                    self._installed.clear()
+                if held is not None:
+                    name, parts = held
+                    error = _damaged_error(name, parts, dict.fromkeys(parts, "file unreadable"))
+                    return _Found(error.message) if new else error
+        if isinstance(exc, _ENGINE_FAULTS):
+            log.error("%s failed in the engine: %s", what, _one_line(exc))
+            return StoreUnavailable("the store failed to read its data (see the server log)")
+        return QueryError(_scrub(_one_line(exc), str(self.settings.data_dir)))
+
     def arrow(self, sql: str, params: Sequence[Any] | None = None) -> pa.Table:
+        try:
+            return self._arrow(sql, params)
+        except _Found:  # views are rebuilt without it: a query not reading it passes now
+            return self._arrow(sql, params)
+
+    def _arrow(self, sql: str, params: Sequence[Any] | None) -> pa.Table:
         cur = self.cursor(sql)
         try:
             return cur.sql(sql, params=list(params) if params else None).to_arrow_table()
         except duckdb.Error as exc:
-            raise QueryError(_one_line(exc)) from exc
+            raise self._failed(exc, "a query") from exc
         finally:
             cur.close()
 
@@ -217,6 +316,14 @@ class EmbeddedReader:
         self, sql: str, params: Sequence[Any] | None = None, *, timeout_s: float | None = None
     ) -> QueryResult:
         """Run ``sql``; with ``timeout_s`` the engine is interrupted after that long."""
+        try:
+            return self._query(sql, params, timeout_s)
+        except _Found:  # views are rebuilt without it: a query not reading it passes now
+            return self._query(sql, params, timeout_s)
+
+    def _query(
+        self, sql: str, params: Sequence[Any] | None, timeout_s: float | None
+    ) -> QueryResult:
         cur = self.cursor(sql)
         timer = None if timeout_s is None else threading.Timer(timeout_s, cur.interrupt)
         if timer is not None:
@@ -228,7 +335,7 @@ class EmbeddedReader:
         except duckdb.InterruptException as exc:
             raise QueryError(f"query cancelled after {timeout_s:g} s") from exc
         except duckdb.Error as exc:
-            raise QueryError(_one_line(exc)) from exc
+            raise self._failed(exc, "a query") from exc
         finally:
             if timer is not None:
                 timer.cancel()
@@ -273,13 +380,14 @@ class EmbeddedReader:
         end: datetime | None = None,
         *,
         tenants: Sequence[str] | None = None,
+        skip_damaged: bool = False,
     ) -> exp.Expression:
         """Rows of a datasource (merged) or a rollup (raw deltas), reading only the
         partitions that overlap [start, end) — Druid's interval pruning. Each base
         partition is self-consistent (tombstones live where the key was), so any
         subset of partitions deduplicates correctly on its own. ``tenants`` is not
         used: DuckDB pushes the caller's tenant filter into the Parquet scan itself."""
-        spec, rollup, chosen = self._chosen(name, start, end)
+        spec, rollup, chosen = self._chosen(name, start, end, skip_damaged=skip_damaged)
         if rollup is not None:
             return raw_relation(
                 rollup_columns(spec, rollup), [p for ps in chosen.values() for p in ps]
@@ -291,7 +399,7 @@ class EmbeddedReader:
     ) -> list[list[str]]:
         """Live partitions of ``name`` overlapping [start, end), ascending; neighbours
         read from the same pack share a group."""
-        chosen = self._chosen(name, start, end)[2]
+        chosen = self._chosen(name, start, end, skip_damaged=None)[2]
         groups: list[list[str]] = []
         last: list[str] | None = None
         for part in sorted(chosen):
@@ -316,10 +424,17 @@ class EmbeddedReader:
         return self.resident.state(spec, owned, chosen, tenants)
 
     def _chosen(
-        self, name: str, start: datetime | None, end: datetime | None
+        self,
+        name: str,
+        start: datetime | None,
+        end: datetime | None,
+        *,
+        skip_damaged: bool | None = False,
     ) -> tuple[DatasourceSpec, Rollup | None, dict[str, list[str]]]:
         """(spec, rollup or None, partition → live files) for the partitions of
-        ``name`` overlapping [start, end) in the current snapshot."""
+        ``name`` overlapping [start, end) in the current snapshot. A damaged one among
+        them raises PartitionDamaged, or is left out (``skip_damaged``), or is listed
+        like the others (None: for callers that only list partitions)."""
         snap = self.refresh()
         spec, rollup = self._owner(name)
         granularity = rollup.partition if rollup else spec.datasource.granularity
@@ -328,6 +443,12 @@ class EmbeddedReader:
             for part, paths in snap.files.get(name, {}).items()
             if _overlaps(part, granularity, spec.tz, start, end)
         }
+        bad = snap.damaged.get(name, {})
+        hit = sorted(p for p in chosen if p in bad)
+        if hit and skip_damaged is False:
+            raise _damaged_error(name, hit, bad)
+        if hit and skip_damaged:
+            chosen = {p: fs for p, fs in chosen.items() if p not in bad}
         return spec, rollup, chosen
 
     def _owner(self, name: str) -> tuple[DatasourceSpec, Rollup | None]:
@@ -359,6 +480,9 @@ class EmbeddedReader:
         snap = self.refresh()
         files = snap.files.get(datasource, {})
         chosen = files if partitions is None else {p: files[p] for p in partitions if p in files}
+        bad = snap.damaged.get(datasource, {})
+        if any(p in bad for p in chosen):
+            raise _damaged_error(datasource, sorted(p for p in chosen if p in bad), bad)
         # The SQL depends only on the files read: built once per file set, with the keys
         # and the tenant as parameters (a dashboard's lookups repeat the same few).
         files_key = tuple(sorted((p, tuple(ps)) for p, ps in chosen.items()))
@@ -422,6 +546,37 @@ def _raw(columns: Sequence[tuple[str, str]], paths: Sequence[str]) -> exp.Expres
     assert isinstance(call, exp.Anonymous)
     call.append("expressions", exp.EQ(this=exp.column("filename"), expression=exp.true()))
     return exp.select(exp.Star()).from_(exp.Table(this=call))
+
+
+# The engine's own faults (the server's, not the query's): 5xx over HTTP.
+_ENGINE_FAULTS = (
+    duckdb.IOException,
+    duckdb.InternalException,
+    duckdb.OutOfMemoryException,
+    duckdb.FatalException,
+)
+
+
+class _Found(PartitionDamaged):
+    """Internal: a damaged file this reader just found (the query is tried once more)."""
+
+
+def _damaged_error(name: str, hit: Sequence[str], why: Mapping[str, str]) -> PartitionDamaged:
+    shown = ", ".join(f"{p} ({why.get(p, 'damaged')})" for p in hit[:5])
+    more = f" and {len(hit) - 5} more" if len(hit) > 5 else ""
+    return PartitionDamaged(
+        f"{name}: stored partition(s) {shown}{more} cannot be read; what reads them fails"
+        " until they are rebuilt from the log (tally verify --repair)"
+    )
+
+
+def _scrub(text: str, path: str) -> str:
+    """``text`` without ``path`` nor any other absolute path (a client never sees where
+    the server keeps its files)."""
+    return _PATHS.sub("<file>", text.replace(path, "<file>"))
+
+
+_PATHS = re.compile(r"(?<![\w:])/(?:[\w.@+-]+/)+[\w.@+-]*")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -98,6 +98,21 @@ def repair_query(
     return query.sql(dialect=DIALECT)
 
 
+def healthy_base(
+    core: StoreCore, spec: DatasourceSpec, damaged: set[str]
+) -> tuple[list[Read], list[Read]]:
+    """(clean, dirty) reads of the base's live segments (a partition in one segment
+    is clean: read as is), leaving out damaged files (restore them first: ``restore``).
+    Call inside a catalog transaction."""
+    parts: dict[str, list[SegmentInfo]] = {}
+    for seg in core.catalog.live_segments(spec.name):
+        if seg.path not in damaged:
+            parts.setdefault(seg.partition, []).append(seg)
+    clean = [r for p in parts.values() if len(p) == 1 for r in core.reads(spec, p)]
+    dirty = [r for p in parts.values() if len(p) > 1 for r in core.reads(spec, p)]
+    return clean, dirty
+
+
 def rebuild_rollups(
     core: StoreCore, datasource: str, partition: str | None = None, rollup_name: str | None = None
 ) -> list[RebuildReport]:
@@ -115,14 +130,13 @@ def rebuild_rollups(
     written: list[Path] = []
     try:
         with gc_paused(), core.catalog.write():
-            parts: dict[str, list[SegmentInfo]] = {}
-            for seg in core.catalog.live_segments(spec.name):
-                parts.setdefault(seg.partition, []).append(seg)
-            clean = [r for p in parts.values() if len(p) == 1 for r in core.reads(spec, p)]
-            dirty = [r for p in parts.values() if len(p) > 1 for r in core.reads(spec, p)]
+            damaged = {d.path for d in core.catalog.damage()}
+            clean, dirty = healthy_base(core, spec, damaged)
             new_segments: list[NewSegment] = []
             for rollup in rollups:
-                paths = [s.path for s in core.catalog.live_segments(rollup.name)]
+                paths = [
+                    s.path for s in core.catalog.live_segments(rollup.name) if s.path not in damaged
+                ]
                 query = repair_query(spec, rollup, clean, dirty, paths, start, end)
                 table = core.duck.sql(query).to_arrow_table()
                 report = RebuildReport(rollup.name, partition, table.num_rows)

@@ -9,6 +9,7 @@ dimension values, sorted the same way.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import uuid
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -54,6 +55,26 @@ def to_table(rows: Sequence[Mapping[str, Any]], schema: pa.Schema) -> pa.Table:
     return table
 
 
+class Written(NamedTuple):
+    """A segment file made durable: where, how many bytes, and their digest (what a
+    later check compares the file with: ``file_digest``)."""
+
+    path: Path
+    size: int
+    digest: str
+
+
+def file_digest(path: Path) -> str:
+    """BLAKE2b-128 of the whole file, read in 1 MiB blocks (hashlib releases the GIL
+    on large updates). A whole-file digest, because DuckDB does not check Parquet's
+    optional page CRCs when it reads: a flipped bit would be read as data."""
+    digest = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 @dataclass(frozen=True)
 class PendingSegment:
     datasource: str
@@ -80,17 +101,15 @@ class SegmentWriter:
 
     def write(
         self, table: pa.Table, datasource: str, partition: str, sort_keys: list[tuple[str, str]]
-    ) -> tuple[Path, int]:
-        """Write one segment durably; return (path, bytes)."""
+    ) -> Written:
+        """Write one segment durably."""
         written: list[Path] = []
-        ((path, size),) = self.write_many(
+        (done,) = self.write_many(
             [PendingSegment(datasource, partition, table, sort_keys)], written
         )
-        return path, size
+        return done
 
-    def write_many(
-        self, pending: list[PendingSegment], written: list[Path]
-    ) -> list[tuple[Path, int]]:
+    def write_many(self, pending: list[PendingSegment], written: list[Path]) -> list[Written]:
         """Write all durably; append paths to ``written`` as they are created so a
         caller can remove them if its transaction fails."""
         return self.begin_many(pending, written).wait()
@@ -128,19 +147,21 @@ class SegmentWrites:
         self,
         pool: ThreadPoolExecutor,
         paths: list[Path],
-        files: list[Future[int]],
+        files: list[Future[tuple[int, str]]],
         dirs: list[Path],
     ) -> None:
         self._pool, self._paths, self._files, self._dirs = pool, paths, files, dirs
 
-    def wait(self) -> list[tuple[Path, int]]:
+    def wait(self) -> list[Written]:
         wait_all(self._files)  # even if one failed: no write may outlive the caller's cleanup
         try:
-            sizes = [f.result() for f in self._files]
+            done = [f.result() for f in self._files]
             list(self._pool.map(_fsync, self._dirs))
         except OSError as exc:
             raise write_error(exc) from exc
-        return list(zip(self._paths, sizes, strict=True))
+        return [
+            Written(p, size, digest) for p, (size, digest) in zip(self._paths, done, strict=True)
+        ]
 
 
 def _mkdirs(folder: Path) -> list[Path]:
@@ -155,7 +176,7 @@ def _mkdirs(folder: Path) -> list[Path]:
     return list(reversed(missing))
 
 
-def _write_durably(seg: PendingSegment, path: Path) -> int:
+def _write_durably(seg: PendingSegment, path: Path) -> tuple[int, str]:
     table = seg.table if seg.sort_keys is None else seg.table.sort_by(seg.sort_keys)
     pq.write_table(
         table,
@@ -166,7 +187,7 @@ def _write_durably(seg: PendingSegment, path: Path) -> int:
         write_statistics=True,
     )
     _fsync(path)
-    return path.stat().st_size
+    return path.stat().st_size, file_digest(path)  # read back from the page cache
 
 
 def _fsync(path: Path) -> None:

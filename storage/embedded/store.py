@@ -30,7 +30,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from storage.embedded import rebuild
+from storage.embedded import rebuild, restore
 from storage.embedded import repair as row_repair
 from storage.embedded.capabilities import CAPABILITIES
 from storage.embedded.commit import plan_commit
@@ -43,10 +43,12 @@ from storage.embedded.core import (
     unlink_all,
 )
 from storage.embedded.gcpause import gc_paused
+from storage.embedded.integrity import check_files
 from storage.embedded.outbox import EmbeddedOutbox
 from storage.embedded.segments import base_schema, to_table
 from storage.protocol import (
     CommitResult,
+    Damage,
     DeadLetterRecord,
     OffsetRange,
     PartitionStats,
@@ -169,6 +171,20 @@ class EmbeddedStore:
         self, datasource: str, partition: str | None = None, rollup_name: str | None = None
     ) -> list[RebuildReport]:
         return rebuild.rebuild_rollups(self.core, datasource, partition, rollup_name)
+
+    def check_files(self, *, full: bool, found_by: str) -> list[Damage]:
+        return check_files(self.core.catalog, full=full, found_by=found_by)
+
+    def restore_partitions(
+        self,
+        datasource: str,
+        tables: Mapping[str, pa.Table],
+        read_to: Mapping[TopicPartition, int] | None = None,
+    ) -> None:
+        restore.restore_partitions(self.core, datasource, tables, read_to)
+
+    def restore_rollup(self, rollup: str, partition: str) -> None:
+        restore.restore_rollup(self.core, rollup, partition)
 
     def repair(
         self,

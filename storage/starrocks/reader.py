@@ -71,6 +71,7 @@ class StarRocksReader:
         end: datetime | None = None,
         *,
         tenants: Sequence[str] | None = None,
+        skip_damaged: bool = False,  # (the engine keeps its own files: none is damaged)
     ) -> exp.Expression:
         spec, rollup = self.registry.owner(name)
         granularity = spec.datasource.granularity if rollup is None else rollup.partition
@@ -134,6 +135,9 @@ class StarRocksReader:
             ]
             conditions.append(col(ddl.PT).isin(*walls) if walls else exp.false())
         return self.sql.arrow(query.where(exp.and_(*conditions)).sql("starrocks"))
+
+    def damaged(self) -> dict[str, dict[str, str]]:
+        return {}  # the engine keeps its own files (capabilities.checks_files)
 
     def freshness(self, datasource: str) -> datetime | None:
         spec, _ = self.registry.owner(datasource)

@@ -60,6 +60,7 @@ from sqlglot import exp
 
 from storage.calendar import partitions_of
 from storage.deltas import BUCKET, latest_in_batch, signed_deltas, signed_states
+from storage.enginefiles import EngineKeepsFiles
 from storage.protocol import (
     CommitResult,
     CompactionResult,
@@ -100,7 +101,7 @@ def _slot(*parts: object) -> str:
     return hashlib.sha1(orjson.dumps(list(parts))).hexdigest()
 
 
-class StarRocksStore:
+class StarRocksStore(EngineKeepsFiles):
     capabilities = CAPABILITIES
 
     def __init__(

@@ -12,7 +12,7 @@ own below.
 
 from __future__ import annotations
 
-import threading
+import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from hypothesis import strategies as st
 from compaction.differences import compare_rows, compare_search
 from compaction.logstate import SOURCE_OFFSET, latest_rows
 from ingest.kafka import ensure_topics
-from ingest.service import run_ingest
 from producers.generate import GeneratorConfig, rfc3339
 from producers.malformed import Wire
 from producers.publish import Publisher
@@ -38,7 +37,7 @@ from search.protocol import Doc
 from search.tantivy_index import TantivyIndex
 from storage import OlapReader, open_reader, open_store
 from storage.embedded.catalog import NewSegment
-from storage.embedded.segments import to_table
+from storage.embedded.segments import file_digest, to_table
 from storage.embedded.store import EmbeddedStore
 from storage.schema import rollup_schema
 from tally.settings import Settings
@@ -46,6 +45,8 @@ from tally.specs import DatasourceSpec, SpecRegistry
 from tally.timeutil import bucket_key
 from tests.brokers import Broker
 from tests.cli import Ran, tally
+from tests.compaction.verifying import ingest_until_idle as _ingest
+from tests.compaction.verifying import verify_json as _verify
 from tests.conftest import broker_settings
 from tests.factories import T0, latest_by_key, normalise, payment, reference_rollup
 from tests.ingest.conftest import env_for, free_port
@@ -66,31 +67,6 @@ def kafka(broker: Broker, data_dir: Path, registry: SpecRegistry) -> Settings:
 # --- helpers ---------------------------------------------------------------------------------
 
 
-def _ingest(settings: Settings, registry: SpecRegistry) -> None:
-    spec = registry.get("payments")
-    reports = run_ingest(settings, [spec], ["olap", "search"], threading.Event(), until_idle=1.0)
-    assert not [r.error for r in reports if r.error]
-
-
-def _verify(settings: Settings, *args: str) -> tuple[int, dict[str, Any]]:
-    ran = tally(
-        "verify",
-        "--datasource",
-        "payments",
-        "--format",
-        "json",
-        "--recheck",
-        "0.5",
-        *args,
-        env=env_for(settings),
-    )
-    assert "Traceback" not in ran.err, ran.err[-3000:]
-    assert ran.code in (0, 1), ran.err[-3000:]
-    if ran.code:
-        assert [line for line in ran.err.splitlines() if line.startswith("error:")], ran.err
-    return ran.code, ran.json()
-
-
 def _wire(row: dict[str, Any]) -> Wire:
     value = orjson.dumps({k: rfc3339(v) if isinstance(v, datetime) else v for k, v in row.items()})
     return Wire(row["txn_id"].encode(), value, None)
@@ -108,8 +84,10 @@ def _publish(settings: Settings, published: Published, wires: list[Wire]) -> Non
             published.malformed[wire.value] += 1
 
 
-def _corrupt_row(reader: OlapReader, key: str) -> tuple[str, int]:
-    """Rewrite, in place, the live segment holding ``key``'s row with amount + 1."""
+def _corrupt_row(reader: OlapReader, key: str, catalog: Path) -> tuple[str, int]:
+    """Rewrite, in place, the live segment holding ``key``'s row with amount + 1, and
+    record the new file's size and digest: a wrong row written whole (a writer's bug),
+    not a damaged file (``test_damage.py``)."""
     ((path, version, amount),) = reader.query(
         "SELECT filename, version, amount FROM raw.payments WHERE txn_id = ? AND NOT _deleted"
         " ORDER BY version DESC, event_id DESC LIMIT 1",
@@ -120,6 +98,11 @@ def _corrupt_row(reader: OlapReader, key: str) -> tuple[str, int]:
     column = table.schema.get_field_index("amount")
     table = table.set_column(column, "amount", pc.if_else(mask, amount + 1, table["amount"]))
     pq.write_table(table, path)
+    with sqlite3.connect(catalog) as con:
+        con.execute(
+            "UPDATE segments SET digest = ?, file_bytes = ? WHERE path = ?",
+            (file_digest(Path(path)), Path(path).stat().st_size, path),
+        )
     return path, amount
 
 
@@ -138,7 +121,9 @@ def _corrupt_rollup(store: EmbeddedStore, spec: DatasourceSpec, group: list[Any]
     }
     part = bucket_key(bucket, "month", SEOUL)
     table = to_table([bogus], rollup_schema(spec, rollup))
-    path, size = store.core.segments.write(table, rollup.name, part, [("bucket", "ascending")])
+    path, size, _digest = store.core.segments.write(
+        table, rollup.name, part, [("bucket", "ascending")]
+    )
     with store.core.catalog.write():
         store.core.catalog.add_segments([NewSegment(rollup.name, part, str(path), 1, size)])
         store.core.catalog.bump_generation()
@@ -200,7 +185,7 @@ def test_verify_finds_a_corruption_in_each_sink_and_repair_fixes_it(
     store = open_store(settings, registry)
     assert isinstance(store, EmbeddedStore)
     try:
-        _path, amount = _corrupt_row(reader, k_row)
+        _path, amount = _corrupt_row(reader, k_row, settings.catalog_path)
         group = reader.query("SELECT bucket, merchant_id, currency FROM payments_daily LIMIT 1")
         _corrupt_rollup(store, spec, group.rows[0])
         ghost_at = latest[k_row]["approved_at"]

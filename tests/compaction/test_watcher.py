@@ -121,6 +121,7 @@ def test_status_and_run_commands(store: EmbeddedStore, data_dir: Path) -> None:
         "late_rows",
         "last_compacted_at",
         "due",
+        "damaged",
     }
     assert (
         day["segments"] == 5 and day["due"] is True and day["late_rows"] == 54

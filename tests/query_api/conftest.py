@@ -8,9 +8,11 @@ test through the broker and ``tally ingest`` lives in test_e2e.py.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -62,14 +64,41 @@ class Api:
     settlements: list[dict[str, Any]] = field(default_factory=list)  # committed too
 
     def client(self, who: str | None) -> httpx.Client:
+        """A client whose every error response is checked for hygiene (``hygienic``)."""
         headers = {} if who is None else {"Authorization": f"Bearer {self.keys[who]}"}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+        hook = functools.partial(hygienic, who=who)
+        return httpx.Client(
+            base_url=self.url, headers=headers, timeout=30, event_hooks={"response": [hook]}
+        )
 
     def __repr__(self) -> str:
         return f"Api({self.url})"
 
     def latest(self) -> dict[str, Any]:
         return dict(latest_by_key(self.spec, self.events))
+
+
+_PATH = re.compile(r"(?<![\w:/])/(?:[\w.@+-]+/)+[\w.@+-]*")
+
+
+def hygienic(response: httpx.Response, who: str | None) -> None:
+    """Every error any API suite produces: the JSON error body with a request id (the
+    header's too), no filesystem path, no stack trace, no other merchant's id that
+    the request did not name itself."""
+    if response.status_code < 400:
+        return
+    response.read()
+    body = response.json()
+    error = body.get("error") if isinstance(body, dict) else None
+    assert isinstance(error, dict) and {"code", "message"} <= set(error), body
+    message = str(error["message"])
+    assert error.get("request_id") == response.headers.get("X-Request-ID") != "", body
+    assert not _PATH.search(message), f"a path in an error: {message}"
+    assert "Traceback" not in response.text and 'File "' not in response.text, response.text
+    asked = str(response.request.url) + response.request.content.decode(errors="replace")
+    for other in MERCHANTS:
+        if other != who and other not in asked:
+            assert not re.search(rf"\b{other}\b", message), f"{other} leaked to {who}: {message}"
 
 
 def _history(n: int, seed: int) -> list[dict[str, Any]]:

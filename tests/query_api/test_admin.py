@@ -36,7 +36,9 @@ def test_admin_routes_need_an_admin_key(live: Live, method: str, path: str) -> N
     with live.client(live.merchants()[0]) as merchant:
         resp = merchant.request(method, path)
     assert resp.status_code == 403, resp.text
-    assert resp.json()["error"] == {"code": "forbidden", "message": "this route needs an admin key"}
+    error = resp.json()["error"]
+    assert (error["code"], error["message"]) == ("forbidden", "this route needs an admin key")
+    assert error["request_id"] == resp.headers["X-Request-ID"]
 
 
 def test_positions_account_for_every_message(live: Live) -> None:

@@ -29,7 +29,7 @@ def test_a_v2_catalog_keeps_its_offsets_and_gains_their_log(tmp_path: Path) -> N
         with catalog.read():
             assert catalog.positions("payments") == {TP: (42, None, None)}
             version = catalog._con.execute("SELECT v FROM meta WHERE k='schema_version'")
-            assert version.fetchone()[0] == SCHEMA_VERSION == 3
+            assert version.fetchone()[0] == SCHEMA_VERSION == 4
         with catalog.write():
             assert catalog.check_and_set_offsets("payments", {TP: (42, 50, "id-1")}) == []
         with catalog.write():  # a batch naming no log keeps the recorded one

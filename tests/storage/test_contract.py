@@ -30,6 +30,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from sqlglot import exp
 
@@ -44,7 +45,7 @@ from storage import (
 )
 from storage.protocol import CommitResult, PartitionStats, TopicPartition
 from storage.sql import subquery
-from tally.errors import OffsetMismatch
+from tally.errors import InvalidArgument, OffsetMismatch, PartitionDamaged
 from tally.settings import Settings, StoreSettings
 from tally.specs import SpecRegistry
 from tests.factories import T0, latest_by_key, payment, reference_rollup
@@ -342,3 +343,30 @@ def test_a_position_keeps_the_log_it_is_of_and_an_operator_reset(backend: Backen
     backend.commit([payment("k2", 1)], {backend.tp: OffsetRange(0, 2, "log-B")})
     after = store.stored_positions("payments")[backend.tp]
     assert (after.offset, after.log) == (2, "log-B")
+
+
+def test_stored_files_are_checked_and_a_lost_partition_is_restored_whole(
+    backend: Backend,
+) -> None:
+    """Where Tally keeps the files (``checks_files``), a lost one is found, its
+    partition refused by the reader and restored whole; elsewhere the engine keeps its
+    own, nothing is reported and a restore is refused with the reason."""
+    caps = backend.store.capabilities
+    rows = [payment("a"), payment("b", amount=7)]
+    backend.commit(rows)
+    assert backend.store.check_files(full=True, found_by="contract") == []
+    assert backend.reader.damaged() == {}
+    if not caps.checks_files:
+        with pytest.raises(InvalidArgument, match="keeps and repairs its own files"):
+            backend.store.restore_partitions("payments", {})
+        return
+    (seg,) = backend.store.live_segments("payments")
+    Path(seg.path).unlink()
+    (found,) = backend.store.check_files(full=False, found_by="contract")
+    assert (found.partition, found.reason) == (seg.partition, "file missing")
+    assert backend.reader.damaged() == {"payments": {seg.partition: "file missing"}}
+    with pytest.raises(PartitionDamaged):
+        _rows(backend, ["a", "b"])
+    backend.store.restore_partitions("payments", {seg.partition: pa.Table.from_pylist(rows)})
+    assert backend.store.check_files(full=True, found_by="contract") == []
+    assert {k: r["amount"] for k, r in _rows(backend, ["a", "b"]).items()} == {"a": 10_000, "b": 7}

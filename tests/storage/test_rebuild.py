@@ -29,7 +29,7 @@ def _corrupt(store: EmbeddedStore, spec: DatasourceSpec, at: datetime) -> None:
         "canceled_amount": 0,
         "net_amount": 999,
     }
-    path, size = store.core.segments.write(
+    path, size, _digest = store.core.segments.write(
         to_table([bogus], rollup_schema(spec, rollup)),
         rollup.name,
         "2026-01",

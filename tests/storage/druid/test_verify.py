@@ -12,7 +12,6 @@ as ``--repair`` on Druid requires); a chunk too large to reindex inline.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,6 @@ import pytest
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from ingest.kafka import base_config, ensure_topics
-from ingest.service import run_ingest
 from producers.generate import GeneratorConfig, rfc3339
 from producers.publish import Publisher
 from storage.druid.reader import DruidReader
@@ -34,6 +32,8 @@ from tally.specs import SpecRegistry
 from tests.brokers import KafkaBroker
 from tests.cli import tally
 from tests.compaction.test_late_under_ingestion import _cancel
+from tests.compaction.verifying import ingest_until_idle
+from tests.compaction.verifying import verify_json as _verify
 from tests.conftest import broker_settings
 from tests.druid import Druid, poll
 from tests.factories import latest_by_key
@@ -43,29 +43,6 @@ from tests.storage.druid.conftest import druid_settings
 from tests.storage.druid.test_e2e import rollup_groups, topic_ends
 
 pytestmark = pytest.mark.slow
-
-
-def _ingest(settings: Settings, registry: SpecRegistry, sinks: list[str]) -> None:
-    spec = registry.get("payments")
-    reports = run_ingest(settings, [spec], sinks, threading.Event(), until_idle=1.0)
-    assert not [r.error for r in reports if r.error]
-
-
-def _verify(settings: Settings, *args: str) -> tuple[int, dict[str, Any]]:
-    ran = tally(
-        "verify",
-        "--datasource",
-        "payments",
-        "--format",
-        "json",
-        "--recheck",
-        "0.5",
-        *args,
-        env=env_for(settings),
-    )
-    assert "Traceback" not in ran.err, ran.err[-3000:]
-    assert ran.code in (0, 1), ran.err[-3000:]
-    return ran.code, ran.json()
 
 
 def _caught_up(reader: DruidReader, settings: Settings, registry: SpecRegistry) -> None:
@@ -111,7 +88,7 @@ def test_verify_finds_stale_newer_ghost_rows_and_a_bogus_delta_on_druid_and_repa
     names = list(supervisors(settings, spec))
     request.addfinalizer(lambda: druid.drop(*names))
     assert tally("druid", "apply", "--format", "json", env=env_for(settings)).code == 0
-    _ingest(settings, registry, ["olap", "search"])
+    ingest_until_idle(settings, registry, ["olap", "search"])
     latest = latest_by_key(spec, published.good)
     base = datasource_name(settings, spec)
     reader = DruidReader(settings, registry)
@@ -144,7 +121,7 @@ def test_verify_finds_stale_newer_ghost_rows_and_a_bogus_delta_on_druid_and_repa
         offsets=[TopicPartition(topic, msg.partition(), msg.offset() + 1)], asynchronous=False
     )
     skip.close()
-    _ingest(settings, registry, ["search"])
+    ingest_until_idle(settings, registry, ["search"])
 
     # Rows Druid holds and the log does not: a ghost key, and a version 99 of a key.
     other = sorted(k for k in latest if k != stale["txn_id"])[0]
