@@ -123,8 +123,8 @@ class CatalogCollector(Collector):
             labels=["datasource", "partition"],
         )
         for datasource, parts in sorted(services.reader.damaged().items()):
-            for partition in sorted(parts):
-                damaged.add_metric([datasource, partition], 1)
+            for part in sorted(parts):
+                damaged.add_metric([datasource, part], 1)
         yield damaged
 
 
