@@ -39,24 +39,35 @@ def latest_in_batch(spec: DatasourceSpec, table: pa.Table) -> pa.Table:
 
 
 def signed_states(
-    spec: DatasourceSpec, added: pa.Table, retracted: Sequence[Sequence[Any]]
+    spec: DatasourceSpec,
+    added: pa.Table,
+    retracted: pa.Table | Sequence[Sequence[Any]] | None,
 ) -> pa.Table:
     """New states (``added``: the ``spec.rollup_state_columns`` of each accepted row)
-    with sign +1, and the states they replace (tuples in the same column order, time
-    as epoch microseconds) with sign −1: the input of ``signed_deltas``."""
-    ds = spec.datasource
-    signed = added.append_column(SIGN, pa.array([1] * added.num_rows, pa.int64()))
-    if not retracted:
+    with sign +1, and the states they replace with sign −1: the input of
+    ``signed_deltas``. ``retracted`` is a table of the same columns, or tuples in
+    their order with the time as epoch microseconds (the row-wise key states)."""
+    signed = added.append_column(SIGN, pa.repeat(pa.scalar(1, pa.int64()), added.num_rows))
+    if retracted is None or not len(retracted):
         return signed
-    arrays = []
-    columns = zip(*retracted, strict=True)
-    for name, values in zip(added.column_names, columns, strict=True):
-        if name == ds.time:
-            arrays.append(pa.array(values, pa.int64()).cast(_US))
-        else:
-            arrays.append(pa.array(values, added.schema.field(name).type))
-    arrays.append(pa.array([-1] * len(retracted), pa.int64()))
-    return pa.concat_tables([signed, pa.Table.from_arrays(arrays, schema=signed.schema)])
+    old = (
+        retracted.cast(added.schema)
+        if isinstance(retracted, pa.Table)
+        else _state_rows(spec, added.schema, retracted)
+    )
+    minus = old.append_column(SIGN, pa.repeat(pa.scalar(-1, pa.int64()), old.num_rows))
+    return pa.concat_tables([signed, minus])
+
+
+def _state_rows(spec: DatasourceSpec, schema: pa.Schema, rows: Sequence[Sequence[Any]]) -> pa.Table:
+    columns = zip(*rows, strict=True)
+    arrays = [
+        pa.array(values, pa.int64()).cast(_US)
+        if name == spec.datasource.time
+        else pa.array(values, schema.field(name).type)
+        for name, values in zip(schema.names, columns, strict=True)
+    ]
+    return pa.Table.from_arrays(arrays, schema=schema)
 
 
 def signed_deltas(spec: DatasourceSpec, rollup: Rollup, signed: pa.Table) -> pa.Table:

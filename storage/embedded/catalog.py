@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS segments (
 _SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta VALUES ('schema_version', {SCHEMA_VERSION}), ('generation', 0),
-    ('seq', 0);
+    ('seq', 0), ('identity', random() & 9223372036854775807);
 {_SEGMENTS};
 CREATE INDEX IF NOT EXISTS segments_live ON segments (datasource, partition)
     WHERE replaced_at IS NULL;
@@ -375,6 +375,11 @@ class Catalog:
 
     def bump_generation(self) -> None:
         self._con.execute("UPDATE meta SET v = v + 1 WHERE k='generation'")
+
+    def identity(self) -> int:
+        """A random number drawn when this catalog was made: what a key-index snapshot
+        names, so a snapshot is never applied to another catalog at the same seq."""
+        return int(self._con.execute("SELECT v FROM meta WHERE k='identity'").fetchone()[0])
 
     def repairs(self) -> int:
         """How many repairs rewrote base rows; a writer's key index built under another

@@ -11,24 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from functools import cache
-from itertools import compress
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from storage.calendar import partitions_of
 from storage.deltas import latest_in_batch, signed_deltas, signed_states
-from storage.embedded.keyindex import Entry, KeyIndex
+from storage.embedded.keyindex import KeyIndex, Resolver
 from storage.embedded.segments import (
     DELETED,
     PendingSegment,
     base_schema,
     base_sort_keys,
     rollup_sort_keys,
-    to_table,
 )
 from storage.schema import rollup_schema
 from tally.specs import DatasourceSpec
@@ -38,16 +38,15 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PART = "_p"
 
 
-def _no_updates() -> list[tuple[str, Entry]]:
-    return []
+def _no_update() -> None:
+    return None
 
 
 @dataclass
 class CommitPlan:
     segments: list[PendingSegment] = field(default_factory=list)
-    # The key index's new entries, built on demand: the store builds them while the
-    # segment files are being written, overlapping this Python work with disk I/O.
-    index_updates: Callable[[], list[tuple[str, Entry]]] = _no_updates
+    # Applies the batch to the key index; run once the commit is durable.
+    index_update: Callable[[], None] = _no_update
     rows_written: int = 0
     partition_stats: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     stale: int = 0
@@ -56,87 +55,65 @@ class CommitPlan:
     partitions: tuple[str, ...] = ()
 
 
-def _shared_strings(array: pa.ChunkedArray | pa.Array, index: KeyIndex) -> list[str]:
-    """to_pylist, but equal values share one (interned) string object."""
-    encoded = pc.dictionary_encode(array)
-    if isinstance(encoded, pa.ChunkedArray):
-        encoded = encoded.combine_chunks()
-    values = [index.intern(v) for v in encoded.dictionary.to_pylist()]
-    return [values[i] for i in encoded.indices.to_pylist()]
-
-
 def plan_commit(
     spec: DatasourceSpec,
     batch: pa.Table,
     index: KeyIndex,
     late_before_us: int,
+    resolve: Resolver,
 ) -> CommitPlan:
     ds = spec.datasource
     plan = CommitPlan()
     table = latest_in_batch(spec, batch)
-    keys = table.column(ds.key).to_pylist()
-    versions = table.column(ds.version).to_pylist()
-    event_ids = table.column(ds.event_id).to_pylist()
-    # The version guard, written so the common case (new keys) stays in C loops.
-    olds: list[Entry | None] = list(map(index.entries.get, keys))
-    accept = [
-        old is None or (version, event_id) > (old[0], old[1])
-        for old, version, event_id in zip(olds, versions, event_ids, strict=True)
-    ]
-    previous = list(compress(olds, accept))  # one per accepted row
-    plan.stale = batch.num_rows - len(previous)
-    if not previous:
+    new = index.encode(table)
+    slots = index.find(new["h1"], new["h2"])
+    stored = index.gather(slots, ["version", "eprefix", "ehash"])
+
+    def tie(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+        keys = table.column(ds.key).take(pa.array(rows)).to_pylist()
+        ids = table.column(ds.event_id).take(pa.array(rows)).to_pylist()
+        where = index.partitions(slots.take(_mask(len(slots.run), rows))).to_pylist()
+        exact = resolve(spec, keys, sorted(set(where)))
+        return np.array([k not in exact or e > exact[k][1] for k, e in zip(keys, ids, strict=True)])
+
+    accept = index.newer(new, slots, stored, tie)
+    accepted = int(accept.sum())
+    plan.stale = batch.num_rows - accepted
+    if not accepted:
         return plan
-    if len(previous) != len(keys):
-        mask = pa.array(accept)
-        table = table.filter(mask)
-        keys = [k for k, a in zip(keys, accept, strict=True) if a]
-        versions = [v for v, a in zip(versions, accept, strict=True) if a]
-        event_ids = [e for e, a in zip(event_ids, accept, strict=True) if a]
+    if accepted != table.num_rows:
+        table = table.filter(pa.array(accept))
+        new = {name: values[accept] for name, values in new.items()}
+        slots = slots.take(accept)
 
     times = table.column(ds.time)
     part_array = partitions_of(times, ds.granularity, ds.timezone)
     state_cols = spec.rollup_state_columns if spec.rollups else ()
-    replacing = [i for i, old in enumerate(previous) if old is not None]
-    where: tuple[list[str], list[str]] | None = None  # (partitions, tenants) per row
-    tombstones: list[dict[str, Any]] = []
-    retracted: list[tuple[Any, ...]] = []
-    if replacing:
-        partitions = _shared_strings(part_array, index)
-        tenants = _shared_strings(table.column(ds.tenant), index)
-        where = partitions, tenants
-        for i in replacing:
-            old = previous[i]
-            assert old is not None
-            if old[4] is not None:
-                retracted.append(old[4])
-            if old[2] != partitions[i] or old[3] != tenants[i]:
-                tombstones.append(_tombstone(spec, keys[i], old, versions[i], event_ids[i]))
-    plan.tombstones = len(tombstones)
-    plan.rows_written = len(keys)
-
-    def index_updates() -> list[tuple[str, Entry]]:
-        partitions, tenants = where or (
-            _shared_strings(part_array, index),
-            _shared_strings(table.column(ds.tenant), index),
+    replacing = slots.found
+    old = slots.take(replacing)
+    tombstones: pa.Table | None = None
+    retracted: pa.Table | None = None
+    if replacing.any():
+        old_parts = index.partitions(old)
+        old_tenants = index.tenants(old)
+        mine = pa.array(replacing)
+        moved = pc.or_(
+            pc.not_equal(old_parts, part_array.filter(mine)),
+            pc.not_equal(old_tenants, table.column(ds.tenant).filter(mine)),
         )
-        states: list[tuple[Any, ...]] | list[None]
         if state_cols:
-            columns: list[list[Any]] = []
-            for c in state_cols:
-                if c == ds.time:
-                    columns.append(pc.cast(times, pa.int64()).to_pylist())
-                elif spec.columns[c].type == "string":
-                    columns.append(_shared_strings(table.column(c), index))
-                else:
-                    columns.append(table.column(c).to_pylist())
-            states = list(zip(*columns, strict=True))
-        else:
-            states = [None] * len(keys)
-        entries = zip(versions, event_ids, partitions, tenants, states, strict=True)
-        return list(zip(keys, entries, strict=True))
-
-    plan.index_updates = index_updates
+            retracted = index.state_table(old, table.select(list(state_cols)).schema)
+        if pc.any(moved).as_py():
+            tombstones = _tombstones(
+                spec,
+                table.filter(mine).filter(moved),
+                old_parts.filter(moved),
+                old_tenants.filter(moved),
+                index.gather(old, [f"s:{ds.time}"])[f"s:{ds.time}"][np.asarray(moved, np.bool_)],
+            )
+    plan.tombstones = 0 if tombstones is None else tombstones.num_rows
+    plan.rows_written = table.num_rows
+    plan.index_update = lambda: index.update(slots, new)
 
     _plan_base(spec, plan, table, part_array, tombstones)
     _plan_stats(spec, plan, part_array, times, late_before_us)
@@ -145,20 +122,25 @@ def plan_commit(
     return plan
 
 
+def _mask(n: int, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    mask = np.zeros(n, np.bool_)
+    mask[rows] = True
+    return mask
+
+
 def _plan_base(
     spec: DatasourceSpec,
     plan: CommitPlan,
     table: pa.Table,
     part_array: pa.Array,
-    tombstones: list[dict[str, Any]],
+    tombstones: pa.Table | None,
 ) -> None:
     """One presorted segment per partition: sort once, slice without copying."""
     schema = base_schema(spec)
     table = _conform(table, schema)
-    if tombstones:
-        parts = [row.pop(_PART) for row in tombstones]
-        table = pa.concat_tables([table, to_table(tombstones, schema)])
-        part_array = pa.concat_arrays([part_array, pa.array(parts, pa.string())])
+    if tombstones is not None:
+        part_array = pa.concat_arrays([part_array, tombstones.column(_PART).combine_chunks()])
+        table = pa.concat_tables([table, tombstones.drop_columns([_PART])])
     table = table.append_column(_PART, part_array)
     table = table.sort_by([(_PART, "ascending"), *base_sort_keys(spec)])
     sorted_parts = table.column(_PART).combine_chunks()
@@ -213,7 +195,7 @@ def _plan_rollups(
     spec: DatasourceSpec,
     plan: CommitPlan,
     table: pa.Table,
-    retracted: list[tuple[Any, ...]],
+    retracted: pa.Table | None,
     state_cols: tuple[str, ...],
 ) -> None:
     signed = signed_states(spec, table.select(list(state_cols)), retracted)
@@ -237,21 +219,28 @@ def _conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return table.select(schema.names).cast(schema)
 
 
-def _tombstone(
-    spec: DatasourceSpec, key: str, old: Entry, version: int, event_id: str
-) -> dict[str, Any]:
-    """A row hiding ``key`` where it used to live: its new (version, event_id), its old
-    tenant and time, ``_deleted`` set; ``_p`` names the old partition."""
+def _tombstones(
+    spec: DatasourceSpec,
+    moved: pa.Table,
+    old_parts: pa.Array,
+    old_tenants: pa.Array,
+    old_times_us: npt.NDArray[np.int64],
+) -> pa.Table:
+    """Rows hiding keys where they used to live: each key's new (version, event_id),
+    its old tenant and time, ``_deleted`` set; ``_p`` names the old partition."""
     ds = spec.datasource
-    row: dict[str, Any] = {
-        ds.key: key,
-        ds.version: version,
-        ds.event_id: event_id,
-        ds.tenant: old[3],
-        DELETED: True,
-        _PART: old[2],
+    schema = base_schema(spec)
+    n = moved.num_rows
+    given: dict[str, pa.Array | pa.ChunkedArray] = {
+        ds.key: moved.column(ds.key),
+        ds.version: moved.column(ds.version),
+        ds.event_id: moved.column(ds.event_id),
+        ds.tenant: old_tenants,
+        ds.time: pa.array(old_times_us, pa.int64()).cast(schema.field(ds.time).type),
+        DELETED: pa.repeat(pa.scalar(True), n),
     }
-    if old[4] is not None:
-        micros = old[4][spec.rollup_state_columns.index(ds.time)]
-        row[ds.time] = _EPOCH + timedelta(microseconds=micros)
-    return row
+    arrays = [
+        given[f.name].cast(f.type) if f.name in given else pa.nulls(n, f.type) for f in schema
+    ]
+    columns = pa.Table.from_arrays(arrays, schema=schema)
+    return columns.append_column(_PART, old_parts)

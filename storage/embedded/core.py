@@ -8,13 +8,16 @@ the dead-letter outbox) live in modules of their own and all work on one
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+from sqlglot import exp
 
+from storage.embedded import keysnapshot as snapshot
 from storage.embedded.catalog import Catalog, NewSegment
 from storage.embedded.integrity import check_files
 from storage.embedded.keyindex import KeyIndex
@@ -25,12 +28,15 @@ from storage.embedded.segments import (
     Written,
     base_schema,
 )
-from storage.embedded.sqlgen import Read
+from storage.embedded.sqlgen import DIALECT, Read, merged_base
 from storage.protocol import SegmentInfo
+from storage.sql import col, subquery
 from tally.errors import InvalidArgument, InvalidRow
 from tally.settings import Settings
 from tally.specs import DatasourceSpec, SpecRegistry
 from tally.timeutil import Granularity, bucket_range
+
+log = logging.getLogger(__name__)
 
 
 class StoreCore:
@@ -42,11 +48,21 @@ class StoreCore:
         self.catalog = Catalog(settings.catalog_path, busy_timeout_s=settings.store.busy_timeout_s)
         self.segments = SegmentWriter(settings.segments_dir)
         self._indexes: dict[str, KeyIndex] = {}
+        self._snapshots = settings.data_dir / "keyindex"
         self._duck: duckdb.DuckDBPyConnection | None = None
+        self._closed = False
         # A file lost while no writer ran is found before any writer reads it.
         check_files(self.catalog, full=False, found_by="open")
 
     def close(self) -> None:
+        """Snapshot the key indexes and close the connections; a second call is a no-op."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.save_indexes()
+        except OSError as exc:  # the next start rebuilds instead: slower, never wrong
+            log.warning("key index snapshot not written: %s", exc)
         self.catalog.close()
         if self._duck is not None:
             self._duck.close()
@@ -70,20 +86,59 @@ class StoreCore:
         if index is None or index.repairs != repairs:
             # Catching up only ever raises versions; after a repair (which may lower or
             # remove some) the index is rebuilt from the segments.
-            index = self._indexes[spec.name] = KeyIndex(spec)
-            seq = self.catalog.current_seq()
-            # Without the damaged files: what they held is unknown until restored from
-            # the log, which reloads every index (its rows may differ from these).
-            damaged = {d.path for d in self.catalog.damage()}
-            live = [s for s in self.catalog.live_segments(spec.name) if s.path not in damaged]
-            index.load(self.duck, self.reads(spec, live), seq)
-            index.repairs = repairs
-            return index
+            index = self._indexes[spec.name] = self._fresh_index(spec, repairs)
         newer = self.catalog.segments_after(spec.name, index.seq)
         if newer:
             index.apply_segments(self.duck, self.reads(spec, newer))
             index.seq = max(s.seq for s in newer)
         return index
+
+    def _fresh_index(self, spec: DatasourceSpec, repairs: int) -> KeyIndex:
+        """The snapshot if it still describes this catalog, else a rebuild from the live
+        segments (then snapshotted). Either is caught up by the caller."""
+        identity = self.catalog.identity()
+        damaged = {d.path for d in self.catalog.damage()}
+        seq = self.catalog.current_seq()
+        if not damaged:
+            loaded = snapshot.load(self._snapshots, spec, identity, repairs, seq)
+            if loaded is not None:
+                return loaded
+        index = KeyIndex(spec)
+        # Without the damaged files: what they held is unknown until restored from the
+        # log, which reloads every index (its rows may differ from these).
+        live = [s for s in self.catalog.live_segments(spec.name) if s.path not in damaged]
+        index.load(self.duck, self.reads(spec, live), seq)
+        index.repairs = repairs
+        if not damaged:
+            snapshot.save(self._snapshots, index, identity)
+        return index
+
+    def save_indexes(self) -> None:
+        """Snapshot every key index (a clean stop: the next start loads, not rebuilds)."""
+        if not self._indexes:
+            return
+        identity = self.catalog.identity()
+        for index in self._indexes.values():
+            snapshot.save(self._snapshots, index, identity)
+
+    def stored_versions(
+        self, spec: DatasourceSpec, keys: Sequence[str], partitions: Sequence[str]
+    ) -> dict[str, tuple[int, str]]:
+        """The exact (version, event_id) of each key's live row in ``partitions`` (the
+        key index keeps only a prefix and a hash of the id). Call inside a catalog
+        transaction."""
+        if not keys:
+            return {}
+        ds = spec.datasource
+        live = [s for p in partitions for s in self.catalog.partition_segments(spec.name, p)]
+        relation = merged_base(spec, [], self.reads(spec, live))
+        wanted = exp.In(
+            this=col(ds.key), expressions=[exp.Literal.string(k) for k in dict.fromkeys(keys)]
+        )
+        query = exp.select(col(ds.key), col(ds.version), col(ds.event_id))
+        query = query.from_(subquery(relation, "m")).where(wanted)
+        rows = self.duck.sql(query.sql(dialect=DIALECT)).fetchall()
+        return {str(k): (int(v), str(e)) for k, v, e in rows}
 
     def owner(self, datasource: str) -> tuple[DatasourceSpec, str | None]:
         """(base spec, rollup name or None) for a base or rollup datasource name."""

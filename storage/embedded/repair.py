@@ -14,7 +14,6 @@ from storage.calendar import partitions_of
 from storage.deltas import latest_in_batch
 from storage.embedded.core import StoreCore, require_identity, unlink_all
 from storage.embedded.gcpause import gc_paused
-from storage.embedded.keyindex import KeyIndex
 from storage.embedded.segments import DELETED, PendingSegment, base_schema, base_sort_keys, to_table
 from storage.embedded.sqlgen import compaction_query
 from storage.protocol import RepairResult, SegmentInfo
@@ -56,20 +55,20 @@ def repair(
         with gc_paused(), core.catalog.write():
             index = core.key_index(spec)
             asked = set(table.column(ds.key).to_pylist()) | set(remove_keys)
-            skipped = sorted(
-                k
-                for k in asked
-                if expect is not None and k in expect and expect[k] != _state(index, k)
-            )
+            located = index.locate(sorted(asked))
+            checked = sorted(k for k in asked if expect is not None and k in expect)
+            held = [k for k in checked if k in located]
+            now = core.stored_versions(spec, held, sorted({located[k] for k in held}))
+            skipped = sorted(k for k in checked if expect is not None and expect[k] != now.get(k))
             if skipped:
                 keep = pc.invert(pc.is_in(table.column(ds.key), pa.array(skipped)))
                 table = table.filter(keep)
             keys = asked - set(skipped)
             if not keys:
                 return RepairResult(datasource, 0, 0, (), tuple(skipped))
-            removed = sum(1 for k in set(remove_keys) - set(skipped) if k in index.entries)
+            removed = sum(1 for k in set(remove_keys) - set(skipped) if k in located)
             targets = partitions_of(table.column(ds.time), ds.granularity, ds.timezone)
-            touched = {index.entries[k][2] for k in keys if k in index.entries}
+            touched = {located[k] for k in keys if k in located}
             touched |= set(targets.to_pylist()) | set(partitions)
             drop = pa.array(sorted(keys), pa.string())
             table = table.append_column(DELETED, pa.repeat(pa.scalar(False), table.num_rows))
@@ -112,8 +111,3 @@ def repair(
         partitions=tuple(part for part, _live, _out in plans),
         skipped=tuple(skipped),
     )
-
-
-def _state(index: KeyIndex, key: str) -> tuple[int, str] | None:
-    entry = index.entries.get(key)
-    return None if entry is None else (entry[0], entry[1])

@@ -134,12 +134,8 @@ class EmbeddedStore:
                         + "; ".join(problems)
                     )
                 index = self.core.key_index(spec)
-                plan = plan_commit(spec, batch, index, late_before_us)
-                writes = self.core.segments.begin_many(plan.segments, written)
-                try:
-                    updates = plan.index_updates()  # Python work while the disk is busy
-                finally:
-                    files = writes.wait()  # before any cleanup may unlink them
+                plan = plan_commit(spec, batch, index, late_before_us, self.core.stored_versions)
+                files = self.core.segments.begin_many(plan.segments, written).wait()
                 added = new_segments(plan.segments, files)
                 seq = index.seq
                 if added:
@@ -152,8 +148,7 @@ class EmbeddedStore:
         except BaseException:
             unlink_all(written)
             raise
-        with gc_paused():
-            index.put_many(updates)
+        plan.index_update()
         index.seq = seq
         return CommitResult(
             datasource=datasource,

@@ -12,6 +12,7 @@ own below.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -224,7 +225,7 @@ def test_verify_finds_a_corruption_in_each_sink_and_repair_fixes_it(
     assert found["repaired"] == [] and found["lagging"] == {}
 
     code, fixed = _verify(settings, "--repair")
-    assert code == 0 and fixed["remaining"] == 0, fixed
+    assert code == 0 and fixed["remaining"] == 0, json.dumps(fixed)
     actions = {
         (d["sink"], d["kind"], d.get("key") or d.get("rollup"), d["action"])
         for d in fixed["repaired"]
