@@ -1,12 +1,13 @@
 """Pause Python's cyclic garbage collector over a commit's allocation burst.
 
-A 10k-row commit allocates a few hundred thousand short-lived tuples and lists (the
-key index's entries among them). Each 700 allocations trigger a young collection, and
-every few of those an older one, so the collector runs hundreds of times per commit
-and, as the million-entry key index ages into the oldest generation, its full passes
-grow with the store: measured on this machine, 15% of commit time at 5M keys. None of
-these objects form cycles (refcounting frees them), so the collector is paused for
-the burst and one young collection afterwards untracks the survivors in one pass.
+A commit allocates many short-lived Python objects; each 700 allocations trigger a
+young collection, and every few of those an older one, whose full passes grow with
+every long-lived object the process holds. While the key index was a dict of tuples
+this was 15% of commit time at 5M keys (measured on this machine); the index is
+NumPy arrays now (nothing for the collector to walk), but the ingest process still
+holds other long-lived objects. None of the burst's objects form cycles (refcounting
+frees them), so the collector is paused for the burst and one young collection
+afterwards untracks the survivors in one pass.
 
 Pauses nest and are shared across threads: the collector resumes only when the last
 pause ends, and only if it was enabled when the first began.

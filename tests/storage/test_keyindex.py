@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from storage import open_store
 from storage.deltas import latest_in_batch
-from storage.embedded import keysnapshot
+from storage.embedded import keyindex, keysnapshot
 from storage.embedded.fingerprint import event_order, key_fingerprints
 from storage.embedded.keyindex import KeyIndex, Slots, merge_runs
 from storage.embedded.segments import base_schema, to_table
@@ -164,6 +164,31 @@ def test_index_agrees_with_a_dict_model(
     for rows in history[:2]:
         _apply(payments_spec, loaded, model, rows)
     _matches_model(loaded, model)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), size=st.sampled_from([70_000, 131_072, 300_001]))
+def test_a_long_run_is_searched_through_its_directory_as_searchsorted_would(
+    payments_spec: DatasourceSpec, seed: int, size: int
+) -> None:
+    """Runs longer than the cache-sized ones go through the leading-bits directory:
+    its answer must be ``searchsorted``'s for members, gaps, repeats and extremes."""
+    rng = np.random.default_rng(seed)
+    hs = np.sort(rng.integers(0, 2**64 - 1, size, dtype=np.uint64, endpoint=True))
+    hs[size // 2 : size // 2 + 5] = hs[size // 2]  # a first hash shared by keys
+    needles = np.concatenate(
+        [
+            rng.choice(hs, 2_000),
+            rng.integers(0, 2**64 - 1, 2_000, dtype=np.uint64, endpoint=True),
+            np.array([0, 1, hs[0], hs[-1], 2**64 - 1], np.uint64),
+        ]
+    )
+    needles.sort()
+    index = KeyIndex(payments_spec)
+    assert len(hs) > keyindex._SMALL_RUN
+    got = index._search(0, hs, needles)
+    assert got.tolist() == np.searchsorted(hs, needles).tolist()
+    assert index.nbytes > 0  # the directory is counted in the index's bytes
 
 
 def test_a_first_hash_shared_by_two_keys_is_told_apart_by_the_second(
