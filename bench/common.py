@@ -19,8 +19,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -197,6 +201,23 @@ def stopwatch() -> Iterator[list[float]]:
         yield box
     finally:
         box[0] = time.perf_counter() - start
+
+
+def repeat_ms(fn: Callable[[], object], reps: int) -> list[float]:
+    """Milliseconds each of ``reps`` calls of ``fn`` took."""
+    times = []
+    for _ in range(reps):
+        with stopwatch() as t:
+            fn()
+        times.append(1000 * t[0])
+    return times
+
+
+def max_time(table: pa.Table, column: str) -> datetime:
+    """The latest instant in a timestamp column (a stream's clock)."""
+    value = pc.max(table.column(column)).as_py()
+    assert isinstance(value, datetime)
+    return value
 
 
 @contextmanager

@@ -70,8 +70,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from bench.common import Figures, Log, format_grid, percentile, stopwatch, write_results
-from bench.store import DATASOURCE, LATE_SHARE, LATE_WINDOW_DAYS, SEED, START, _max_time, _repeat
+from bench.common import (
+    Figures,
+    Log,
+    format_grid,
+    max_time,
+    percentile,
+    repeat_ms,
+    stopwatch,
+    write_results,
+)
+from bench.store import DATASOURCE, LATE_SHARE, LATE_WINDOW_DAYS, SEED, START
 from producers.generate import (
     GeneratorConfig,
     approval_tables,
@@ -135,7 +144,7 @@ def stream(scale: Scale) -> list[tuple[pa.Table, datetime]]:
         seed=SEED,
         drain=False,  # the late phase below plays the role of what comes after the window
     )
-    batches = [(t, _max_time(t, "occurred_at")) for t in generate_tables(config, scale.batch)]
+    batches = [(t, max_time(t, "occurred_at")) for t in generate_tables(config, scale.batch)]
     active = START + timedelta(days=scale.days)
     current = latest_rows(pa.concat_tables([t for t, _ in batches]))
     approved = current.column("approved_at")
@@ -160,7 +169,7 @@ def stream(scale: Scale) -> list[tuple[pa.Table, datetime]]:
     for i, new in enumerate(approval_tables(fresh, scale.batch - late_rows)):
         if i >= scale.late_batches:
             break
-        now = _max_time(new, "approved_at")
+        now = max_time(new, "approved_at")
         picked = candidates.take(pa.array(order[i * late_rows : (i + 1) * late_rows]))
         cancels = cancellations_for(picked, now, seed=SEED + i)
         batches.append((pa.concat_tables([new, cancels.select(new.schema.names)]), now))
@@ -654,10 +663,10 @@ def measure(
     f["settle_s"] = t[0]
     m, lo, hi = ref.merchant, ref.sales_start, ref.sales_end
     answer = engine.sales(m, lo, hi)  # warm up
-    times = _repeat(lambda: engine.sales(m, lo, hi), scale.sales_reps)
+    times = repeat_ms(lambda: engine.sales(m, lo, hi), scale.sales_reps)
     f["sales_p50_ms"], f["sales_p99_ms"] = percentile(times, 50), percentile(times, 99)
     engine.sales_base(m, lo, hi)
-    times = _repeat(lambda: engine.sales_base(m, lo, hi), scale.sales_reps)
+    times = repeat_ms(lambda: engine.sales_base(m, lo, hi), scale.sales_reps)
     f["sales_base_p99_ms"] = percentile(times, 99)
     f["sales_exact"] = float(as_sales(answer) == ref.sales)
     times = []

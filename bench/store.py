@@ -44,9 +44,11 @@ from bench.common import (
     Figures,
     Log,
     format_table,
+    max_time,
     parser,
     peak_rss_mb,
     percentile,
+    repeat_ms,
     stopwatch,
     write_results,
 )
@@ -158,7 +160,7 @@ class Bench:
         seconds, rows, batches = 0.0, 0, 0
         with stopwatch() as wall:
             for table in approval_tables(self.config, BATCH):
-                now = _max_time(table, "approved_at")
+                now = max_time(table, "approved_at")
                 seconds += self.commit(table, now)
                 self.clock = now
                 rows += table.num_rows
@@ -200,7 +202,7 @@ class Bench:
         for i, new in enumerate(approval_tables(fresh, new_rows)):
             if i >= sc.late_batches:
                 break
-            now = _max_time(new, "approved_at")
+            now = max_time(new, "approved_at")
             picked = candidates.take(pa.array(order[i * late_rows : (i + 1) * late_rows]))
             cancels = cancellations_for(picked, now, seed=SEED + i)
             batch = pa.concat_tables([new, cancels.select(new.schema.names)])
@@ -258,7 +260,7 @@ class Bench:
                 return run(self.reader, self.spec, req, force_base=force)[1].rows
 
             answers[label] = answer()  # warm up
-            times = _repeat(answer, self.scale.sales_reps)
+            times = repeat_ms(answer, self.scale.sales_reps)
             self.figures.add(f"sales_{label}_p50_ms", percentile(times, 50), "ms")
             p99[label] = self.figures.add(f"sales_{label}_p99_ms", percentile(times, 99), "ms")
         if answers["rollup"] != answers["base"]:
@@ -300,7 +302,7 @@ class Bench:
 
     def timed_query(self, sql: str) -> tuple[float, list[list[Any]]]:
         rows = self.reader.query(sql).rows  # warm up (view rebuild, metadata cache)
-        times = _repeat(lambda: self.reader.query(sql), self.scale.fragment_reps)
+        times = repeat_ms(lambda: self.reader.query(sql), self.scale.fragment_reps)
         return percentile(times, 50), rows
 
     def _time(self, sql: str) -> float:
@@ -370,21 +372,6 @@ class Bench:
         self.figures.add("live_segments", len(segments), "segments")
         self.figures.add("stored_mb", sum(s.bytes for s in segments) / 2**20, "MB")
         self.figures.add("process_peak_rss_mb", peak_rss_mb(), "MB")
-
-
-def _max_time(table: pa.Table, column: str) -> datetime:
-    value = pc.max(table.column(column)).as_py()
-    assert isinstance(value, datetime)
-    return value
-
-
-def _repeat(fn: Any, reps: int) -> list[float]:
-    times = []
-    for _ in range(reps):
-        with stopwatch() as t:
-            fn()
-        times.append(1000 * t[0])
-    return times
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import cache
 from typing import Any
 
@@ -34,7 +34,6 @@ from storage.schema import rollup_schema
 from tally.specs import DatasourceSpec
 from tally.timeutil import bucket_range
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _PART = "_p"
 
 
@@ -72,7 +71,7 @@ def plan_commit(
     def tie(rows: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
         keys = table.column(ds.key).take(pa.array(rows)).to_pylist()
         ids = table.column(ds.event_id).take(pa.array(rows)).to_pylist()
-        where = index.partitions(slots.take(_mask(len(slots.run), rows))).to_pylist()
+        where = index.partitions(slots.take(rows)).to_pylist()
         exact = resolve(spec, keys, sorted(set(where)))
         return np.array([k not in exact or e > exact[k][1] for k, e in zip(keys, ids, strict=True)])
 
@@ -120,12 +119,6 @@ def plan_commit(
     if spec.rollups:
         _plan_rollups(spec, plan, table, retracted, state_cols)
     return plan
-
-
-def _mask(n: int, rows: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
-    mask = np.zeros(n, np.bool_)
-    mask[rows] = True
-    return mask
 
 
 def _plan_base(

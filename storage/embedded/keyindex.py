@@ -65,8 +65,9 @@ class Slots:
     def found(self) -> npt.NDArray[np.bool_]:
         return self.run >= 0
 
-    def take(self, mask: npt.NDArray[np.bool_]) -> Slots:
-        return Slots(self.run[mask], self.pos[mask])
+    def take(self, which: npt.NDArray[np.bool_] | npt.NDArray[np.int64]) -> Slots:
+        """The slots a mask selects, or those at the given positions, in their order."""
+        return Slots(self.run[which], self.pos[which])
 
 
 class KeyIndex:

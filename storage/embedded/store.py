@@ -37,7 +37,6 @@ from storage.embedded.commit import plan_commit
 from storage.embedded.compactor import EmbeddedCompactor
 from storage.embedded.core import (
     StoreCore,
-    new_segments,
     partition_bounds,
     require_identity,
     unlink_all,
@@ -135,8 +134,7 @@ class EmbeddedStore:
                     )
                 index = self.core.key_index(spec)
                 plan = plan_commit(spec, batch, index, late_before_us, self.core.stored_versions)
-                files = self.core.segments.begin_many(plan.segments, written).wait()
-                added = new_segments(plan.segments, files)
+                added = self.core.write(plan.segments, written)
                 seq = index.seq
                 if added:
                     seq = self.core.catalog.next_seq()
